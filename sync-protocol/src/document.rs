@@ -1,0 +1,724 @@
+//! One Automerge document per ticket: the replicated source of truth that
+//! edge nodes and the cloud merge.
+//!
+//! Schema (version [`SCHEMA_VERSION`]), at the document root:
+//!
+//! | key           | type                          | merge behaviour                              |
+//! |---------------|-------------------------------|----------------------------------------------|
+//! | `schema`      | uint                          | written once at creation                     |
+//! | `id`, `ward`  | str                           | written once; a change to them is refused    |
+//! | `created_at`, `created_by`, `created_on` | timestamp, str, str | written once           |
+//! | `priority`    | str                           | register (concurrent edits: one wins, both kept in history) |
+//! | `items`       | map code -> {description, quantity, unit} | per-item, per-field          |
+//! | `notes`       | text                          | character-level merge: both edits survive    |
+//! | `assignee`    | str or null                   | register                                     |
+//! | `updated_at`  | timestamp                     | the latest of all concurrent values          |
+//! | `transitions` | list of maps                  | append-only; status is derived, see [`crate::lifecycle`] |
+//!
+//! Every change carries a [`ChangeAudit`] as its commit message (who, in which
+//! role, from which device, when, what): the document's change history is the
+//! medication audit trail, and a change without one is refused.
+
+use std::collections::BTreeMap;
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, AutoCommit, Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Role, TicketId, UserId, WardId};
+use crate::lifecycle::{self, EditKind, Transition};
+use crate::ticket::{self, Actor, Limits, LineItem, NewTicket, Priority, Status, Ticket, TicketError, UnixMillis, Unit};
+
+/// The schema this build writes and the newest it can read.
+pub const SCHEMA_VERSION: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
+    #[error("ticket document has schema version {found}; this build reads versions up to {supported}")]
+    UnsupportedSchema { found: u64, supported: u64 },
+    #[error("ticket document is malformed: {0}")]
+    Malformed(String),
+    #[error("change {hash} has no valid audit record: {problem}")]
+    Unaudited { hash: String, problem: String },
+    #[error("change {hash} is not allowed: {problem}")]
+    Forbidden { hash: String, problem: String },
+    #[error("change bytes are not an automerge change: {0}")]
+    ChangeEncoding(#[from] automerge::LoadChangeError),
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+}
+
+impl DocumentError {
+    fn malformed(what: impl Into<String>) -> Self {
+        DocumentError::Malformed(what.into())
+    }
+}
+
+/// What a change did, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum AuditAction {
+    Create,
+    Edit { fields: Vec<String> },
+    Transition { to: Status },
+    Resolve { to: Status, resolves: Vec<String> },
+}
+
+/// The commit message of every change: one entry of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeAudit {
+    #[serde(flatten)]
+    pub actor: Actor,
+    pub at: UnixMillis,
+    pub action: AuditAction,
+}
+
+/// One entry of a ticket's history, in causal order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The Automerge change hash: a tamper-evident reference to the change.
+    pub change: String,
+    #[serde(flatten)]
+    pub audit: ChangeAudit,
+}
+
+/// A change to the non-status fields of a ticket. `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketEdit {
+    #[serde(default)]
+    pub items: Option<Vec<LineItem>>,
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    #[serde(default)]
+    pub notes: Option<NotesEdit>,
+    /// `Some(None)` clears the assignee.
+    #[serde(default, with = "serde_double_option")]
+    pub assignee: Option<Option<UserId>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum NotesEdit {
+    /// Adds a line at the end: what a device does when a nurse adds a note.
+    /// Concurrent appends all survive.
+    Append(String),
+    /// Replaces the text; applied as a minimal diff so concurrent edits to
+    /// other parts of the notes survive.
+    Replace(String),
+}
+
+/// A request to move a ticket's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionRequest {
+    pub to: Status,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Transition ids of the open conflicts this resolves; empty for a plain transition.
+    #[serde(default)]
+    pub resolves: Vec<String>,
+}
+
+/// Distinguishes "absent" from "null" for `assignee`.
+mod serde_double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(value: &Option<Option<T>>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+/// A ticket's Automerge document.
+#[derive(Debug, Clone)]
+pub struct TicketDocument {
+    doc: AutoCommit,
+}
+
+impl TicketDocument {
+    /// Creates the document for a new ticket and returns it with its first change.
+    /// `replica` must be unique to this process (see ARCHITECTURE.md: actor ids).
+    pub fn create(
+        id: TicketId,
+        ward: &WardId,
+        new: &NewTicket,
+        actor: &Actor,
+        now: UnixMillis,
+        limits: &Limits,
+        replica: ActorId,
+    ) -> Result<(Self, Vec<u8>), DocumentError> {
+        new.validate(limits)?;
+        if !matches!(actor.role, Role::Nurse | Role::Admin) {
+            return Err(TicketError::IllegalTransition { from: Status::Requested, to: Status::Requested, role: actor.role }.into());
+        }
+        let mut doc = AutoCommit::new().with_actor(replica);
+        doc.put(ROOT, "schema", SCHEMA_VERSION)?;
+        doc.put(ROOT, "id", id.to_string())?;
+        doc.put(ROOT, "ward", ward.as_str())?;
+        doc.put(ROOT, "created_at", ScalarValue::Timestamp(now))?;
+        doc.put(ROOT, "created_by", actor.user.as_str())?;
+        doc.put(ROOT, "created_on", actor.device.as_str())?;
+        doc.put(ROOT, "updated_at", ScalarValue::Timestamp(now))?;
+        doc.put(ROOT, "priority", new.priority.as_str())?;
+        doc.put(ROOT, "assignee", ScalarValue::Null)?;
+        let items = doc.put_object(ROOT, "items", ObjType::Map)?;
+        for item in &new.items {
+            put_item(&mut doc, &items, item)?;
+        }
+        let notes = doc.put_object(ROOT, "notes", ObjType::Text)?;
+        doc.splice_text(&notes, 0, 0, &new.notes)?;
+        doc.put_object(ROOT, "transitions", ObjType::List)?;
+        let mut document = TicketDocument { doc };
+        let change = document.commit(actor, now, AuditAction::Create)?;
+        Ok((document, change))
+    }
+
+    /// Loads a saved document. A newer schema than this build knows is an error, not a guess.
+    pub fn load(bytes: &[u8], replica: ActorId) -> Result<Self, DocumentError> {
+        let doc = AutoCommit::load(bytes)?.with_actor(replica);
+        let document = TicketDocument { doc };
+        document.check_schema()?;
+        Ok(document)
+    }
+
+    /// Builds a document from changes received from a peer that may not be
+    /// trusted (see [`Self::apply_untrusted`]).
+    pub fn from_untrusted_changes(
+        changes: &[Vec<u8>],
+        limits: &Limits,
+        replica: ActorId,
+    ) -> Result<(Self, Vec<ChangeAudit>), DocumentError> {
+        let mut document = TicketDocument { doc: AutoCommit::new().with_actor(replica) };
+        let audits = document.apply_untrusted(changes, limits)?;
+        Ok((document, audits))
+    }
+
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// Every change of the document, in an order a peer can apply.
+    pub fn all_changes(&mut self) -> Vec<Vec<u8>> {
+        self.doc.get_changes(&[]).into_iter().map(|c| c.raw_bytes().to_vec()).collect()
+    }
+
+    /// Hashes of the current heads, hex encoded.
+    pub fn heads(&mut self) -> Vec<String> {
+        self.doc.get_heads().iter().map(ToString::to_string).collect()
+    }
+
+    /// Applies changes that arrived from another replica, after checking them
+    /// as the bridge must check anything an edge sends: each carries an audit
+    /// record; the result is still a valid ticket of the same id and ward;
+    /// each new transition was allowed for its author's role in the status
+    /// its author saw, and names the author of the change. On any error the
+    /// document is left as it was.
+    ///
+    /// Changes already present are skipped, so applying twice is harmless.
+    /// Returns the audit records of the changes that were new.
+    pub fn apply_untrusted(&mut self, changes: &[Vec<u8>], limits: &Limits) -> Result<Vec<ChangeAudit>, DocumentError> {
+        let mut decoded = Vec::with_capacity(changes.len());
+        let mut audits = Vec::new();
+        for bytes in changes {
+            let change = Change::from_bytes(bytes.clone())?;
+            if self.doc.get_change_by_hash(&change.hash()).is_some() {
+                continue;
+            }
+            audits.push((change.hash().to_string(), parse_audit(&change)?));
+            decoded.push(change);
+        }
+        if decoded.is_empty() {
+            return Ok(Vec::new());
+        }
+        let before = if self.doc.get_heads().is_empty() { None } else { Some(self.ticket()?) };
+        let transitions_before: Vec<String> = match before {
+            Some(_) => self.transitions()?.into_iter().map(|t| t.id).collect(),
+            None => Vec::new(),
+        };
+        let mut candidate = TicketDocument { doc: self.doc.fork() };
+        candidate.doc.set_actor(self.doc.get_actor().clone());
+        candidate.doc.apply_changes(decoded)?;
+        if !candidate.doc.get_missing_deps(&[]).is_empty() {
+            return Err(DocumentError::malformed("changes depend on changes this replica does not have"));
+        }
+        candidate.check_schema()?;
+        let ticket = candidate.ticket()?;
+        check_declared_edits(before.as_ref(), &ticket, &audits)?;
+        ticket::check_items(&ticket.items, limits)?;
+        ticket::check_notes(&ticket.notes, limits)?;
+        let transitions = candidate.transitions()?;
+        if transitions.len() > limits.transitions_per_ticket_max {
+            return Err(TicketError::TooManyTransitions { max: limits.transitions_per_ticket_max }.into());
+        }
+        for new in transitions.iter().filter(|t| !transitions_before.contains(&t.id)) {
+            check_authored_transition(new, &transitions, &audits, limits)?;
+        }
+        *self = candidate;
+        Ok(audits.into_iter().map(|(_, audit)| audit).collect())
+    }
+
+    /// Edits the items, priority, notes or assignee. Returns the new change.
+    pub fn edit(
+        &mut self,
+        edit: &TicketEdit,
+        actor: &Actor,
+        now: UnixMillis,
+        limits: &Limits,
+    ) -> Result<Vec<u8>, DocumentError> {
+        let current = self.ticket()?;
+        let mut fields = Vec::new();
+        if let Some(items) = &edit.items {
+            lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
+            ticket::check_items(items, limits)?;
+            if *items != current.items {
+                fields.push("items");
+            }
+        }
+        if let Some(priority) = edit.priority {
+            lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
+            if priority != current.priority {
+                fields.push("priority");
+            }
+        }
+        let new_notes = match &edit.notes {
+            Some(notes) => {
+                lifecycle::check_edit(EditKind::Notes, current.status, actor.role)?;
+                let text = match notes {
+                    NotesEdit::Append(line) if current.notes.is_empty() || current.notes.ends_with('\n') => {
+                        format!("{}{line}", current.notes)
+                    }
+                    NotesEdit::Append(line) => format!("{}\n{line}", current.notes),
+                    NotesEdit::Replace(text) => text.clone(),
+                };
+                ticket::check_notes(&text, limits)?;
+                (text != current.notes).then(|| {
+                    fields.push("notes");
+                    text
+                })
+            }
+            None => None,
+        };
+        if let Some(assignee) = &edit.assignee {
+            lifecycle::check_edit(EditKind::Assignee, current.status, actor.role)?;
+            if *assignee != current.assignee {
+                fields.push("assignee");
+            }
+        }
+        if fields.is_empty() {
+            return Err(TicketError::EmptyEdit.into());
+        }
+        if fields.contains(&"items") {
+            let items = self.object(&ROOT, "items", ObjType::Map)?;
+            let wanted: BTreeMap<&str, &LineItem> =
+                edit.items.iter().flatten().map(|item| (item.medication_code.as_str(), item)).collect();
+            for old in &current.items {
+                if !wanted.contains_key(old.medication_code.as_str()) {
+                    self.doc.delete(&items, old.medication_code.as_str())?;
+                }
+            }
+            for (code, item) in wanted {
+                if current.items.iter().find(|old| old.medication_code == code) != Some(item) {
+                    update_item(&mut self.doc, &items, item)?;
+                }
+            }
+        }
+        if fields.contains(&"priority") {
+            if let Some(priority) = edit.priority {
+                self.doc.put(ROOT, "priority", priority.as_str())?;
+            }
+        }
+        if let Some(text) = new_notes {
+            let notes = self.object(&ROOT, "notes", ObjType::Text)?;
+            match &edit.notes {
+                // Appending splices at the end only, so it merges with any
+                // concurrent edit of the existing text.
+                Some(NotesEdit::Append(_)) => {
+                    let old_len = self.doc.length(&notes);
+                    let added = &text[current.notes.len()..];
+                    self.doc.splice_text(&notes, old_len, 0, added)?;
+                }
+                _ => self.doc.update_text(&notes, &text)?,
+            }
+        }
+        if fields.contains(&"assignee") {
+            match edit.assignee.as_ref().and_then(Option::as_ref) {
+                Some(user) => self.doc.put(ROOT, "assignee", user.as_str())?,
+                None => self.doc.put(ROOT, "assignee", ScalarValue::Null)?,
+            }
+        }
+        self.commit(actor, now, AuditAction::Edit { fields: fields.into_iter().map(String::from).collect() })
+    }
+
+    /// Records a status transition (or a conflict resolution). Returns the new change.
+    pub fn transition(
+        &mut self,
+        request: &TransitionRequest,
+        actor: &Actor,
+        now: UnixMillis,
+        limits: &Limits,
+    ) -> Result<Vec<u8>, DocumentError> {
+        let transitions = self.transitions()?;
+        if transitions.len() >= limits.transitions_per_ticket_max {
+            return Err(TicketError::TooManyTransitions { max: limits.transitions_per_ticket_max }.into());
+        }
+        let current = lifecycle::resolve(&transitions);
+        let reason = request.reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
+        check_request(request.to, reason, &request.resolves, &current, actor.role, limits)?;
+        let list = self.object(&ROOT, "transitions", ObjType::List)?;
+        let entry = self.doc.insert_object(&list, self.doc.length(&list), ObjType::Map)?;
+        self.doc.put(&entry, "to", request.to.as_str())?;
+        self.doc.put(&entry, "user", actor.user.as_str())?;
+        self.doc.put(&entry, "role", actor.role.as_str())?;
+        self.doc.put(&entry, "device", actor.device.as_str())?;
+        self.doc.put(&entry, "at", ScalarValue::Timestamp(now))?;
+        match reason {
+            Some(reason) => self.doc.put(&entry, "reason", reason)?,
+            None => self.doc.put(&entry, "reason", ScalarValue::Null)?,
+        }
+        put_string_list(&mut self.doc, &entry, "seen", &current.heads)?;
+        put_string_list(&mut self.doc, &entry, "resolves", &request.resolves)?;
+        let action = if request.resolves.is_empty() {
+            AuditAction::Transition { to: request.to }
+        } else {
+            AuditAction::Resolve { to: request.to, resolves: request.resolves.clone() }
+        };
+        self.commit(actor, now, action)
+    }
+
+    /// The ticket as it stands in this replica.
+    pub fn ticket(&self) -> Result<Ticket, DocumentError> {
+        let (id, ward) = self.identity()?;
+        let transitions = self.transitions()?;
+        let resolution = lifecycle::resolve(&transitions);
+        let items_obj = self.object(&ROOT, "items", ObjType::Map)?;
+        let mut items = Vec::new();
+        for code in self.doc.keys(&items_obj) {
+            let item = self.object(&items_obj, &code, ObjType::Map)?;
+            let quantity = match self.scalar(&item, "quantity")? {
+                ScalarValue::Uint(q) => u32::try_from(q).map_err(|_| DocumentError::malformed("quantity out of range"))?,
+                _ => return Err(DocumentError::malformed("quantity is not an unsigned integer")),
+            };
+            let unit = self.string(&item, "unit")?;
+            items.push(LineItem {
+                description: self.string(&item, "description")?,
+                quantity,
+                unit: Unit::parse(&unit).ok_or_else(|| DocumentError::malformed(format!("unknown unit {unit:?}")))?,
+                medication_code: code,
+            });
+        }
+        let priority = self.string(&ROOT, "priority")?;
+        let notes = self.object(&ROOT, "notes", ObjType::Text)?;
+        let assignee = match self.scalar(&ROOT, "assignee")? {
+            ScalarValue::Null => None,
+            ScalarValue::Str(user) => Some(parse_field::<UserId>("assignee", &user)?),
+            _ => return Err(DocumentError::malformed("assignee is neither a user nor null")),
+        };
+        // Concurrent updates leave several values; the latest time is the truth.
+        let updated_at = self
+            .doc
+            .get_all(ROOT, "updated_at")?
+            .into_iter()
+            .filter_map(|(value, _)| value.as_i64())
+            .max()
+            .ok_or_else(|| DocumentError::malformed("updated_at missing"))?;
+        Ok(Ticket {
+            id,
+            ward,
+            items,
+            priority: Priority::parse(&priority)
+                .ok_or_else(|| DocumentError::malformed(format!("unknown priority {priority:?}")))?,
+            status: resolution.status,
+            status_reason: resolution.status_reason,
+            requested_by: parse_field("created_by", &self.string(&ROOT, "created_by")?)?,
+            requested_on: parse_field("created_on", &self.string(&ROOT, "created_on")?)?,
+            created_at: self.timestamp(&ROOT, "created_at")?,
+            updated_at,
+            notes: self.doc.text(&notes)?,
+            assignee,
+            conflicts: resolution.conflicts,
+        })
+    }
+
+    /// Every recorded status transition, in document order.
+    pub fn transitions(&self) -> Result<Vec<Transition>, DocumentError> {
+        let list = self.object(&ROOT, "transitions", ObjType::List)?;
+        let length = self.doc.length(&list);
+        let mut transitions = Vec::with_capacity(length);
+        for index in 0..length {
+            let entry = match self.doc.get(&list, index)? {
+                Some((Value::Object(ObjType::Map), id)) => id,
+                _ => return Err(DocumentError::malformed("transition entry is not a map")),
+            };
+            let to = self.string(&entry, "to")?;
+            let role = self.string(&entry, "role")?;
+            transitions.push(Transition {
+                // The entry's object id is unique across replicas by
+                // construction (counter@actor), so it needs no randomness.
+                id: entry.to_string(),
+                to: Status::parse(&to).ok_or_else(|| DocumentError::malformed(format!("unknown status {to:?}")))?,
+                seen: self.string_list(&entry, "seen")?,
+                resolves: self.string_list(&entry, "resolves")?,
+                reason: match self.scalar(&entry, "reason")? {
+                    ScalarValue::Str(reason) => Some(reason.to_string()),
+                    _ => None,
+                },
+                user: parse_field("transition user", &self.string(&entry, "user")?)?,
+                role: role.parse().map_err(|_| DocumentError::malformed(format!("unknown role {role:?}")))?,
+                device: parse_field("transition device", &self.string(&entry, "device")?)?,
+                at: self.timestamp(&entry, "at")?,
+            });
+        }
+        Ok(transitions)
+    }
+
+    /// The audit trail: every change in causal order, ties by time then hash.
+    pub fn history(&mut self) -> Result<Vec<HistoryEntry>, DocumentError> {
+        let changes = self.doc.get_changes(&[]);
+        let ordered = crate::causal::order(&changes, Change::hash, |c| c.deps().to_vec(), |c| {
+            (c.timestamp(), c.hash())
+        });
+        ordered
+            .into_iter()
+            .map(|change| Ok(HistoryEntry { change: change.hash().to_string(), audit: parse_audit(change)? }))
+            .collect()
+    }
+
+    fn commit(&mut self, actor: &Actor, now: UnixMillis, action: AuditAction) -> Result<Vec<u8>, DocumentError> {
+        self.doc.put(ROOT, "updated_at", ScalarValue::Timestamp(now))?;
+        let audit = ChangeAudit { actor: actor.clone(), at: now, action };
+        let message = serde_json::to_string(&audit).map_err(|e| DocumentError::malformed(e.to_string()))?;
+        self.doc.commit_with(automerge::transaction::CommitOptions::default().with_message(message).with_time(now / 1000));
+        let change = self
+            .doc
+            .get_last_local_change()
+            .ok_or_else(|| DocumentError::malformed("commit produced no change"))?;
+        Ok(change.raw_bytes().to_vec())
+    }
+
+    fn check_schema(&self) -> Result<(), DocumentError> {
+        match self.scalar(&ROOT, "schema")? {
+            ScalarValue::Uint(found) if found <= SCHEMA_VERSION && found > 0 => Ok(()),
+            ScalarValue::Uint(found) => Err(DocumentError::UnsupportedSchema { found, supported: SCHEMA_VERSION }),
+            _ => Err(DocumentError::malformed("schema version is not an unsigned integer")),
+        }
+    }
+
+    fn identity(&self) -> Result<(TicketId, WardId), DocumentError> {
+        Ok((parse_field("id", &self.string(&ROOT, "id")?)?, parse_field("ward", &self.string(&ROOT, "ward")?)?))
+    }
+
+    fn object(&self, parent: &ObjId, key: &str, kind: ObjType) -> Result<ObjId, DocumentError> {
+        match self.doc.get(parent, key)? {
+            Some((Value::Object(found), id)) if found == kind => Ok(id),
+            _ => Err(DocumentError::malformed(format!("{key} is missing or not a {kind:?}"))),
+        }
+    }
+
+    fn scalar(&self, parent: &ObjId, key: &str) -> Result<ScalarValue, DocumentError> {
+        match self.doc.get(parent, key)? {
+            Some((Value::Scalar(value), _)) => Ok(value.into_owned()),
+            _ => Err(DocumentError::malformed(format!("{key} is missing or not a scalar"))),
+        }
+    }
+
+    fn string(&self, parent: &ObjId, key: &str) -> Result<String, DocumentError> {
+        match self.scalar(parent, key)? {
+            ScalarValue::Str(s) => Ok(s.to_string()),
+            _ => Err(DocumentError::malformed(format!("{key} is not a string"))),
+        }
+    }
+
+    fn timestamp(&self, parent: &ObjId, key: &str) -> Result<UnixMillis, DocumentError> {
+        match self.scalar(parent, key)? {
+            ScalarValue::Timestamp(t) => Ok(t),
+            _ => Err(DocumentError::malformed(format!("{key} is not a timestamp"))),
+        }
+    }
+
+    fn string_list(&self, parent: &ObjId, key: &str) -> Result<Vec<String>, DocumentError> {
+        let list = self.object(parent, key, ObjType::List)?;
+        (0..self.doc.length(&list))
+            .map(|i| match self.doc.get(&list, i)? {
+                Some((Value::Scalar(value), _)) if value.is_str() => Ok(value.as_str().unwrap_or_default().to_owned()),
+                _ => Err(DocumentError::malformed(format!("{key} holds a non-string"))),
+            })
+            .collect()
+    }
+}
+
+fn put_item(doc: &mut AutoCommit, items: &ObjId, item: &LineItem) -> Result<(), DocumentError> {
+    let entry = doc.put_object(items, item.medication_code.as_str(), ObjType::Map)?;
+    doc.put(&entry, "description", item.description.as_str())?;
+    doc.put(&entry, "quantity", u64::from(item.quantity))?;
+    doc.put(&entry, "unit", item.unit.as_str())?;
+    Ok(())
+}
+
+/// Writes only the fields that differ, so a concurrent edit of another field
+/// of the same line survives.
+fn update_item(doc: &mut AutoCommit, items: &ObjId, item: &LineItem) -> Result<(), DocumentError> {
+    let entry = match doc.get(items, item.medication_code.as_str())? {
+        Some((Value::Object(ObjType::Map), entry)) => entry,
+        _ => return put_item(doc, items, item),
+    };
+    let differs = |doc: &AutoCommit, key: &str, wanted: &ScalarValue| match doc.get(&entry, key) {
+        Ok(Some((Value::Scalar(value), _))) => value.as_ref() != wanted,
+        _ => true,
+    };
+    let wanted = [
+        ("description", ScalarValue::Str(item.description.as_str().into())),
+        ("quantity", ScalarValue::Uint(u64::from(item.quantity))),
+        ("unit", ScalarValue::Str(item.unit.as_str().into())),
+    ];
+    for (key, value) in wanted {
+        if differs(doc, key, &value) {
+            doc.put(&entry, key, value)?;
+        }
+    }
+    Ok(())
+}
+
+fn put_string_list(doc: &mut AutoCommit, parent: &ObjId, key: &str, values: &[String]) -> Result<(), DocumentError> {
+    let list = doc.put_object(parent, key, ObjType::List)?;
+    for (i, value) in values.iter().enumerate() {
+        doc.insert(&list, i, value.as_str())?;
+    }
+    Ok(())
+}
+
+fn parse_field<T: std::str::FromStr>(field: &str, value: &str) -> Result<T, DocumentError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e| DocumentError::malformed(format!("{field}: {e}")))
+}
+
+fn parse_audit(change: &Change) -> Result<ChangeAudit, DocumentError> {
+    let unaudited = |problem: String| DocumentError::Unaudited { hash: change.hash().to_string(), problem };
+    let message = change.message().ok_or_else(|| unaudited("no commit message".into()))?;
+    serde_json::from_str(message).map_err(|e| unaudited(e.to_string()))
+}
+
+/// Checks that what changed between `before` and `after` was declared by the
+/// audit records of the changes, by roles allowed to make such edits, and
+/// that the ticket's identity did not change.
+fn check_declared_edits(
+    before: Option<&Ticket>,
+    after: &Ticket,
+    audits: &[(String, ChangeAudit)],
+) -> Result<(), DocumentError> {
+    let forbidden = |hash: &str, problem: String| DocumentError::Forbidden { hash: hash.to_owned(), problem };
+    for (hash, audit) in audits {
+        match &audit.action {
+            AuditAction::Create if before.is_some() => {
+                return Err(forbidden(hash, "a ticket can be created only once".into()));
+            }
+            AuditAction::Create if !matches!(audit.actor.role, Role::Nurse | Role::Admin) => {
+                return Err(forbidden(hash, format!("a {} may not create tickets", audit.actor.role)));
+            }
+            AuditAction::Edit { fields } => {
+                for field in fields {
+                    let kind = match field.as_str() {
+                        "items" | "priority" => EditKind::Order,
+                        "notes" => EditKind::Notes,
+                        "assignee" => EditKind::Assignee,
+                        other => return Err(forbidden(hash, format!("unknown field {other:?}"))),
+                    };
+                    // The status the author saw is not known for edits;
+                    // check the role with the most permissive status.
+                    let status = if kind == EditKind::Notes { Status::Requested } else { Status::Acknowledged };
+                    lifecycle::check_edit(kind, status, audit.actor.role).map_err(|e| forbidden(hash, e.to_string()))?;
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(before) = before else {
+        return match audits.iter().any(|(_, audit)| audit.action == AuditAction::Create) {
+            true => Ok(()),
+            false => Err(DocumentError::malformed("a new ticket's changes include no creation")),
+        };
+    };
+    if after.id != before.id || after.ward != before.ward || after.created_at != before.created_at {
+        return Err(DocumentError::malformed("a change altered the ticket's id, ward or creation"));
+    }
+    let declared = |field: &str| {
+        audits.iter().any(|(_, audit)| matches!(&audit.action, AuditAction::Edit { fields } if fields.iter().any(|f| f == field)))
+    };
+    let changed = [
+        ("items", after.items != before.items),
+        ("priority", after.priority != before.priority),
+        ("notes", after.notes != before.notes),
+        ("assignee", after.assignee != before.assignee),
+    ];
+    for (field, changed) in changed {
+        if changed && !declared(field) {
+            return Err(DocumentError::malformed(format!("{field} changed without an audited edit")));
+        }
+    }
+    Ok(())
+}
+
+/// The checks a transition must pass when it is authored.
+fn check_request(
+    to: Status,
+    reason: Option<&str>,
+    resolves: &[String],
+    current: &lifecycle::Resolution,
+    role: Role,
+    limits: &Limits,
+) -> Result<(), TicketError> {
+    if resolves.is_empty() {
+        lifecycle::check_transition(current.status, to, role)?;
+    } else {
+        lifecycle::check_resolution(&current.conflicts, resolves, to, role)?;
+    }
+    if to.needs_reason() && reason.is_none() {
+        return Err(TicketError::ReasonRequired { to });
+    }
+    ticket::check_reason(reason, limits)
+}
+
+/// Checks a transition received from another replica against the status its
+/// author saw (the transitions it names in `seen`, and their ancestors), and
+/// that it names the author of a change that arrived with it.
+fn check_authored_transition(
+    new: &Transition,
+    all: &[Transition],
+    audits: &[(String, ChangeAudit)],
+    limits: &Limits,
+) -> Result<(), DocumentError> {
+    let forbidden = |problem: String| DocumentError::Forbidden { hash: new.id.clone(), problem };
+    let authored = audits.iter().any(|(_, audit)| {
+        audit.actor.user == new.user
+            && audit.actor.role == new.role
+            && audit.actor.device == new.device
+            && matches!(audit.action, AuditAction::Transition { to } | AuditAction::Resolve { to, .. } if to == new.to)
+    });
+    if !authored {
+        return Err(forbidden("the transition does not match the audit record of its change".into()));
+    }
+    let mut seen: Vec<&str> = new.seen.iter().map(String::as_str).collect();
+    let mut view: Vec<Transition> = Vec::new();
+    while let Some(id) = seen.pop() {
+        if view.iter().any(|t| t.id == id) {
+            continue;
+        }
+        let ancestor = all.iter().find(|t| t.id == id).ok_or_else(|| forbidden(format!("it saw unknown transition {id}")))?;
+        seen.extend(ancestor.seen.iter().map(String::as_str));
+        view.push(ancestor.clone());
+    }
+    let before = lifecycle::resolve(&view);
+    check_request(new.to, new.reason.as_deref(), &new.resolves, &before, new.role, limits)
+        .map_err(|e| forbidden(e.to_string()))
+}

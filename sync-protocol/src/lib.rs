@@ -1,0 +1,12 @@
+//! The shared core of the medication replenishment system: the ticket domain,
+//! the Automerge ticket documents, and the edge <-> bridge wire protocol with
+//! its session state machines.
+//!
+//! This crate does no I/O and reads no clock: time, randomness and bytes are
+//! passed in, so everything here is deterministic and testable in isolation.
+
+mod causal;
+pub mod document;
+pub mod ids;
+pub mod lifecycle;
+pub mod ticket;

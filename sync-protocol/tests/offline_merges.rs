@@ -1,0 +1,201 @@
+//! The merge cases the product promises, by name.
+
+mod common;
+
+use common::*;
+use sync_protocol::document::{AuditAction, NotesEdit, TicketDocument, TicketEdit, TransitionRequest, SCHEMA_VERSION};
+use sync_protocol::ticket::{Limits, Status};
+
+fn transition(to: Status) -> TransitionRequest {
+    TransitionRequest { to, reason: None, resolves: vec![] }
+}
+
+#[test]
+fn offline_allergy_note_and_pharmacy_note_edit_both_survive() {
+    let limits = Limits::default();
+    let (mut ward, _) = created("Patient in bed 12.");
+    let mut pharmacy = fork(&mut ward, 2);
+
+    // Both offline: the nurse appends an allergy, the pharmacy rewrites the same notes.
+    let append = TicketEdit { notes: Some(NotesEdit::Append("ALLERGY: PENICILLIN".into())), ..TicketEdit::default() };
+    ward.edit(&append, &nurse(), T0 + 1_000, &limits).unwrap();
+    let rewrite = TicketEdit {
+        notes: Some(NotesEdit::Replace("Patient in bed 14. Substitute generic if out of stock.".into())),
+        ..TicketEdit::default()
+    };
+    pharmacy.edit(&rewrite, &pharmacist(), T0 + 1_500, &limits).unwrap();
+
+    sync(&mut ward, &mut pharmacy);
+    sync(&mut pharmacy, &mut ward);
+
+    let (on_ward, in_pharmacy) = (ward.ticket().unwrap(), pharmacy.ticket().unwrap());
+    assert_eq!(on_ward, in_pharmacy);
+    assert!(on_ward.notes.contains("ALLERGY: PENICILLIN"), "{:?}", on_ward.notes);
+    assert!(on_ward.notes.contains("Substitute generic if out of stock."), "{:?}", on_ward.notes);
+    assert!(on_ward.notes.contains("bed 14"), "{:?}", on_ward.notes);
+}
+
+#[test]
+fn ward_cancel_while_pharmacy_dispatches_is_one_conflict_until_resolved() {
+    let limits = Limits::default();
+    let (mut ward, _) = created("");
+    let mut pharmacy = fork(&mut ward, 2);
+
+    for (step, to) in [Status::Acknowledged, Status::Picking, Status::Dispatched].into_iter().enumerate() {
+        pharmacy.transition(&transition(to), &pharmacist(), T0 + 10_000 + step as i64, &limits).unwrap();
+    }
+    // The ward, offline and later by the clock, cancels what it last saw as requested.
+    ward.transition(&transition(Status::Cancelled), &nurse(), T0 + 20_000, &limits).unwrap();
+
+    sync(&mut ward, &mut pharmacy);
+    sync(&mut pharmacy, &mut ward);
+
+    let (on_ward, in_pharmacy) = (ward.ticket().unwrap(), pharmacy.ticket().unwrap());
+    assert_eq!(on_ward, in_pharmacy);
+    assert_eq!(on_ward.status, Status::Dispatched, "the goods are moving; the cancel is kept as a conflict");
+    assert_eq!(on_ward.conflicts.len(), 1);
+    let conflict = &on_ward.conflicts[0];
+    assert_eq!((conflict.held.to, conflict.overridden.to), (Status::Dispatched, Status::Cancelled));
+    assert_eq!(conflict.overridden.user, nurse().user);
+    assert_eq!(conflict.held.user, pharmacist().user);
+
+    // The pharmacy recalls the delivery and accepts the cancel.
+    let resolve = TransitionRequest {
+        to: Status::Cancelled,
+        reason: Some("recalled from porter".into()),
+        resolves: vec![conflict.overridden.id.clone()],
+    };
+    pharmacy.transition(&resolve, &pharmacist(), T0 + 30_000, &limits).unwrap();
+    sync(&mut pharmacy, &mut ward);
+
+    let resolved = ward.ticket().unwrap();
+    assert_eq!(resolved, pharmacy.ticket().unwrap());
+    assert_eq!(resolved.status, Status::Cancelled);
+    assert!(resolved.conflicts.is_empty());
+    assert_eq!(resolved.status_reason.as_deref(), Some("recalled from porter"));
+}
+
+#[test]
+fn concurrent_edits_to_different_fields_both_survive() {
+    let limits = Limits::default();
+    let (mut ward, _) = created("");
+    let mut pharmacy = fork(&mut ward, 2);
+
+    let mut items = ward.ticket().unwrap().items;
+    items[0].quantity = 30;
+    ward.edit(&TicketEdit { items: Some(items), ..TicketEdit::default() }, &nurse(), T0 + 1, &limits).unwrap();
+    let assign = TicketEdit { assignee: Some(Some("p.lindqvist".parse().unwrap())), ..TicketEdit::default() };
+    pharmacy.edit(&assign, &pharmacist(), T0 + 2, &limits).unwrap();
+
+    sync(&mut ward, &mut pharmacy);
+    sync(&mut pharmacy, &mut ward);
+    let ticket = ward.ticket().unwrap();
+    assert_eq!(ticket, pharmacy.ticket().unwrap());
+    assert_eq!(ticket.items[0].quantity, 30);
+    assert_eq!(ticket.assignee.as_ref().map(|u| u.as_str()), Some("p.lindqvist"));
+    assert_eq!(ticket.updated_at, T0 + 2);
+}
+
+#[test]
+fn history_lists_who_did_what_from_where_in_order() {
+    let limits = Limits::default();
+    let (mut doc, _) = created("");
+    doc.transition(&transition(Status::Acknowledged), &pharmacist(), T0 + 5, &limits).unwrap();
+    let history = doc.history().unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].audit.action, AuditAction::Create);
+    assert_eq!(history[0].audit.actor, nurse());
+    assert_eq!(history[1].audit.action, AuditAction::Transition { to: Status::Acknowledged });
+    assert_eq!(history[1].audit.actor.device.as_str(), "bridge-1");
+    assert_eq!(history[1].audit.at, T0 + 5);
+}
+
+#[test]
+fn rules_are_checked_when_writing() {
+    let limits = Limits::default();
+    let (mut doc, _) = created("");
+    let before = doc.save();
+    let err = doc.transition(&transition(Status::Acknowledged), &nurse(), T0, &limits).unwrap_err();
+    assert!(err.to_string().contains("may not move"), "{err}");
+    let reject = transition(Status::Rejected);
+    let err = doc.transition(&reject, &pharmacist(), T0, &limits).unwrap_err();
+    assert!(err.to_string().contains("needs a reason"), "{err}");
+    let err = doc.edit(&TicketEdit::default(), &nurse(), T0, &limits).unwrap_err();
+    assert!(err.to_string().contains("changes nothing"), "{err}");
+    assert_eq!(doc.save(), before, "refused writes leave the document unchanged");
+}
+
+/// Writes a change with raw Automerge, bypassing the domain checks, as a
+/// buggy or hostile peer could. `entry_role` goes in the transition entry,
+/// `audit` is the commit message (None: no audit record at all).
+fn forge(doc: &mut TicketDocument, write: impl FnOnce(&mut automerge::AutoCommit), audit: Option<String>) -> Vec<u8> {
+    use automerge::transaction::CommitOptions;
+    let mut raw = automerge::AutoCommit::load(&doc.save()).unwrap().with_actor(replica(66));
+    write(&mut raw);
+    let options = CommitOptions::default();
+    raw.commit_with(match audit { Some(message) => options.with_message(message), None => options });
+    raw.get_last_local_change().unwrap().raw_bytes().to_vec()
+}
+
+fn forged_transition(raw: &mut automerge::AutoCommit, to: &str, role: &str) {
+    use automerge::transaction::Transactable;
+    use automerge::{ObjType, ReadDoc, ScalarValue, ROOT};
+    let (_, list) = raw.get(ROOT, "transitions").unwrap().unwrap();
+    let entry = raw.insert_object(&list, raw.length(&list), ObjType::Map).unwrap();
+    for (key, value) in [("to", to), ("user", "n.okafor"), ("role", role), ("device", "edge-ward-4b")] {
+        raw.put(&entry, key, value).unwrap();
+    }
+    raw.put(&entry, "at", ScalarValue::Timestamp(T0 + 1)).unwrap();
+    raw.put(&entry, "reason", ScalarValue::Null).unwrap();
+    raw.put_object(&entry, "seen", ObjType::List).unwrap();
+    raw.put_object(&entry, "resolves", ObjType::List).unwrap();
+}
+
+fn audit(role: &str, action: &str) -> Option<String> {
+    Some(format!(r#"{{"user":"n.okafor","role":"{role}","device":"edge-ward-4b","at":{},"action":{action}}}"#, T0 + 1))
+}
+
+#[test]
+fn changes_that_break_the_rules_are_refused_by_a_receiving_replica() {
+    use automerge::transaction::Transactable;
+    let limits = Limits::default();
+    let (mut doc, _) = created("");
+    let mut receiver = fork(&mut doc, 2);
+    let before = receiver.save();
+    let acknowledge = r#"{"kind":"transition","to":"acknowledged"}"#;
+    let cases = [
+        ("a nurse acknowledging", forge(&mut doc, |raw| forged_transition(raw, "acknowledged", "nurse"), audit("nurse", acknowledge))),
+        ("entry and audit disagree on the role", forge(&mut doc, |raw| forged_transition(raw, "acknowledged", "pharmacist"), audit("nurse", acknowledge))),
+        ("no audit record", forge(&mut doc, |raw| forged_transition(raw, "cancelled", "nurse"), None)),
+        ("the ward rewritten", forge(&mut doc, |raw| raw.put(automerge::ROOT, "ward", "icu-2").unwrap(), audit("nurse", r#"{"kind":"edit","fields":["notes"]}"#))),
+        ("an undeclared edit", forge(&mut doc, |raw| raw.put(automerge::ROOT, "priority", "stat").unwrap(), audit("nurse", r#"{"kind":"edit","fields":["notes"]}"#))),
+        ("a pharmacist editing the order", forge(&mut doc, |raw| raw.put(automerge::ROOT, "priority", "stat").unwrap(), audit("pharmacist", r#"{"kind":"edit","fields":["priority"]}"#))),
+    ];
+    for (case, change) in cases {
+        assert!(receiver.apply_untrusted(&[change], &limits).is_err(), "{case} was accepted");
+        assert_eq!(receiver.save(), before, "{case} left a trace");
+    }
+    // The same shape, done within the rules, is accepted.
+    let legal = forge(&mut doc, |raw| forged_transition(raw, "cancelled", "nurse"), audit("nurse", r#"{"kind":"transition","to":"cancelled"}"#));
+    receiver.apply_untrusted(&[legal], &limits).unwrap();
+    assert_eq!(receiver.ticket().unwrap().status, Status::Cancelled);
+}
+
+#[test]
+fn garbage_and_unaudited_changes_are_refused_without_harm() {
+    let limits = Limits::default();
+    let (mut doc, _) = created("");
+    let before = doc.save();
+    assert!(doc.apply_untrusted(&[vec![1, 2, 3]], &limits).is_err());
+    assert_eq!(doc.save(), before);
+}
+
+#[test]
+fn documents_from_a_newer_schema_are_refused() {
+    use automerge::transaction::Transactable;
+    let (mut doc, _) = created("");
+    let mut raw = automerge::AutoCommit::load(&doc.save()).unwrap();
+    raw.put(automerge::ROOT, "schema", SCHEMA_VERSION + 1).unwrap();
+    let err = TicketDocument::load(&raw.save(), replica(9)).unwrap_err();
+    assert!(err.to_string().contains("schema version 2"), "{err}");
+}
