@@ -7,6 +7,9 @@
 
 mod causal;
 pub mod document;
+pub mod fhir;
 pub mod ids;
 pub mod lifecycle;
+pub mod session;
 pub mod ticket;
+pub mod wire;

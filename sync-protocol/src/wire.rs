@@ -1,0 +1,364 @@
+//! The edge node <-> cloud bridge wire protocol: versioned messages and their
+//! compact binary encoding.
+//!
+//! A frame is one WebSocket binary message:
+//!
+//! ```text
+//! +------+------+-------------------+------------------------------+
+//! | 'M'  | 'R'  | protocol (u16 BE) | postcard-encoded `Message`   |
+//! +------+------+-------------------+------------------------------+
+//! ```
+//!
+//! The header is frozen across versions, and so is the position of `Hello`
+//! and `Refused` in [`Message`], so any two versions can at least refuse
+//! each other clearly.
+//!
+//! Decoding enforces every limit in [`WireLimits`] and returns an error value
+//! for anything else: the frame length is checked before any decoding, every
+//! allocation is bounded by the frame length, and counts and sizes are checked
+//! before the message is handed on.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::ids::{NodeId, TicketId, WardId};
+use crate::ticket::UnixMillis;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+const MAGIC: [u8; 2] = *b"MR";
+const HEADER_BYTES: usize = 4;
+
+/// Hard limits on what a peer may send. Both sides use the same defaults;
+/// the bridge states its own in `Welcome` so an edge never sends more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WireLimits {
+    /// Largest frame, header included. Bounds every allocation of a decode.
+    pub frame_bytes_max: usize,
+    /// Most changes in one upstream or downstream batch.
+    pub changes_per_batch_max: usize,
+    /// Largest single Automerge change or ticket snapshot.
+    pub change_bytes_max: usize,
+    /// Largest bearer token.
+    pub token_bytes_max: usize,
+    /// Largest downstream cursor; cursors are opaque to the edge.
+    pub cursor_bytes_max: usize,
+    /// Largest human-readable text (error messages, refusal details).
+    pub text_bytes_max: usize,
+}
+
+impl Default for WireLimits {
+    fn default() -> Self {
+        Self {
+            frame_bytes_max: 4 * 1024 * 1024,
+            changes_per_batch_max: 2_048,
+            change_bytes_max: 256 * 1024,
+            token_bytes_max: 8 * 1024,
+            cursor_bytes_max: 256,
+            text_bytes_max: 2 * 1024,
+        }
+    }
+}
+
+/// A position in the bridge's downstream feed for one edge. Opaque to the
+/// edge, which stores it and hands it back in `Hello` to resume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Cursor(pub ByteBuf);
+
+impl Cursor {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Cursor(ByteBuf::from(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The first message on a connection, from the edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub node: NodeId,
+    pub ward: WardId,
+    /// The node's bearer token (a JWT from the auth service).
+    pub token: String,
+    /// Where the downstream feed should resume; `None` asks for a snapshot
+    /// first (a new node, or one restored from a backup without a cursor).
+    pub cursor: Option<Cursor>,
+}
+
+/// The bridge accepted the hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol_version: u16,
+    /// The highest upstream sequence of this node the bridge has durably
+    /// processed: the edge may drop its outbox up to here at once.
+    pub acked_up_to: u64,
+    /// The bridge's clock, so an edge can show drift.
+    pub server_time: UnixMillis,
+    /// The limits the bridge enforces; the edge batches within them.
+    pub limits: WireLimits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// The peer speaks a version outside `supported_min..=supported_max`.
+    VersionMismatch { supported_min: u16, supported_max: u16 },
+    /// The token is missing, invalid, expired or revoked.
+    Unauthorized,
+    /// The token is valid but not for this node or ward.
+    Forbidden,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub reason: RefusalReason,
+    pub detail: String,
+}
+
+/// One local change of an edge node, numbered by the node's outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamChange {
+    /// Strictly increasing per node; never reused.
+    pub seq: u64,
+    pub ticket: TicketId,
+    pub change: ByteBuf,
+}
+
+/// A change of any replica, sent down to an edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownstreamChange {
+    pub ticket: TicketId,
+    pub change: ByteBuf,
+}
+
+/// A whole ticket document, for bootstrapping a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketSnapshot {
+    pub ticket: TicketId,
+    pub document: ByteBuf,
+}
+
+/// Why a peer rejected something, with a stable code for programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame could not be decoded or broke a limit.
+    Malformed,
+    /// A message that is not allowed in the session's current state.
+    UnexpectedMessage,
+    /// A change failed domain validation (role rules, ward scope, limits).
+    ChangeRejected,
+    /// The peer is overloaded or its storage is unavailable; retry later.
+    Unavailable,
+    /// Anything else on the peer's side.
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    // Variants 0 and 1 are frozen: see the module docs.
+    Hello(Hello),
+    Refused(Refused),
+    Welcome(Welcome),
+    /// Edge -> bridge: local changes, in ascending `seq`.
+    Upstream { changes: Vec<UpstreamChange> },
+    /// Bridge -> edge: every upstream change up to `up_to_seq` is durably
+    /// stored or was rejected (a `Rejected` for it came first).
+    Ack { up_to_seq: u64 },
+    /// Bridge -> edge: this change failed validation; the edge keeps it, marked stuck.
+    Rejected { seq: u64, ticket: TicketId, code: ErrorCode, message: String },
+    /// Bridge -> edge: changes the edge has not seen, and the cursor after them.
+    Downstream { changes: Vec<DownstreamChange>, cursor: Cursor },
+    /// Edge -> bridge: changes up to `cursor` are applied and durable.
+    DownstreamAck { cursor: Cursor },
+    /// Bridge -> edge: whole documents for a node that asked for a snapshot;
+    /// after the one with `last`, the feed resumes from `cursor`.
+    Snapshot { tickets: Vec<TicketSnapshot>, cursor: Cursor, last: bool },
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
+    Error { code: ErrorCode, message: String },
+}
+
+impl Message {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Refused(_) => "refused",
+            Message::Welcome(_) => "welcome",
+            Message::Upstream { .. } => "upstream",
+            Message::Ack { .. } => "ack",
+            Message::Rejected { .. } => "rejected",
+            Message::Downstream { .. } => "downstream",
+            Message::DownstreamAck { .. } => "downstream-ack",
+            Message::Snapshot { .. } => "snapshot",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Error { .. } => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("frame too short for a header")]
+    Truncated,
+    #[error("frame does not start with the protocol magic")]
+    BadMagic,
+    #[error("frame speaks protocol version {found}; this build speaks {supported}")]
+    Version { found: u16, supported: u16 },
+    #[error("frame body is malformed: {0}")]
+    Body(String),
+    #[error("frame has {0} bytes after the message")]
+    TrailingBytes(usize),
+    #[error("{what} has {got}, over the limit of {max}")]
+    Limit { what: &'static str, got: usize, max: usize },
+    #[error("upstream sequence numbers must strictly increase")]
+    SequenceOrder,
+}
+
+/// Encodes a message into a frame, refusing what the peer would refuse.
+pub fn encode(message: &Message, limits: &WireLimits) -> Result<Vec<u8>, WireError> {
+    check_limits(message, limits)?;
+    let mut frame = Vec::with_capacity(256);
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    let frame = postcard::to_extend(message, frame).map_err(|e| WireError::Body(e.to_string()))?;
+    if frame.len() > limits.frame_bytes_max {
+        return Err(WireError::FrameTooLarge { len: frame.len(), max: limits.frame_bytes_max });
+    }
+    Ok(frame)
+}
+
+/// Reads only the protocol version of a frame, so a peer of another version
+/// can be refused in words it understands.
+pub fn frame_version(frame: &[u8]) -> Result<u16, WireError> {
+    if frame.len() < HEADER_BYTES {
+        return Err(WireError::Truncated);
+    }
+    if frame[..2] != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    Ok(u16::from_be_bytes([frame[2], frame[3]]))
+}
+
+/// Decodes one frame. Never panics; every failure is a [`WireError`].
+pub fn decode(frame: &[u8], limits: &WireLimits) -> Result<Message, WireError> {
+    if frame.len() > limits.frame_bytes_max {
+        return Err(WireError::FrameTooLarge { len: frame.len(), max: limits.frame_bytes_max });
+    }
+    let version = frame_version(frame)?;
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::Version { found: version, supported: PROTOCOL_VERSION });
+    }
+    let (message, rest) =
+        postcard::take_from_bytes::<Message>(&frame[HEADER_BYTES..]).map_err(|e| WireError::Body(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    check_limits(&message, limits)?;
+    Ok(message)
+}
+
+fn at_most(what: &'static str, got: usize, max: usize) -> Result<(), WireError> {
+    if got > max { Err(WireError::Limit { what, got, max }) } else { Ok(()) }
+}
+
+fn check_limits(message: &Message, limits: &WireLimits) -> Result<(), WireError> {
+    let changes = |count: usize| at_most("batch changes", count, limits.changes_per_batch_max);
+    let change = |bytes: &ByteBuf| at_most("change bytes", bytes.len(), limits.change_bytes_max);
+    let cursor = |c: &Cursor| at_most("cursor bytes", c.0.len(), limits.cursor_bytes_max);
+    let text = |s: &str| at_most("text bytes", s.len(), limits.text_bytes_max);
+    match message {
+        Message::Hello(hello) => {
+            at_most("token bytes", hello.token.len(), limits.token_bytes_max)?;
+            hello.cursor.as_ref().map_or(Ok(()), cursor)
+        }
+        Message::Refused(refused) => text(&refused.detail),
+        Message::Welcome(_) | Message::Ack { .. } | Message::Ping { .. } | Message::Pong { .. } => Ok(()),
+        Message::Upstream { changes: batch } => {
+            changes(batch.len())?;
+            batch.iter().try_for_each(|c| change(&c.change))?;
+            if batch.windows(2).any(|pair| pair[0].seq >= pair[1].seq) {
+                return Err(WireError::SequenceOrder);
+            }
+            Ok(())
+        }
+        Message::Rejected { message, .. } | Message::Error { message, .. } => text(message),
+        Message::Downstream { changes: batch, cursor: c } => {
+            changes(batch.len())?;
+            batch.iter().try_for_each(|c| change(&c.change))?;
+            cursor(c)
+        }
+        Message::DownstreamAck { cursor: c } => cursor(c),
+        Message::Snapshot { tickets, cursor: c, .. } => {
+            changes(tickets.len())?;
+            tickets.iter().try_for_each(|t| change(&t.document))?;
+            cursor(c)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Message {
+        Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node: "edge-ward-4b".parse().unwrap(),
+            ward: "ward-4b".parse().unwrap(),
+            token: "eyJ...".into(),
+            cursor: Some(Cursor::new(vec![0, 0, 0, 7])),
+        })
+    }
+
+    #[test]
+    fn a_hello_round_trips() {
+        let limits = WireLimits::default();
+        let frame = encode(&hello(), &limits).unwrap();
+        assert_eq!(&frame[..2], b"MR");
+        assert_eq!(decode(&frame, &limits), Ok(hello()));
+    }
+
+    #[test]
+    fn other_versions_are_named_not_guessed() {
+        let limits = WireLimits::default();
+        let mut frame = encode(&hello(), &limits).unwrap();
+        frame[3] = 9;
+        assert_eq!(decode(&frame, &limits), Err(WireError::Version { found: 9, supported: PROTOCOL_VERSION }));
+        assert_eq!(frame_version(&frame), Ok(9));
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_errors() {
+        let limits = WireLimits { frame_bytes_max: 64, ..WireLimits::default() };
+        assert!(matches!(decode(&[0; 65], &limits), Err(WireError::FrameTooLarge { .. })));
+        assert_eq!(decode(b"MR", &limits), Err(WireError::Truncated));
+        assert_eq!(decode(b"XX\0\x01", &limits), Err(WireError::BadMagic));
+        assert!(matches!(decode(b"MR\0\x01\xff\xff", &limits), Err(WireError::Body(_))));
+        let mut frame = encode(&Message::Ping { nonce: 1 }, &limits).unwrap();
+        frame.push(0);
+        assert_eq!(decode(&frame, &limits), Err(WireError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn batch_limits_hold_on_both_sides() {
+        let limits = WireLimits { changes_per_batch_max: 2, change_bytes_max: 4, ..WireLimits::default() };
+        let ticket = TicketId::new(1, [0; 10]);
+        let change = |seq, len| UpstreamChange { seq, ticket, change: ByteBuf::from(vec![0; len]) };
+        let too_many = Message::Upstream { changes: vec![change(1, 1), change(2, 1), change(3, 1)] };
+        assert!(matches!(encode(&too_many, &limits), Err(WireError::Limit { what: "batch changes", .. })));
+        let too_big = Message::Upstream { changes: vec![change(1, 5)] };
+        assert!(matches!(encode(&too_big, &limits), Err(WireError::Limit { what: "change bytes", .. })));
+        let unordered = Message::Upstream { changes: vec![change(2, 1), change(2, 1)] };
+        assert_eq!(encode(&unordered, &limits), Err(WireError::SequenceOrder));
+        // A peer with looser limits is still held to ours when decoding.
+        let frame = encode(&too_many, &WireLimits::default()).unwrap();
+        assert!(matches!(decode(&frame, &limits), Err(WireError::Limit { .. })));
+    }
+}
