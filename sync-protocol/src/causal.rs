@@ -25,11 +25,9 @@ where
     let mut unblocks: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     for (i, node) in nodes.iter().enumerate() {
         for dep in deps(node) {
-            if let Some(&j) = index.get(&dep) {
-                if j != i {
-                    waiting_on[i] += 1;
-                    unblocks[j].push(i);
-                }
+            if let Some(&j) = index.get(&dep).filter(|&&j| j != i) {
+                waiting_on[i] += 1;
+                unblocks[j].push(i);
             }
         }
     }

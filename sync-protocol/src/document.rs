@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Role, TicketId, UserId, WardId};
 use crate::lifecycle::{self, EditKind, Transition};
-use crate::ticket::{self, Actor, Limits, LineItem, NewTicket, Priority, Status, Ticket, TicketError, UnixMillis, Unit};
+use crate::ticket::{
+    self, Actor, Limits, LineItem, NewTicket, Priority, Status, Ticket, TicketError, Unit, UnixMillis,
+};
 
 /// The schema this build writes and the newest it can read.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -159,7 +161,12 @@ impl TicketDocument {
     ) -> Result<(Self, Vec<u8>), DocumentError> {
         new.validate(limits)?;
         if !matches!(actor.role, Role::Nurse | Role::Admin) {
-            return Err(TicketError::IllegalTransition { from: Status::Requested, to: Status::Requested, role: actor.role }.into());
+            return Err(TicketError::IllegalTransition {
+                from: Status::Requested,
+                to: Status::Requested,
+                role: actor.role,
+            }
+            .into());
         }
         let mut doc = AutoCommit::new().with_actor(replica);
         doc.put(ROOT, "schema", SCHEMA_VERSION)?;
@@ -332,10 +339,8 @@ impl TicketDocument {
                 }
             }
         }
-        if fields.contains(&"priority") {
-            if let Some(priority) = edit.priority {
-                self.doc.put(ROOT, "priority", priority.as_str())?;
-            }
+        if let Some(priority) = edit.priority.filter(|_| fields.contains(&"priority")) {
+            self.doc.put(ROOT, "priority", priority.as_str())?;
         }
         if let Some(text) = new_notes {
             let notes = self.object(&ROOT, "notes", ObjType::Text)?;
@@ -405,7 +410,9 @@ impl TicketDocument {
         for code in self.doc.keys(&items_obj) {
             let item = self.object(&items_obj, &code, ObjType::Map)?;
             let quantity = match self.scalar(&item, "quantity")? {
-                ScalarValue::Uint(q) => u32::try_from(q).map_err(|_| DocumentError::malformed("quantity out of range"))?,
+                ScalarValue::Uint(q) => {
+                    u32::try_from(q).map_err(|_| DocumentError::malformed("quantity out of range"))?
+                }
                 _ => return Err(DocumentError::malformed("quantity is not an unsigned integer")),
             };
             let unit = self.string(&item, "unit")?;
@@ -484,9 +491,8 @@ impl TicketDocument {
     /// The audit trail: every change in causal order, ties by time then hash.
     pub fn history(&mut self) -> Result<Vec<HistoryEntry>, DocumentError> {
         let changes = self.doc.get_changes(&[]);
-        let ordered = crate::causal::order(&changes, Change::hash, |c| c.deps().to_vec(), |c| {
-            (c.timestamp(), c.hash())
-        });
+        let ordered =
+            crate::causal::order(&changes, Change::hash, |c| c.deps().to_vec(), |c| (c.timestamp(), c.hash()));
         ordered
             .into_iter()
             .map(|change| Ok(HistoryEntry { change: change.hash().to_string(), audit: parse_audit(change)? }))
@@ -497,11 +503,10 @@ impl TicketDocument {
         self.doc.put(ROOT, "updated_at", ScalarValue::Timestamp(now))?;
         let audit = ChangeAudit { actor: actor.clone(), at: now, action };
         let message = serde_json::to_string(&audit).map_err(|e| DocumentError::malformed(e.to_string()))?;
-        self.doc.commit_with(automerge::transaction::CommitOptions::default().with_message(message).with_time(now / 1000));
-        let change = self
-            .doc
-            .get_last_local_change()
-            .ok_or_else(|| DocumentError::malformed("commit produced no change"))?;
+        self.doc
+            .commit_with(automerge::transaction::CommitOptions::default().with_message(message).with_time(now / 1000));
+        let change =
+            self.doc.get_last_local_change().ok_or_else(|| DocumentError::malformed("commit produced no change"))?;
         Ok(change.raw_bytes().to_vec())
     }
 
@@ -637,7 +642,8 @@ fn check_declared_edits(
                     // The status the author saw is not known for edits;
                     // check the role with the most permissive status.
                     let status = if kind == EditKind::Notes { Status::Requested } else { Status::Acknowledged };
-                    lifecycle::check_edit(kind, status, audit.actor.role).map_err(|e| forbidden(hash, e.to_string()))?;
+                    lifecycle::check_edit(kind, status, audit.actor.role)
+                        .map_err(|e| forbidden(hash, e.to_string()))?;
                 }
             }
             _ => {}
@@ -653,7 +659,9 @@ fn check_declared_edits(
         return Err(DocumentError::malformed("a change altered the ticket's id, ward or creation"));
     }
     let declared = |field: &str| {
-        audits.iter().any(|(_, audit)| matches!(&audit.action, AuditAction::Edit { fields } if fields.iter().any(|f| f == field)))
+        audits.iter().any(
+            |(_, audit)| matches!(&audit.action, AuditAction::Edit { fields } if fields.iter().any(|f| f == field)),
+        )
     };
     let changed = [
         ("items", after.items != before.items),
@@ -714,7 +722,8 @@ fn check_authored_transition(
         if view.iter().any(|t| t.id == id) {
             continue;
         }
-        let ancestor = all.iter().find(|t| t.id == id).ok_or_else(|| forbidden(format!("it saw unknown transition {id}")))?;
+        let ancestor =
+            all.iter().find(|t| t.id == id).ok_or_else(|| forbidden(format!("it saw unknown transition {id}")))?;
         seen.extend(ancestor.seen.iter().map(String::as_str));
         view.push(ancestor.clone());
     }

@@ -85,8 +85,18 @@ mod tests {
             id: crate::ids::TicketId::new(1_764_000_000_000, [1; 10]),
             ward: "ward-4b".parse().unwrap(),
             items: vec![
-                LineItem { medication_code: "AMOX-500".into(), description: "Amoxicillin".into(), quantity: 20, unit: Unit::Capsule },
-                LineItem { medication_code: "NACL-09".into(), description: "Saline".into(), quantity: 4, unit: Unit::Bag },
+                LineItem {
+                    medication_code: "AMOX-500".into(),
+                    description: "Amoxicillin".into(),
+                    quantity: 20,
+                    unit: Unit::Capsule,
+                },
+                LineItem {
+                    medication_code: "NACL-09".into(),
+                    description: "Saline".into(),
+                    quantity: 4,
+                    unit: Unit::Bag,
+                },
             ],
             priority: Priority::Stat,
             status,

@@ -44,11 +44,7 @@ impl TicketId {
 impl TryFrom<uuid::Uuid> for TicketId {
     type Error = IdError;
     fn try_from(id: uuid::Uuid) -> Result<Self, IdError> {
-        if id.get_version_num() == 7 {
-            Ok(Self(id))
-        } else {
-            Err(IdError::NotUuidV7(id.to_string()))
-        }
+        if id.get_version_num() == 7 { Ok(Self(id)) } else { Err(IdError::NotUuidV7(id.to_string())) }
     }
 }
 
@@ -126,7 +122,7 @@ macro_rules! slug_id {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.pad(&self.0)
             }
         }
     };
@@ -181,16 +177,13 @@ impl Role {
 impl FromStr for Role {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        Role::ALL
-            .into_iter()
-            .find(|role| role.as_str() == s)
-            .ok_or_else(|| IdError::UnknownRole(s.to_owned()))
+        Role::ALL.into_iter().find(|role| role.as_str() == s).ok_or_else(|| IdError::UnknownRole(s.to_owned()))
     }
 }
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 

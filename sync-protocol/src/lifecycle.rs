@@ -72,7 +72,9 @@ pub fn check_edit(kind: EditKind, status: Status, role: Role) -> Result<(), Tick
     let allowed = match kind {
         // Once picking has started the order is being filled; changing it
         // then would silently invalidate what is on the pharmacist's bench.
-        EditKind::Order => matches!(role, Role::Nurse | Role::Admin) && matches!(status, Status::Requested | Status::Acknowledged),
+        EditKind::Order => {
+            matches!(role, Role::Nurse | Role::Admin) && matches!(status, Status::Requested | Status::Acknowledged)
+        }
         EditKind::Notes => role != Role::EdgeNode && status != Status::EnteredInError,
         EditKind::Assignee => matches!(role, Role::Pharmacist | Role::Admin) && !status.is_final(),
     };
@@ -134,9 +136,12 @@ fn closing_precedence(status: Status) -> u8 {
 /// The transitions in canonical order: every transition after those it has
 /// seen, ties broken by (time, id). See [`crate::causal::order`].
 pub fn canonical_order(transitions: &[Transition]) -> Vec<&Transition> {
-    crate::causal::order(transitions, |t| t.id.as_str(), |t| t.seen.iter().map(String::as_str).collect(), |t| {
-        (t.at, t.id.as_str())
-    })
+    crate::causal::order(
+        transitions,
+        |t| t.id.as_str(),
+        |t| t.seen.iter().map(String::as_str).collect(),
+        |t| (t.at, t.id.as_str()),
+    )
 }
 
 /// Folds transitions into the current status. See the module docs.
@@ -346,7 +351,10 @@ mod tests {
             let r = resolve(&ts);
             assert_eq!(r.status, Dispatched, "cancel at {cancel_at}");
             assert_eq!(r.conflicts.len(), 1);
-            assert_eq!((r.conflicts[0].held.id.as_str(), r.conflicts[0].overridden.id.as_str()), ("dispatch", "cancel"));
+            assert_eq!(
+                (r.conflicts[0].held.id.as_str(), r.conflicts[0].overridden.id.as_str()),
+                ("dispatch", "cancel")
+            );
             assert_eq!(r.heads, vec!["cancel".to_string(), "dispatch".to_string()]);
         }
     }

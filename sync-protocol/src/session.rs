@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{NodeId, TicketId, WardId};
 use crate::ticket::UnixMillis;
 use crate::wire::{
-    Cursor, DownstreamChange, ErrorCode, Hello, Message, PROTOCOL_VERSION, Refused, RefusalReason, TicketSnapshot,
+    Cursor, DownstreamChange, ErrorCode, Hello, Message, PROTOCOL_VERSION, RefusalReason, Refused, TicketSnapshot,
     UpstreamChange, Welcome, WireError, WireLimits,
 };
 
@@ -66,7 +66,10 @@ impl CloseReason {
     pub fn retryable(&self) -> bool {
         !matches!(
             self,
-            CloseReason::Refused(Refused { reason: RefusalReason::VersionMismatch { .. } | RefusalReason::Forbidden, .. })
+            CloseReason::Refused(Refused {
+                reason: RefusalReason::VersionMismatch { .. } | RefusalReason::Forbidden,
+                ..
+            })
         )
     }
 }
@@ -119,15 +122,29 @@ impl Liveness {
 pub enum EdgeAction {
     Send(Message),
     /// Delete outbox entries up to `up_to_seq`, except those marked stuck.
-    Acked { up_to_seq: u64 },
+    Acked {
+        up_to_seq: u64,
+    },
     /// Keep this outbox entry, mark it stuck and show it; do not send it again.
-    Stuck { seq: u64, ticket: TicketId, code: ErrorCode, message: String },
+    Stuck {
+        seq: u64,
+        ticket: TicketId,
+        code: ErrorCode,
+        message: String,
+    },
     /// Apply the changes and store `cursor` in one transaction, then call
     /// [`EdgeSession::downstream_applied`].
-    ApplyDownstream { changes: Vec<DownstreamChange>, cursor: Cursor },
+    ApplyDownstream {
+        changes: Vec<DownstreamChange>,
+        cursor: Cursor,
+    },
     /// Merge these whole documents (then, after `last`, store `cursor`), and
     /// call [`EdgeSession::downstream_applied`].
-    ApplySnapshot { tickets: Vec<TicketSnapshot>, cursor: Cursor, last: bool },
+    ApplySnapshot {
+        tickets: Vec<TicketSnapshot>,
+        cursor: Cursor,
+        last: bool,
+    },
     Close(CloseReason),
 }
 
@@ -201,7 +218,10 @@ impl EdgeSession {
     pub fn on_frame_error(&mut self, error: &WireError) -> Vec<EdgeAction> {
         match error {
             WireError::Version { found, .. } => self.close(CloseReason::Refused(Refused {
-                reason: RefusalReason::VersionMismatch { supported_min: PROTOCOL_VERSION, supported_max: PROTOCOL_VERSION },
+                reason: RefusalReason::VersionMismatch {
+                    supported_min: PROTOCOL_VERSION,
+                    supported_max: PROTOCOL_VERSION,
+                },
                 detail: format!("the bridge speaks protocol version {found}"),
             })),
             other => self.violation(other.to_string()),
@@ -316,14 +336,24 @@ fn tighter(ours: WireLimits, theirs: WireLimits) -> WireLimits {
 pub enum BridgeAction {
     Send(Message),
     /// Verify the token for this node and ward, then call [`BridgeSession::authenticated`].
-    Authenticate { node: NodeId, ward: WardId, token: String },
+    Authenticate {
+        node: NodeId,
+        ward: WardId,
+        token: String,
+    },
     /// Validate and durably store these changes, in the order the actions
     /// were given, then call [`BridgeSession::stored`] for each.
-    Store { changes: Vec<UpstreamChange> },
+    Store {
+        changes: Vec<UpstreamChange>,
+    },
     /// Start the downstream feed from `cursor`; `None`: send a snapshot first.
-    StartFeed { cursor: Option<Cursor> },
+    StartFeed {
+        cursor: Option<Cursor>,
+    },
     /// The edge applied downstream changes up to `cursor` (for diagnostics).
-    DownstreamAcked { cursor: Cursor },
+    DownstreamAcked {
+        cursor: Cursor,
+    },
     Close(CloseReason),
 }
 
@@ -403,7 +433,10 @@ impl BridgeSession {
     pub fn on_frame_error(&mut self, error: &WireError) -> Vec<BridgeAction> {
         match error {
             WireError::Version { found, .. } => self.refuse(Refused {
-                reason: RefusalReason::VersionMismatch { supported_min: PROTOCOL_VERSION, supported_max: PROTOCOL_VERSION },
+                reason: RefusalReason::VersionMismatch {
+                    supported_min: PROTOCOL_VERSION,
+                    supported_max: PROTOCOL_VERSION,
+                },
                 detail: format!("this bridge speaks protocol version {PROTOCOL_VERSION}, the edge sent {found}"),
             }),
             other => self.violation(ErrorCode::Malformed, other.to_string()),
@@ -425,15 +458,19 @@ impl BridgeSession {
                     });
                 }
                 self.phase = BridgePhase::Authenticating;
-                let action =
-                    BridgeAction::Authenticate { node: hello.node.clone(), ward: hello.ward.clone(), token: hello.token.clone() };
+                let action = BridgeAction::Authenticate {
+                    node: hello.node.clone(),
+                    ward: hello.ward.clone(),
+                    token: hello.token.clone(),
+                };
                 self.hello = Some(hello);
                 vec![action]
             }
             (BridgePhase::Established, Message::Upstream { changes }) => self.on_upstream(changes),
             (BridgePhase::Established, Message::DownstreamAck { cursor }) => {
                 if self.downstream_in_flight == 0 {
-                    return self.violation(ErrorCode::UnexpectedMessage, "downstream ack with nothing in flight".into());
+                    return self
+                        .violation(ErrorCode::UnexpectedMessage, "downstream ack with nothing in flight".into());
                 }
                 self.downstream_in_flight -= 1;
                 vec![BridgeAction::DownstreamAcked { cursor }]
@@ -485,7 +522,8 @@ impl BridgeSession {
         self.phase = BridgePhase::Established;
         self.received_up_to = acked_up_to;
         self.liveness.last_sent = now;
-        let welcome = Welcome { protocol_version: PROTOCOL_VERSION, acked_up_to, server_time: now, limits: self.config.limits };
+        let welcome =
+            Welcome { protocol_version: PROTOCOL_VERSION, acked_up_to, server_time: now, limits: self.config.limits };
         let cursor = self.hello.as_ref().and_then(|h| h.cursor.clone());
         vec![BridgeAction::Send(Message::Welcome(welcome)), BridgeAction::StartFeed { cursor }]
     }

@@ -51,7 +51,9 @@ pub enum TicketError {
     QuantityZero { code: String },
     #[error("quantity of {code} is {got}, over the maximum of {max}")]
     QuantityOverMax { code: String, max: u32, got: u32 },
-    #[error("malformed medication code {code:?}: expected 2 to 32 characters of A-Z, 0-9, '-' or '.', starting with a letter or digit")]
+    #[error(
+        "malformed medication code {code:?}: expected 2 to 32 characters of A-Z, 0-9, '-' or '.', starting with a letter or digit"
+    )]
     MalformedMedicationCode { code: String },
     #[error("medication code {code} appears on more than one line")]
     DuplicateMedicationCode { code: String },
@@ -261,7 +263,7 @@ impl Status {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -372,7 +374,11 @@ pub fn check_items(items: &[LineItem], limits: &Limits) -> Result<(), TicketErro
             return Err(TicketError::QuantityZero { code: code.clone() });
         }
         if item.quantity > limits.quantity_max {
-            return Err(TicketError::QuantityOverMax { code: code.clone(), max: limits.quantity_max, got: item.quantity });
+            return Err(TicketError::QuantityOverMax {
+                code: code.clone(),
+                max: limits.quantity_max,
+                got: item.quantity,
+            });
         }
         check_text("description", &item.description, limits.description_chars_max)?;
     }
@@ -424,7 +430,11 @@ mod tests {
 
     #[test]
     fn priorities_order_from_routine_to_stat() {
-        assert!(Priority::Routine < Priority::Urgent && Priority::Urgent < Priority::Asap && Priority::Asap < Priority::Stat);
+        assert!(
+            Priority::Routine < Priority::Urgent
+                && Priority::Urgent < Priority::Asap
+                && Priority::Asap < Priority::Stat
+        );
         for p in Priority::ALL {
             assert_eq!(Priority::parse(p.as_str()), Some(p));
         }

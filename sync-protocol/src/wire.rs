@@ -163,22 +163,47 @@ pub enum Message {
     Refused(Refused),
     Welcome(Welcome),
     /// Edge -> bridge: local changes, in ascending `seq`.
-    Upstream { changes: Vec<UpstreamChange> },
+    Upstream {
+        changes: Vec<UpstreamChange>,
+    },
     /// Bridge -> edge: every upstream change up to `up_to_seq` is durably
     /// stored or was rejected (a `Rejected` for it came first).
-    Ack { up_to_seq: u64 },
+    Ack {
+        up_to_seq: u64,
+    },
     /// Bridge -> edge: this change failed validation; the edge keeps it, marked stuck.
-    Rejected { seq: u64, ticket: TicketId, code: ErrorCode, message: String },
+    Rejected {
+        seq: u64,
+        ticket: TicketId,
+        code: ErrorCode,
+        message: String,
+    },
     /// Bridge -> edge: changes the edge has not seen, and the cursor after them.
-    Downstream { changes: Vec<DownstreamChange>, cursor: Cursor },
+    Downstream {
+        changes: Vec<DownstreamChange>,
+        cursor: Cursor,
+    },
     /// Edge -> bridge: changes up to `cursor` are applied and durable.
-    DownstreamAck { cursor: Cursor },
+    DownstreamAck {
+        cursor: Cursor,
+    },
     /// Bridge -> edge: whole documents for a node that asked for a snapshot;
     /// after the one with `last`, the feed resumes from `cursor`.
-    Snapshot { tickets: Vec<TicketSnapshot>, cursor: Cursor, last: bool },
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
-    Error { code: ErrorCode, message: String },
+    Snapshot {
+        tickets: Vec<TicketSnapshot>,
+        cursor: Cursor,
+        last: bool,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl Message {

@@ -1,9 +1,10 @@
 //! The merge cases the product promises, by name.
+#![allow(clippy::unwrap_used)] // test helpers: a failure is the test failing
 
 mod common;
 
 use common::*;
-use sync_protocol::document::{AuditAction, NotesEdit, TicketDocument, TicketEdit, TransitionRequest, SCHEMA_VERSION};
+use sync_protocol::document::{AuditAction, NotesEdit, SCHEMA_VERSION, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::ticket::{Limits, Status};
 
 fn transition(to: Status) -> TransitionRequest {
@@ -133,13 +134,16 @@ fn forge(doc: &mut TicketDocument, write: impl FnOnce(&mut automerge::AutoCommit
     let mut raw = automerge::AutoCommit::load(&doc.save()).unwrap().with_actor(replica(66));
     write(&mut raw);
     let options = CommitOptions::default();
-    raw.commit_with(match audit { Some(message) => options.with_message(message), None => options });
+    raw.commit_with(match audit {
+        Some(message) => options.with_message(message),
+        None => options,
+    });
     raw.get_last_local_change().unwrap().raw_bytes().to_vec()
 }
 
 fn forged_transition(raw: &mut automerge::AutoCommit, to: &str, role: &str) {
     use automerge::transaction::Transactable;
-    use automerge::{ObjType, ReadDoc, ScalarValue, ROOT};
+    use automerge::{ObjType, ROOT, ReadDoc, ScalarValue};
     let (_, list) = raw.get(ROOT, "transitions").unwrap().unwrap();
     let entry = raw.insert_object(&list, raw.length(&list), ObjType::Map).unwrap();
     for (key, value) in [("to", to), ("user", "n.okafor"), ("role", role), ("device", "edge-ward-4b")] {
@@ -164,19 +168,50 @@ fn changes_that_break_the_rules_are_refused_by_a_receiving_replica() {
     let before = receiver.save();
     let acknowledge = r#"{"kind":"transition","to":"acknowledged"}"#;
     let cases = [
-        ("a nurse acknowledging", forge(&mut doc, |raw| forged_transition(raw, "acknowledged", "nurse"), audit("nurse", acknowledge))),
-        ("entry and audit disagree on the role", forge(&mut doc, |raw| forged_transition(raw, "acknowledged", "pharmacist"), audit("nurse", acknowledge))),
+        (
+            "a nurse acknowledging",
+            forge(&mut doc, |raw| forged_transition(raw, "acknowledged", "nurse"), audit("nurse", acknowledge)),
+        ),
+        (
+            "entry and audit disagree on the role",
+            forge(&mut doc, |raw| forged_transition(raw, "acknowledged", "pharmacist"), audit("nurse", acknowledge)),
+        ),
         ("no audit record", forge(&mut doc, |raw| forged_transition(raw, "cancelled", "nurse"), None)),
-        ("the ward rewritten", forge(&mut doc, |raw| raw.put(automerge::ROOT, "ward", "icu-2").unwrap(), audit("nurse", r#"{"kind":"edit","fields":["notes"]}"#))),
-        ("an undeclared edit", forge(&mut doc, |raw| raw.put(automerge::ROOT, "priority", "stat").unwrap(), audit("nurse", r#"{"kind":"edit","fields":["notes"]}"#))),
-        ("a pharmacist editing the order", forge(&mut doc, |raw| raw.put(automerge::ROOT, "priority", "stat").unwrap(), audit("pharmacist", r#"{"kind":"edit","fields":["priority"]}"#))),
+        (
+            "the ward rewritten",
+            forge(
+                &mut doc,
+                |raw| raw.put(automerge::ROOT, "ward", "icu-2").unwrap(),
+                audit("nurse", r#"{"kind":"edit","fields":["notes"]}"#),
+            ),
+        ),
+        (
+            "an undeclared edit",
+            forge(
+                &mut doc,
+                |raw| raw.put(automerge::ROOT, "priority", "stat").unwrap(),
+                audit("nurse", r#"{"kind":"edit","fields":["notes"]}"#),
+            ),
+        ),
+        (
+            "a pharmacist editing the order",
+            forge(
+                &mut doc,
+                |raw| raw.put(automerge::ROOT, "priority", "stat").unwrap(),
+                audit("pharmacist", r#"{"kind":"edit","fields":["priority"]}"#),
+            ),
+        ),
     ];
     for (case, change) in cases {
         assert!(receiver.apply_untrusted(&[change], &limits).is_err(), "{case} was accepted");
         assert_eq!(receiver.save(), before, "{case} left a trace");
     }
     // The same shape, done within the rules, is accepted.
-    let legal = forge(&mut doc, |raw| forged_transition(raw, "cancelled", "nurse"), audit("nurse", r#"{"kind":"transition","to":"cancelled"}"#));
+    let legal = forge(
+        &mut doc,
+        |raw| forged_transition(raw, "cancelled", "nurse"),
+        audit("nurse", r#"{"kind":"transition","to":"cancelled"}"#),
+    );
     receiver.apply_untrusted(&[legal], &limits).unwrap();
     assert_eq!(receiver.ticket().unwrap().status, Status::Cancelled);
 }

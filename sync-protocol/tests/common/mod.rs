@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: actors, replicas and a ticket.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)] // test helpers: a failure is the test failing
 
 use automerge::ActorId;
 use sync_protocol::document::TicketDocument;
@@ -27,8 +27,18 @@ pub fn replica(n: u8) -> ActorId {
 pub fn new_ticket(notes: &str) -> NewTicket {
     NewTicket {
         items: vec![
-            LineItem { medication_code: "AMOX-500".into(), description: "Amoxicillin 500 mg".into(), quantity: 20, unit: Unit::Capsule },
-            LineItem { medication_code: "NACL-09".into(), description: "Saline 0.9% 1 L".into(), quantity: 4, unit: Unit::Bag },
+            LineItem {
+                medication_code: "AMOX-500".into(),
+                description: "Amoxicillin 500 mg".into(),
+                quantity: 20,
+                unit: Unit::Capsule,
+            },
+            LineItem {
+                medication_code: "NACL-09".into(),
+                description: "Saline 0.9% 1 L".into(),
+                quantity: 4,
+                unit: Unit::Bag,
+            },
         ],
         priority: Priority::Urgent,
         notes: notes.into(),
@@ -38,8 +48,16 @@ pub fn new_ticket(notes: &str) -> NewTicket {
 /// A ticket created by the ward's nurse on replica 1.
 pub fn created(notes: &str) -> (TicketDocument, Vec<u8>) {
     let ward: WardId = "ward-4b".parse().unwrap();
-    TicketDocument::create(TicketId::new(T0, [7; 10]), &ward, &new_ticket(notes), &nurse(), T0, &Limits::default(), replica(1))
-        .unwrap()
+    TicketDocument::create(
+        TicketId::new(T0, [7; 10]),
+        &ward,
+        &new_ticket(notes),
+        &nurse(),
+        T0,
+        &Limits::default(),
+        replica(1),
+    )
+    .unwrap()
 }
 
 /// A second replica holding the same changes as `doc`.
