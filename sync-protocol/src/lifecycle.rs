@@ -263,7 +263,7 @@ pub fn check_resolution(
     role: Role,
 ) -> Result<(), TicketError> {
     if role == Role::EdgeNode {
-        return Err(TicketError::IllegalTransition { from: Status::Requested, to, role });
+        return Err(TicketError::Forbidden { role, action: "resolve conflicts" });
     }
     for id in resolves {
         let conflict = conflicts

@@ -73,6 +73,8 @@ pub enum TicketError {
     ResolutionOutcome { allowed: String, got: Status },
     #[error("a ticket may record at most {max} status transitions")]
     TooManyTransitions { max: usize },
+    #[error("a {role} may not {action}")]
+    Forbidden { role: Role, action: &'static str },
 }
 
 impl TicketError {
@@ -93,6 +95,7 @@ impl TicketError {
             TicketError::UnknownConflict(_) => "unknown_conflict",
             TicketError::ResolutionOutcome { .. } => "illegal_resolution",
             TicketError::TooManyTransitions { .. } => "too_many_transitions",
+            TicketError::Forbidden { .. } => "forbidden_role",
         }
     }
 }

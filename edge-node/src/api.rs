@@ -1,0 +1,401 @@
+//! The HTTP JSON API for ward devices, under `/api/v1`, plus health, metrics
+//! and the live feed.
+//!
+//! | method | path                                   | who                 | what |
+//! |--------|----------------------------------------|---------------------|------|
+//! | POST   | /api/v1/tickets                        | nurse, admin        | create a ticket (201) |
+//! | GET    | /api/v1/tickets                        | nurse, admin        | list: `status`, `priority` (comma lists), `limit` (1-200), `page` |
+//! | GET    | /api/v1/tickets/{id}                   | nurse, admin        | one ticket with its history |
+//! | PATCH  | /api/v1/tickets/{id}                   | nurse, admin        | edit items, priority, notes, assignee |
+//! | POST   | /api/v1/tickets/{id}/transitions       | nurse, admin        | cancel, confirm receipt (`delivered`), resolve a conflict |
+//! | GET    | /api/v1/events                         | nurse, admin        | live ticket changes (Server-Sent Events) |
+//! | GET    | /api/v1/sync                           | nurse, admin        | sync state |
+//! | GET    | /healthz, /readyz, /metrics            | anyone on the port  | liveness, readiness, Prometheus |
+//!
+//! Errors are `{"error": {"code": "...", "message": "..."}}` with: 400 for
+//! malformed JSON or query, 401 for a missing or invalid token, 403 for a
+//! token of another ward or role, 404 for an unknown ticket, 409 for a
+//! transition or edit the ticket's state or the caller's role does not allow,
+//! 413 for a body over the limit, 415 without a JSON content type, 422 for a
+//! well-formed request the domain refuses, 503 when the write queue is full.
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TicketEdit, TransitionRequest};
+use sync_protocol::ids::{Role, TicketId};
+use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket, TicketError};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::auth::AuthError;
+use crate::store::{self, ListQuery, QueuePosition, StoreError, Write};
+use crate::{AppState, now_ms};
+
+/// Roles the ward-device API serves. Pharmacists work through the cloud, and
+/// an edge-node token is for sync, not for people.
+const DEVICE_ROLES: &[Role] = &[Role::Nurse, Role::Admin];
+const PAGE_SIZE_DEFAULT: usize = 50;
+const PAGE_SIZE_MAX: usize = 200;
+
+/// An error answered to a caller: a status, a stable code, and a message
+/// that never carries internal detail.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; it has been logged")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({ "error": { "code": self.code, "message": self.message } }));
+        let mut response = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<TicketError> for ApiError {
+    fn from(error: TicketError) -> Self {
+        let status = match error {
+            TicketError::IllegalTransition { .. }
+            | TicketError::IllegalEdit { .. }
+            | TicketError::UnknownConflict(_)
+            | TicketError::ResolutionOutcome { .. }
+            | TicketError::TooManyTransitions { .. } => StatusCode::CONFLICT,
+            TicketError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, error.code(), error.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound(id) => ApiError::new(StatusCode::NOT_FOUND, "ticket_not_found", format!("no ticket {id}")),
+            StoreError::Duplicate(id) => ApiError::new(StatusCode::CONFLICT, "duplicate_ticket", format!("ticket {id} exists")),
+            StoreError::Document(DocumentError::Ticket(error)) => error.into(),
+            StoreError::Overloaded => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", error.to_string()),
+            StoreError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", error.to_string()),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        tracing::info!(%error, "token refused");
+        let message = match error {
+            AuthError::Missing => "send an Authorization: Bearer token",
+            AuthError::Expired => "the token has expired; log in again",
+            _ => "the token is not valid here",
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, error.code(), message)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let code = match rejection {
+            JsonRejection::JsonSyntaxError(_) => "malformed_json",
+            JsonRejection::JsonDataError(_) => "invalid_body",
+            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+            _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+            _ => "unreadable_body",
+        };
+        ApiError::new(rejection.status(), code, rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", rejection.body_text())
+    }
+}
+
+/// `Json` with our error body on rejection.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// A ticket id from the path, with a clear error when it is not one.
+#[derive(Debug)]
+pub struct TicketPath(TicketId);
+
+impl FromRequestParts<AppState> for TicketPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
+        raw.parse()
+            .map(TicketPath)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_ticket_id", format!("{e}")))
+    }
+}
+
+/// The authenticated caller of a device request, as an audit actor.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Actor);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .ok_or(AuthError::Missing)?;
+        let principal = state.verifier.verify(token.trim())?;
+        let ward = &state.config.node.ward;
+        if !principal.wards.contains(ward) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong_ward", format!("the token is not for {ward}")));
+        }
+        let role = principal.acting_role(DEVICE_ROLES).ok_or_else(|| {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "this API serves ward nurses and admins")
+        })?;
+        Ok(Caller(Actor { user: principal.user, role, device: state.config.node.id.clone(), offline_login: false }))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/tickets", post(create_ticket).get(list_tickets))
+        .route("/tickets/{id}", get(get_ticket).patch(edit_ticket))
+        .route("/tickets/{id}/transitions", post(transition_ticket))
+        .route("/events", get(live_events))
+        .route("/sync", get(sync_status));
+    let body_bytes_max = state.config.http.body_bytes_max;
+    let timeout = Duration::from_millis(state.config.http.request_timeout_ms);
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(prometheus_metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
+        .layer(middleware::from_fn(record_request))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .with_state(state)
+}
+
+async fn record_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!("edge_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("edge_http_requests_total", "route" => route, "method" => method, "status" => status).increment(1);
+    response
+}
+
+async fn create_ticket(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    ApiJson(new): ApiJson<NewTicket>,
+) -> Result<impl IntoResponse, ApiError> {
+    let now = now_ms();
+    let id = TicketId::new(now, rand::random());
+    let (mut document, change) =
+        TicketDocument::create(id, &state.config.node.ward, &new, &actor, now, &state.config.limits, state.store.replica().clone())
+            .map_err(document_error)?;
+    let ticket = document.ticket().map_err(ApiError::internal)?;
+    let write = Write::Create { ticket, document: document.save(), change };
+    let ticket = state.store.write(write, now).await?;
+    metrics::counter!("edge_tickets_created_total").increment(1);
+    let location = format!("/api/v1/tickets/{id}");
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(ticket)))
+}
+
+fn document_error(error: DocumentError) -> ApiError {
+    match error {
+        DocumentError::Ticket(error) => error.into(),
+        other => ApiError::internal(other),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    status: Option<String>,
+    priority: Option<String>,
+    limit: Option<usize>,
+    page: Option<String>,
+}
+
+fn parse_list<T>(raw: Option<&str>, parse: fn(&str) -> Option<T>, code: &'static str) -> Result<Vec<T>, ApiError> {
+    raw.into_iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+        .map(|s| parse(s).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code, format!("unknown value {s:?}"))))
+        .collect()
+}
+
+#[derive(Serialize)]
+struct TicketList {
+    tickets: Vec<Box<RawValue>>,
+    next_page: Option<String>,
+}
+
+async fn list_tickets(
+    State(state): State<AppState>,
+    _caller: Caller,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<TicketList>, ApiError> {
+    let Query(params) = params?;
+    let limit = params.limit.unwrap_or(PAGE_SIZE_DEFAULT);
+    if !(1..=PAGE_SIZE_MAX).contains(&limit) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_limit", format!("limit must be 1 to {PAGE_SIZE_MAX}")));
+    }
+    let after = match params.page.as_deref() {
+        Some(token) => Some(
+            QueuePosition::parse(token)
+                .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_page", "page is not a token from a list response"))?,
+        ),
+        None => None,
+    };
+    let query = ListQuery {
+        statuses: parse_list(params.status.as_deref(), Status::parse, "invalid_status")?,
+        priorities: parse_list(params.priority.as_deref(), Priority::parse, "invalid_priority")?,
+        after,
+        limit,
+    };
+    let page = state.store.read(move |conn| store::list_tickets(conn, &query)).await?;
+    let tickets = page.tickets.into_iter().map(RawValue::from_string).collect::<Result<_, _>>().map_err(ApiError::internal)?;
+    Ok(Json(TicketList { tickets, next_page: page.next.map(|p| p.token()) }))
+}
+
+#[derive(Serialize)]
+struct TicketWithHistory {
+    ticket: Ticket,
+    history: Vec<HistoryEntry>,
+}
+
+async fn get_ticket(
+    State(state): State<AppState>,
+    _caller: Caller,
+    TicketPath(id): TicketPath,
+) -> Result<Json<TicketWithHistory>, ApiError> {
+    let replica = state.store.replica().clone();
+    let (ticket, history) = state.store.read(move |conn| store::ticket_with_history(conn, id, &replica)).await?;
+    Ok(Json(TicketWithHistory { ticket, history }))
+}
+
+async fn edit_ticket(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    TicketPath(id): TicketPath,
+    ApiJson(edit): ApiJson<TicketEdit>,
+) -> Result<Json<Ticket>, ApiError> {
+    let now = now_ms();
+    let limits = state.config.limits.clone();
+    let mutation = Box::new(move |doc: &mut TicketDocument| doc.edit(&edit, &actor, now, &limits));
+    Ok(Json(state.store.write(Write::Mutate { id, mutation }, now).await?))
+}
+
+async fn transition_ticket(
+    State(state): State<AppState>,
+    Caller(actor): Caller,
+    TicketPath(id): TicketPath,
+    ApiJson(request): ApiJson<TransitionRequest>,
+) -> Result<Json<Ticket>, ApiError> {
+    let now = now_ms();
+    let limits = state.config.limits.clone();
+    let to = request.to;
+    let mutation = Box::new(move |doc: &mut TicketDocument| doc.transition(&request, &actor, now, &limits));
+    let ticket = state.store.write(Write::Mutate { id, mutation }, now).await?;
+    metrics::counter!("edge_ticket_transitions_total", "to" => to.as_str()).increment(1);
+    Ok(Json(ticket))
+}
+
+/// Live ticket changes as Server-Sent Events: `event: ticket` with the
+/// ticket's JSON, or `event: resync` when this subscriber fell behind and
+/// must list again. Ends when the node shuts down.
+async fn live_events(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let shutdown = state.shutdown.clone();
+    let events = BroadcastStream::new(state.store.subscribe())
+        .map(|item| {
+            Ok(match item {
+                Ok(event) => Event::default().event("ticket").id(event.id.to_string()).data(&*event.ticket_json),
+                Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                    Event::default().event("resync").data(format!("{{\"missed\":{missed}}}"))
+                }
+            })
+        })
+        .take_until(async move { shutdown.cancelled().await });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+#[derive(Serialize)]
+struct SyncStatus {
+    /// Whether the node has a bridge to sync with.
+    bridge_configured: bool,
+    connected: bool,
+    last_sync_at: Option<i64>,
+    outbox: store::OutboxCounts,
+}
+
+async fn sync_status(State(state): State<AppState>, _caller: Caller) -> Result<Json<SyncStatus>, ApiError> {
+    let outbox = state.store.read(store::outbox_counts).await?;
+    Ok(Json(SyncStatus { bridge_configured: false, connected: false, last_sync_at: None, outbox }))
+}
+
+async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state
+        .store
+        .read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the database is not reachable"))?;
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is shutting down"));
+    }
+    Ok("ready")
+}
+
+async fn prometheus_metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let outbox = state.store.read(store::outbox_counts).await?;
+    metrics::gauge!("edge_outbox_pending").set(outbox.pending as f64);
+    metrics::gauge!("edge_outbox_stuck").set(outbox.stuck as f64);
+    let body = state.metrics.render();
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body))
+}

@@ -1,0 +1,198 @@
+//! Bearer token verification with public keys only.
+//!
+//! The edge node never holds a signing key. It verifies JWTs issued by the
+//! auth service against a JWKS cached on disk, so verification keeps working
+//! while the cloud is unreachable. A token is accepted only when: its header
+//! names an algorithm from the configured (asymmetric) list and a `kid` in the
+//! JWKS whose key type matches that algorithm; the signature verifies; `iss`,
+//! `aud`, `exp` (and `nbf` if present) hold, with a small leeway for clock
+//! drift; and `sub` and `roles` are well formed. `alg=none` cannot be
+//! expressed (the header does not parse), and an HMAC token signed with the
+//! public key as secret is refused because HMAC is never configured.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::RwLock;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sync_protocol::ids::{Role, UserId, WardId};
+
+use crate::config::AuthConfig;
+
+/// Why a token was refused. Deliberately coarse towards the caller (see
+/// [`AuthError::code`]); the log gets the detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("token is malformed: {0}")]
+    Malformed(String),
+    #[error("token algorithm {0:?} is not accepted")]
+    AlgorithmNotAllowed(Algorithm),
+    #[error("token names no key id")]
+    MissingKeyId,
+    #[error("token names unknown key id {0:?}")]
+    UnknownKey(String),
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token is for another audience")]
+    WrongAudience,
+    #[error("token is from another issuer")]
+    WrongIssuer,
+    #[error("token claims are invalid: {0}")]
+    Claims(String),
+    #[error("cannot load the JWKS: {0}")]
+    Jwks(String),
+}
+
+impl AuthError {
+    /// The code given to the caller: enough to act on (log in again, or not),
+    /// not enough to probe which check failed.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::Expired => "token_expired",
+            _ => "invalid_token",
+        }
+    }
+}
+
+/// The claims this system puts in its tokens.
+#[derive(Debug, Clone, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    roles: Vec<Role>,
+    #[serde(default)]
+    wards: Vec<WardId>,
+    #[serde(default)]
+    jti: Option<String>,
+    exp: i64,
+}
+
+/// Who a verified token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user: UserId,
+    pub roles: Vec<Role>,
+    pub wards: Vec<WardId>,
+    pub jti: Option<String>,
+    pub expires_at: i64,
+}
+
+impl Principal {
+    /// The strongest of the principal's roles among `accepted`, if any:
+    /// a user who is both nurse and admin acts as admin.
+    pub fn acting_role(&self, accepted: &[Role]) -> Option<Role> {
+        [Role::Admin, Role::Pharmacist, Role::Nurse, Role::EdgeNode]
+            .into_iter()
+            .find(|role| self.roles.contains(role) && accepted.contains(role))
+    }
+}
+
+struct Key {
+    key: DecodingKey,
+    algorithm: Option<Algorithm>,
+}
+
+pub struct Verifier {
+    keys: RwLock<HashMap<String, Key>>,
+    algorithms: Vec<Algorithm>,
+    issuer: String,
+    audience: String,
+    leeway_s: u64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<String> = self.keys.read().map(|keys| keys.keys().cloned().collect()).unwrap_or_default();
+        f.debug_struct("Verifier").field("kids", &kids).field("algorithms", &self.algorithms).finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    pub fn new(config: &AuthConfig, jwks: &JwkSet) -> Result<Self, AuthError> {
+        let verifier = Self {
+            keys: RwLock::new(HashMap::new()),
+            algorithms: config.algorithms.clone(),
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            leeway_s: config.leeway_s,
+        };
+        verifier.replace_keys(jwks)?;
+        Ok(verifier)
+    }
+
+    pub fn from_file(config: &AuthConfig, path: &Path) -> Result<Self, AuthError> {
+        Self::new(config, &read_jwks(path)?)
+    }
+
+    /// Swaps in a new key set (after a refresh from the auth service).
+    /// Keys without a `kid` are skipped: a token could not name them.
+    pub fn replace_keys(&self, jwks: &JwkSet) -> Result<usize, AuthError> {
+        let mut keys = HashMap::new();
+        for jwk in &jwks.keys {
+            let Some(kid) = jwk.common.key_id.clone() else { continue };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::Jwks(format!("key {kid:?}: {e}")))?;
+            let algorithm = jwk.common.key_algorithm.and_then(|a| Algorithm::try_from(a).ok());
+            keys.insert(kid, Key { key, algorithm });
+        }
+        if keys.is_empty() {
+            return Err(AuthError::Jwks("the key set has no key with a key id".into()));
+        }
+        let count = keys.len();
+        *self.keys.write().map_err(|_| AuthError::Jwks("key store poisoned".into()))? = keys;
+        Ok(count)
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(AuthError::AlgorithmNotAllowed(header.alg));
+        }
+        let kid = header.kid.ok_or(AuthError::MissingKeyId)?;
+        let keys = self.keys.read().map_err(|_| AuthError::Jwks("key store poisoned".into()))?;
+        let key = keys.get(&kid).ok_or_else(|| AuthError::UnknownKey(kid.clone()))?;
+        if key.algorithm.is_some_and(|alg| alg != header.alg) {
+            return Err(AuthError::AlgorithmNotAllowed(header.alg));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_audience(&[&self.audience]);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway_s;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidAudience => AuthError::WrongAudience,
+            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed(header.alg),
+            other => AuthError::Malformed(format!("{other:?}")),
+        })?;
+        let claims = data.claims;
+        if claims.roles.is_empty() {
+            return Err(AuthError::Claims("no roles".into()));
+        }
+        Ok(Principal {
+            user: claims.sub.parse().map_err(|e| AuthError::Claims(format!("sub: {e}")))?,
+            roles: claims.roles,
+            wards: claims.wards,
+            jti: claims.jti,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+pub fn read_jwks(path: &Path) -> Result<JwkSet, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AuthError::Jwks(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| AuthError::Jwks(format!("{}: {e}", path.display())))
+}

@@ -1,0 +1,254 @@
+//! The edge node's configuration: a versioned TOML file, every field
+//! overridable by an environment variable, unknown fields rejected, and
+//! validated as a whole at start so a mistake stops the node with a clear
+//! message instead of surfacing at 3 a.m.
+//!
+//! Environment overrides use the prefix `EDGE_NODE__` and `__` between
+//! levels: `EDGE_NODE__HTTP__LISTEN=0.0.0.0:8480` sets `http.listen`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use sync_protocol::ids::{NodeId, WardId};
+use sync_protocol::ticket::Limits;
+
+/// The configuration format this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+pub const ENV_PREFIX: &str = "EDGE_NODE__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Must be [`CONFIG_VERSION`]; a file written for another version is refused.
+    pub version: u32,
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub ward: WardId,
+    /// Holds the database, the cached JWKS and the node's credentials.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Largest request body; a ticket is a few kilobytes.
+    pub body_bytes_max: usize,
+    /// Open connections beyond this wait in the kernel's accept queue.
+    pub connections_max: usize,
+    pub request_timeout_ms: u64,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8480)),
+            body_bytes_max: 64 * 1024,
+            connections_max: 512,
+            request_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must carry.
+    pub audience: String,
+    /// Accepted signature algorithms; asymmetric only.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Algorithm>,
+    /// The JWKS cached on disk; relative paths are inside `node.data_dir`.
+    #[serde(default = "default_jwks_file")]
+    pub jwks_file: PathBuf,
+    /// Clock skew tolerated on `exp` and `nbf`: ward hardware clocks drift.
+    #[serde(default = "default_leeway_s")]
+    pub leeway_s: u64,
+}
+
+fn default_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::EdDSA, Algorithm::ES256]
+}
+
+fn default_jwks_file() -> PathBuf {
+    PathBuf::from("jwks.json")
+}
+
+fn default_leeway_s() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Most writes committed in one transaction (one fsync).
+    pub group_commit_max: usize,
+    /// Writes waiting for the writer; beyond this, requests get 503.
+    pub write_queue_max: usize,
+    /// Read connections.
+    pub readers: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { group_commit_max: 256, write_queue_max: 4_096, readers: 4 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line, for journald and log shippers.
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Json, filter: "info".into() }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies environment overrides, and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::file_exact(path)).merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    /// Parses a TOML string (tests, and `edge-node check-config`), with environment overrides.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)).merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.version != CONFIG_VERSION {
+            return invalid(format!("version is {}, this build reads version {CONFIG_VERSION}", self.version));
+        }
+        if !self.node.data_dir.is_absolute() {
+            return invalid(format!("node.data_dir must be an absolute path, got {}", self.node.data_dir.display()));
+        }
+        if self.auth.issuer.is_empty() || self.auth.audience.is_empty() {
+            return invalid("auth.issuer and auth.audience must not be empty".into());
+        }
+        if self.auth.algorithms.is_empty() {
+            return invalid("auth.algorithms must name at least one algorithm".into());
+        }
+        if let Some(alg) = self.auth.algorithms.iter().find(|a| !matches!(a, Algorithm::EdDSA | Algorithm::ES256 | Algorithm::ES384)) {
+            // A shared-secret algorithm would let anyone holding the public
+            // JWKS forge tokens; RSA is not issued by our auth service.
+            return invalid(format!("auth.algorithms: {alg:?} is not allowed; use EdDSA, ES256 or ES384"));
+        }
+        let positive = [
+            ("http.body_bytes_max", self.http.body_bytes_max),
+            ("http.connections_max", self.http.connections_max),
+            ("storage.group_commit_max", self.storage.group_commit_max),
+            ("storage.write_queue_max", self.storage.write_queue_max),
+            ("storage.readers", self.storage.readers),
+            ("limits.quantity_max", self.limits.quantity_max as usize),
+            ("limits.items_per_ticket_max", self.limits.items_per_ticket_max),
+            ("limits.transitions_per_ticket_max", self.limits.transitions_per_ticket_max),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return invalid(format!("{name} must be greater than 0"));
+        }
+        if self.storage.readers > 64 || self.storage.group_commit_max > 10_000 {
+            return invalid("storage.readers must be at most 64 and storage.group_commit_max at most 10000".into());
+        }
+        Ok(())
+    }
+
+    pub fn jwks_path(&self) -> PathBuf {
+        self.node.data_dir.join(&self.auth.jwks_file)
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.node.data_dir.join("edge-node.sqlite3")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        version = 1
+        [node]
+        id = "edge-ward-4b"
+        ward = "ward-4b"
+        data_dir = "/var/lib/edge-node"
+        [auth]
+        issuer = "https://auth.hospital.example"
+        audience = "medsync"
+    "#;
+
+    #[test]
+    fn a_minimal_file_gets_defaults() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:8480");
+        assert_eq!(config.jwks_path(), PathBuf::from("/var/lib/edge-node/jwks.json"));
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            (MINIMAL.replace("version = 1", "version = 2"), "version is 2"),
+            (MINIMAL.replace("/var/lib/edge-node", "data"), "absolute path"),
+            (MINIMAL.replace("audience = \"medsync\"", "audience = \"medsync\"\nalgorithms = [\"HS256\"]"), "HS256"),
+            (MINIMAL.replace("[auth]", "[auth]\ncolour = \"blue\""), "colour"),
+            (MINIMAL.replace("ward = \"ward-4b\"", "ward = \"Ward 4B\""), "ward id"),
+            (format!("{MINIMAL}\n[storage]\nreaders = 0"), "storage.readers"),
+        ];
+        for (text, expected) in cases {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The ward's edge node: an offline-first ticket server for the ward's
+//! devices. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod listener;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::ActorId;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, Verifier};
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+
+/// Why the node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot load the token keys: {0}; run `edge-node enrol` or place the JWKS there")]
+    Keys(#[from] AuthError),
+    #[error("http server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Shared by every request handler.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub verifier: Arc<Verifier>,
+    pub metrics: PrometheusHandle,
+    /// Cancelled when the node starts shutting down; ends live streams.
+    pub shutdown: CancellationToken,
+}
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Opens the store and the key set of `config`.
+pub fn open_state(config: Config) -> Result<AppState, ServeError> {
+    let data_dir = &config.node.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
+    let verifier = Verifier::from_file(&config.auth, &config.jwks_path())?;
+    // A fresh actor id per process: see ARCHITECTURE.md, "actor ids".
+    let store = Store::open(&config.database_path(), &config.storage, ActorId::random())?;
+    Ok(AppState {
+        config: Arc::new(config),
+        store: Arc::new(store),
+        verifier: Arc::new(verifier),
+        metrics: telemetry::prometheus(),
+        shutdown: CancellationToken::new(),
+    })
+}
+
+/// Serves the node on `listener` until `shutdown` completes, then drains
+/// in-flight requests (at most `http.shutdown_grace_ms`), lets the store
+/// commit what is queued, and returns.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    let state = open_state(config)?;
+    let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
+    let listener = listener::LimitedListener::new(listener, state.config.http.connections_max);
+    let address = axum::serve::Listener::local_addr(&listener)?;
+    tracing::info!(%address, node = %state.config.node.id, ward = %state.config.node.ward, "edge node serving");
+    let stopping = state.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopping.cancel();
+    });
+    let drained = state.shutdown.clone();
+    let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move { drained.cancelled().await });
+    let server = tokio::spawn(async move { server.await });
+    state.shutdown.cancelled().await;
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining requests");
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => tracing::error!(%join, "http server task failed"),
+        Err(_) => tracing::warn!("requests still running after the grace period were cut off"),
+    }
+    state.store.close().await;
+    tracing::info!("edge node stopped");
+    Ok(())
+}

@@ -1,0 +1,78 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edge_node::config::Config;
+
+/// The ward's edge node: serves ward devices, stores tickets, works offline.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the ward's devices.
+    Serve {
+        #[arg(long, env = "EDGE_NODE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a configuration file (with environment overrides) and exit.
+    CheckConfig {
+        #[arg(long, env = "EDGE_NODE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve { config } => serve(config),
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            println!("configuration is valid: node {} of {}", config.node.id, config.node.ward);
+            Ok(())
+        }
+    }
+}
+
+fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    edge_node::telemetry::init_logging(&config.log).map_err(anyhow::Error::msg)?;
+    // Two workers: the node runs on small ward hardware, and the SQLite
+    // writer has a thread of its own.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http.listen))?;
+        edge_node::run(config, listener, shutdown_signal()).await.context("edge node failed")
+    })
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,508 @@
+//! Durable ticket storage in SQLite.
+//!
+//! One writer thread owns the only write connection. Requests hand it jobs
+//! over a bounded queue; it takes every job waiting (up to
+//! `group_commit_max`), runs each in its own savepoint, commits them in one
+//! transaction (one fsync with `synchronous=FULL`), and only then answers.
+//! So a write is acknowledged only once it is durable, and a burst of writes
+//! costs one fsync, not one per request. Running every read-modify-write of a
+//! ticket document on this one thread also means no edit can lose another.
+//!
+//! Reads use a small pool of read-only connections (WAL lets them run beside
+//! the writer) and return the materialized ticket JSON stored with each
+//! document, so listing never parses Automerge.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use automerge::ActorId;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument};
+use sync_protocol::ids::TicketId;
+use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::StorageConfig;
+
+/// Schema migrations, applied in order at start; `PRAGMA user_version` holds
+/// how many have run. Never edit a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: tickets with their documents, the outbox of local changes, sync state.
+    r#"
+    CREATE TABLE tickets (
+        id            TEXT PRIMARY KEY,
+        status        TEXT NOT NULL,
+        priority      TEXT NOT NULL,
+        priority_rank INTEGER NOT NULL,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        conflicts     INTEGER NOT NULL,
+        ticket        TEXT NOT NULL,
+        document      BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX tickets_queue ON tickets (priority_rank DESC, created_at, id);
+    CREATE INDEX tickets_by_status ON tickets (status, priority_rank DESC, created_at, id);
+    CREATE TABLE outbox (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        ticket_id     TEXT NOT NULL REFERENCES tickets (id),
+        change        BLOB NOT NULL,
+        created_at    INTEGER NOT NULL,
+        stuck_code    TEXT,
+        stuck_message TEXT
+    ) STRICT;
+    CREATE TABLE sync_state (
+        key   TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) STRICT;
+    "#,
+];
+
+/// The schema version this build creates and reads.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
+/// Subscribers that fall this far behind the live feed are told to resync.
+const EVENTS_CAPACITY: usize = 1_024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ticket {0} not found")]
+    NotFound(TicketId),
+    #[error("ticket {0} already exists")]
+    Duplicate(TicketId),
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+    #[error("the database has schema version {found}, newer than this build's {supported}: upgrade the edge-node binary")]
+    NewerSchema { found: usize, supported: usize },
+    #[error("too many writes are waiting; retry shortly")]
+    Overloaded,
+    #[error("the store is shut down")]
+    Closed,
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored ticket is unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// A ticket changed; sent to live subscribers after the change is durable.
+#[derive(Debug, Clone)]
+pub struct TicketEvent {
+    pub id: TicketId,
+    /// The materialized ticket as JSON, shared by every subscriber.
+    pub ticket_json: Arc<str>,
+}
+
+/// A document edit run on the writer thread, returning the new change.
+pub type Mutation = Box<dyn FnOnce(&mut TicketDocument) -> Result<Vec<u8>, DocumentError> + Send>;
+
+/// What the writer can do.
+pub enum Write {
+    /// Insert a new ticket whose document was built by the caller.
+    Create { ticket: Ticket, document: Vec<u8>, change: Vec<u8> },
+    /// Load a ticket's document, run the mutation, store the result.
+    Mutate { id: TicketId, mutation: Mutation },
+}
+
+impl std::fmt::Debug for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Write::Create { ticket, .. } => f.debug_struct("Create").field("id", &ticket.id).finish_non_exhaustive(),
+            Write::Mutate { id, .. } => f.debug_struct("Mutate").field("id", id).finish_non_exhaustive(),
+        }
+    }
+}
+
+struct Job {
+    write: Write,
+    now: UnixMillis,
+    reply: oneshot::Sender<Result<Ticket, StoreError>>,
+}
+
+enum Command {
+    Write(Job),
+    /// Commit what came before, then stop.
+    Shutdown,
+}
+
+/// Filters and paging of the ticket list.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub statuses: Vec<Status>,
+    pub priorities: Vec<Priority>,
+    /// Return tickets after this position in the queue order.
+    pub after: Option<QueuePosition>,
+    pub limit: usize,
+}
+
+/// A position in the queue order: priority (highest first), then age
+/// (oldest first), then id. Keyset paging on it is stable under inserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePosition {
+    pub priority_rank: i64,
+    pub created_at: UnixMillis,
+    pub id: String,
+}
+
+impl QueuePosition {
+    pub fn token(&self) -> String {
+        format!("{}.{}.{}", self.priority_rank, self.created_at, self.id)
+    }
+
+    pub fn parse(token: &str) -> Option<Self> {
+        let mut parts = token.splitn(3, '.');
+        let priority_rank = parts.next()?.parse().ok()?;
+        let created_at = parts.next()?.parse().ok()?;
+        let id = parts.next()?.parse::<TicketId>().ok()?.to_string();
+        Some(Self { priority_rank, created_at, id })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TicketPage {
+    /// Materialized tickets as JSON, in queue order.
+    pub tickets: Vec<String>,
+    pub next: Option<QueuePosition>,
+}
+
+/// Counts for the sync status endpoint and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxCounts {
+    pub pending: u64,
+    pub stuck: u64,
+}
+
+pub struct Store {
+    jobs: mpsc::Sender<Command>,
+    readers: Arc<Readers>,
+    events: broadcast::Sender<TicketEvent>,
+    replica: ActorId,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("replica", &self.replica).finish_non_exhaustive()
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    // WAL: readers never block the writer. FULL: a commit survives power
+    // loss, which is what "acknowledged" means to a nurse.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "busy_timeout", 5_000)?;
+    Ok(())
+}
+
+/// Applies pending migrations; refuses a database newer than this build.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: usize = conn.pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))?.try_into().unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema { found, supported: SCHEMA_VERSION });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = index + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, migrates it, and
+    /// starts the writer thread.
+    pub fn open(path: &Path, config: &StorageConfig, replica: ActorId) -> Result<Self, StoreError> {
+        let mut writer = Connection::open(path)?;
+        configure(&writer)?;
+        migrate(&mut writer)?;
+        let readers = (0..config.readers)
+            .map(|_| {
+                let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                conn.pragma_update(None, "busy_timeout", 5_000)?;
+                Ok(Mutex::new(conn))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let (jobs, queue) = mpsc::channel(config.write_queue_max);
+        let (events, _) = broadcast::channel(EVENTS_CAPACITY);
+        let context = WriterContext { replica: replica.clone(), events: events.clone(), group_commit_max: config.group_commit_max };
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || context.run(writer, queue))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
+        Ok(Self {
+            jobs,
+            readers: Arc::new(Readers { connections: readers, next: AtomicUsize::new(0) }),
+            events,
+            replica,
+            writer: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The Automerge actor id of this process; unique per process run.
+    pub fn replica(&self) -> &ActorId {
+        &self.replica
+    }
+
+    /// Queues a write and waits until it is durable.
+    pub async fn write(&self, write: Write, now: UnixMillis) -> Result<Ticket, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.try_send(Command::Write(Job { write, now, reply })).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+        })?;
+        metrics::gauge!("edge_write_queue_depth").set((self.jobs.max_capacity() - self.jobs.capacity()) as f64);
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a read on a pooled connection, off the async threads.
+    pub async fn read<R, F>(&self, read: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || readers.with(read))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("read task failed: {e}")))?
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<TicketEvent> {
+        self.events.subscribe()
+    }
+
+    /// Lets the writer commit what is queued, checkpoint the WAL and stop,
+    /// and waits for it. Writes queued after this are answered `Closed`.
+    /// Idempotent.
+    pub async fn close(&self) {
+        let thread = self.writer.lock().ok().and_then(|mut guard| guard.take());
+        if let Some(thread) = thread {
+            let _ = self.jobs.send(Command::Shutdown).await;
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+struct Readers {
+    connections: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    fn with<R>(&self, read: impl FnOnce(&Connection) -> R) -> R {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.connections.len();
+        // Take a free connection if there is one; otherwise wait on ours.
+        for offset in 0..n {
+            if let Ok(conn) = self.connections[(start + offset) % n].try_lock() {
+                return read(&conn);
+            }
+        }
+        let conn = self.connections[start % n].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        read(&conn)
+    }
+}
+
+struct WriterContext {
+    replica: ActorId,
+    events: broadcast::Sender<TicketEvent>,
+    group_commit_max: usize,
+}
+
+impl WriterContext {
+    fn run(self, mut conn: Connection, mut queue: mpsc::Receiver<Command>) {
+        let mut stopping = false;
+        while !stopping {
+            let Some(Command::Write(first)) = queue.blocking_recv() else { break };
+            let mut batch = vec![first];
+            while batch.len() < self.group_commit_max {
+                match queue.try_recv() {
+                    Ok(Command::Write(job)) => batch.push(job),
+                    Ok(Command::Shutdown) => {
+                        stopping = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            metrics::histogram!("edge_group_commit_size").record(batch.len() as f64);
+            self.commit(&mut conn, batch);
+        }
+        // Jobs still queued are dropped with the queue: their callers get
+        // `Closed`, and nothing unwritten was acknowledged.
+        drop(queue);
+        // Fold the WAL back into the database so a backup of the main file
+        // alone is complete after a clean shutdown.
+        if let Err(error) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            tracing::warn!(%error, "wal checkpoint at shutdown failed");
+        }
+    }
+
+    fn commit(&self, conn: &mut Connection, batch: Vec<Job>) {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let result = (|| -> Result<(), StoreError> {
+            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for job in batch {
+                // A savepoint per job: one bad write does not sink the batch.
+                let mut savepoint = tx.savepoint()?;
+                let outcome = self.apply(&savepoint, job.write, job.now);
+                if outcome.is_ok() {
+                    savepoint.commit()?;
+                } else {
+                    savepoint.rollback()?;
+                }
+                outcomes.push((job.reply, outcome));
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                for (reply, outcome) in outcomes {
+                    if let Ok((ticket, json)) = &outcome {
+                        // No subscriber is fine; the send only fails then.
+                        let _ = self.events.send(TicketEvent { id: ticket.id, ticket_json: Arc::clone(json) });
+                    }
+                    let _ = reply.send(outcome.map(|(ticket, _)| ticket));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "group commit failed; no write of the batch was acknowledged");
+                for (reply, _) in outcomes {
+                    let _ = reply.send(Err(StoreError::Corrupt("the write could not be committed".into())));
+                }
+            }
+        }
+    }
+
+    fn apply(&self, conn: &Connection, write: Write, now: UnixMillis) -> Result<(Ticket, Arc<str>), StoreError> {
+        match write {
+            Write::Create { ticket, document, change } => {
+                let json = ticket_json(&ticket)?;
+                let inserted = conn.execute(
+                    "INSERT INTO tickets (id, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
+                    params![
+                        ticket.id.to_string(),
+                        ticket.status.as_str(),
+                        ticket.priority.as_str(),
+                        ticket.priority as i64,
+                        ticket.created_at,
+                        ticket.updated_at,
+                        ticket.conflicts.len() as i64,
+                        &*json,
+                        document
+                    ],
+                )?;
+                if inserted == 0 {
+                    return Err(StoreError::Duplicate(ticket.id));
+                }
+                append_outbox(conn, ticket.id, &change, now)?;
+                Ok((ticket, json))
+            }
+            Write::Mutate { id, mutation } => {
+                let bytes: Vec<u8> = conn
+                    .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |row| row.get(0))
+                    .optional()?
+                    .ok_or(StoreError::NotFound(id))?;
+                let mut document = TicketDocument::load(&bytes, self.replica.clone())?;
+                let change = mutation(&mut document)?;
+                let ticket = document.ticket()?;
+                let json = ticket_json(&ticket)?;
+                conn.execute(
+                    "UPDATE tickets SET status = ?2, priority = ?3, priority_rank = ?4, updated_at = ?5, conflicts = ?6,
+                     ticket = ?7, document = ?8 WHERE id = ?1",
+                    params![
+                        id.to_string(),
+                        ticket.status.as_str(),
+                        ticket.priority.as_str(),
+                        ticket.priority as i64,
+                        ticket.updated_at,
+                        ticket.conflicts.len() as i64,
+                        &*json,
+                        document.save()
+                    ],
+                )?;
+                append_outbox(conn, id, &change, now)?;
+                Ok((ticket, json))
+            }
+        }
+    }
+}
+
+fn ticket_json(ticket: &Ticket) -> Result<Arc<str>, StoreError> {
+    serde_json::to_string(ticket).map(Arc::from).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn append_outbox(conn: &Connection, id: TicketId, change: &[u8], now: UnixMillis) -> Result<(), StoreError> {
+    conn.execute("INSERT INTO outbox (ticket_id, change, created_at) VALUES (?1, ?2, ?3)", params![id.to_string(), change, now])?;
+    Ok(())
+}
+
+/// One page of the ticket list in queue order.
+pub fn list_tickets(conn: &Connection, query: &ListQuery) -> Result<TicketPage, StoreError> {
+    let mut sql = String::from("SELECT priority_rank, created_at, id, ticket FROM tickets WHERE 1 = 1");
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let mut in_list = |sql: &mut String, column: &str, values: Vec<String>| {
+        if !values.is_empty() {
+            let marks = vec!["?"; values.len()].join(", ");
+            sql.push_str(&format!(" AND {column} IN ({marks})"));
+            args.extend(values.into_iter().map(rusqlite::types::Value::Text));
+        }
+    };
+    in_list(&mut sql, "status", query.statuses.iter().map(|s| s.as_str().to_owned()).collect());
+    in_list(&mut sql, "priority", query.priorities.iter().map(|p| p.as_str().to_owned()).collect());
+    if let Some(after) = &query.after {
+        sql.push_str(
+            " AND (priority_rank < ? OR (priority_rank = ? AND (created_at > ? OR (created_at = ? AND id > ?))))",
+        );
+        args.extend([
+            rusqlite::types::Value::Integer(after.priority_rank),
+            rusqlite::types::Value::Integer(after.priority_rank),
+            rusqlite::types::Value::Integer(after.created_at),
+            rusqlite::types::Value::Integer(after.created_at),
+            rusqlite::types::Value::Text(after.id.clone()),
+        ]);
+    }
+    sql.push_str(" ORDER BY priority_rank DESC, created_at, id LIMIT ?");
+    // One more than asked tells whether there is a next page.
+    args.push(rusqlite::types::Value::Integer(query.limit as i64 + 1));
+    let mut statement = conn.prepare_cached(&sql)?;
+    let mut rows = statement.query(rusqlite::params_from_iter(args))?;
+    let mut tickets = Vec::with_capacity(query.limit);
+    let mut last = None;
+    while let Some(row) = rows.next()? {
+        if tickets.len() == query.limit {
+            return Ok(TicketPage { tickets, next: last });
+        }
+        last = Some(QueuePosition { priority_rank: row.get(0)?, created_at: row.get(1)?, id: row.get(2)? });
+        tickets.push(row.get(3)?);
+    }
+    Ok(TicketPage { tickets, next: None })
+}
+
+/// A ticket and its audit trail, read from its document.
+pub fn ticket_with_history(
+    conn: &Connection,
+    id: TicketId,
+    replica: &ActorId,
+) -> Result<(Ticket, Vec<HistoryEntry>), StoreError> {
+    let bytes: Vec<u8> = conn
+        .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |row| row.get(0))
+        .optional()?
+        .ok_or(StoreError::NotFound(id))?;
+    let mut document = TicketDocument::load(&bytes, replica.clone())?;
+    Ok((document.ticket()?, document.history()?))
+}
+
+pub fn outbox_counts(conn: &Connection) -> Result<OutboxCounts, StoreError> {
+    let (pending, stuck): (i64, i64) = conn.query_row(
+        "SELECT count(*) FILTER (WHERE stuck_code IS NULL), count(*) FILTER (WHERE stuck_code IS NOT NULL) FROM outbox",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    Ok(OutboxCounts { pending: pending as u64, stuck: stuck as u64 })
+}
