@@ -157,28 +157,49 @@ pub fn resolve(transitions: &[Transition]) -> Resolution {
     let mut heads: Vec<String> =
         transitions.iter().filter(|t| !seen_by_someone.contains(t.id.as_str())).map(|t| t.id.clone()).collect();
     heads.sort();
+    let shown = fold.shown();
     Resolution {
-        status: fold.status,
-        status_reason: fold.set_by.and_then(|t| t.reason.clone()),
+        status: shown.map_or(Status::Requested, |t| t.to),
+        status_reason: shown.and_then(|t| t.reason.clone()),
         conflicts: fold.conflicts,
         heads,
     }
 }
 
+/// The state of the fold: how far the ticket got along the main path, and
+/// every closing transition (cancel, reject, entered-in-error) that still
+/// holds beside that progress. Keeping all of them, not just the one shown,
+/// is what lets a closing transition survive when a concurrent one with
+/// higher precedence is later overridden.
 #[derive(Default)]
 struct Fold<'a> {
-    status: Status,
-    /// The transition that put the ticket in `status`; `None` while requested.
-    set_by: Option<&'a Transition>,
+    /// The transition that set the main-path status; `None` while requested.
+    progress: Option<&'a Transition>,
     /// The first transition (in canonical order) to reach each main-path rank.
     reached: BTreeMap<u8, &'a Transition>,
+    /// Closing transitions that hold, in the order they were applied.
+    closing: Vec<&'a Transition>,
     conflicts: Vec<Conflict>,
 }
 
 impl<'a> Fold<'a> {
-    fn set(&mut self, t: &'a Transition) {
-        self.status = t.to;
-        self.set_by = Some(t);
+    fn progress_status(&self) -> Status {
+        self.progress.map_or(Status::Requested, |t| t.to)
+    }
+
+    /// The transition whose status the ticket shows: the closing one with the
+    /// highest precedence if any holds, else the main-path progress.
+    fn shown(&self) -> Option<&'a Transition> {
+        // `max_by_key` keeps the last of equals: the latest in canonical order.
+        self.closing.iter().copied().max_by_key(|t| closing_precedence(t.to)).or(self.progress)
+    }
+
+    fn status(&self) -> Status {
+        self.shown().map_or(Status::Requested, |t| t.to)
+    }
+
+    fn set_progress(&mut self, t: &'a Transition) {
+        self.progress = Some(t);
         self.note_progress(t);
     }
 
@@ -189,8 +210,8 @@ impl<'a> Fold<'a> {
     }
 
     fn conflict(&mut self, held: Option<&'a Transition>, overridden: &'a Transition) {
-        // A transition the ticket was created with does not exist; with no
-        // holder, the overridden transition is in conflict with creation itself.
+        // With no holder, the overridden transition conflicts with the
+        // ticket's creation; it names itself on both sides.
         let held = held.unwrap_or(overridden);
         self.conflicts.push(Conflict { held: held.to_ref(), overridden: overridden.to_ref() });
     }
@@ -200,53 +221,64 @@ impl<'a> Fold<'a> {
             // A person saw the conflict and chose the outcome; it was checked
             // against the conflict when it was authored (`check_resolution`).
             self.conflicts.retain(|c| !t.resolves.contains(&c.held.id) && !t.resolves.contains(&c.overridden.id));
-            self.set(t);
+            if t.to.progress_rank().is_some() {
+                self.closing.clear();
+                self.set_progress(t);
+            } else {
+                self.closing = vec![t];
+            }
             return;
         }
-        if check_transition(self.status, t.to, t.role).is_ok() {
-            self.set(t);
-            return;
+        match t.to.progress_rank() {
+            Some(target) => self.apply_progress(t, target),
+            None => self.apply_closing(t),
         }
-        match (self.status.progress_rank(), t.to.progress_rank()) {
-            // Someone else already moved the ticket at least as far: nothing to do.
-            (Some(current), Some(target)) if target <= current => self.note_progress(t),
-            // Progress made concurrently with a closing transition: the
-            // closing one still holds if it would have been allowed after
-            // this progress (a cancel beside an acknowledge); otherwise the
-            // goods are moving and a person must decide.
-            (None, Some(_)) => {
-                self.note_progress(t);
-                let closing = self.set_by;
-                let closing_holds = closing.is_some_and(|c| check_transition(t.to, c.to, c.role).is_ok());
-                if !closing_holds {
-                    if let Some(closing) = closing {
-                        self.conflict(Some(t), closing);
-                    }
-                    self.status = t.to;
-                    self.set_by = Some(t);
-                }
-            }
-            // A closing transition that came too late for the progress made
-            // concurrently: name the transition that first made it impossible.
-            (Some(_), None) => {
-                let blocker = self
-                    .reached
-                    .iter()
-                    .find(|(rank, _)| check_transition(status_at_rank(**rank), t.to, t.role).is_err())
-                    .map(|(_, blocker)| *blocker)
-                    .or(self.set_by);
-                self.conflict(blocker, t);
-            }
-            (None, None) => {
-                if closing_precedence(t.to) > closing_precedence(self.status) {
-                    self.status = t.to;
-                    self.set_by = Some(t);
-                }
-            }
+    }
+
+    fn apply_progress(&mut self, t: &'a Transition, target: u8) {
+        let current = self.progress_status();
+        if check_transition(current, t.to, t.role).is_ok() {
+            self.set_progress(t);
+        } else if current.progress_rank().is_some_and(|rank| target <= rank) {
+            // Someone else already moved the ticket at least as far.
+            self.note_progress(t);
+            return;
+        } else {
             // A jump forward no role may make from here (only a forged or
             // corrupted change can carry one): kept visible, not applied.
-            (Some(_), Some(_)) => self.conflict(self.set_by, t),
+            self.conflict(self.progress, t);
+            return;
         }
+        // Closing transitions made concurrently with this progress still
+        // hold if the rules allow them after it (a cancel beside an
+        // acknowledge); otherwise the goods are moving and a person decides.
+        let progress = t.to;
+        let (holding, overridden): (Vec<_>, Vec<_>) =
+            self.closing.drain(..).partition(|c| check_transition(progress, c.to, c.role).is_ok());
+        self.closing = holding;
+        for closing in overridden {
+            self.conflict(Some(t), closing);
+        }
+    }
+
+    fn apply_closing(&mut self, t: &'a Transition) {
+        // Allowed after the main-path progress, or after what is shown (an
+        // admin marking a cancelled ticket as entered in error).
+        if check_transition(self.progress_status(), t.to, t.role).is_ok()
+            || check_transition(self.status(), t.to, t.role).is_ok()
+        {
+            self.closing.push(t);
+            return;
+        }
+        // Too late for the progress made concurrently: name the transition
+        // that first made it impossible.
+        let blocker = self
+            .reached
+            .iter()
+            .find(|(rank, _)| check_transition(status_at_rank(**rank), t.to, t.role).is_err())
+            .map(|(_, blocker)| *blocker)
+            .or(self.progress);
+        self.conflict(blocker, t);
     }
 }
 
@@ -357,6 +389,23 @@ mod tests {
             );
             assert_eq!(r.heads, vec!["cancel".to_string(), "dispatch".to_string()]);
         }
+    }
+
+    /// Found by `status_never_silently_regresses`: a rejection must survive
+    /// when a concurrent, higher-precedence closing transition is overridden.
+    #[test]
+    fn a_closing_transition_survives_when_a_stronger_one_is_overridden() {
+        use Status::*;
+        let ts = [
+            t("eie", EnteredInError, Role::Nurse, &[], 1_000),
+            t("reject", Rejected, Role::Pharmacist, &[], 1_001),
+            t("ack", Acknowledged, Role::Pharmacist, &[], 1_002),
+        ];
+        let r = resolve(&ts);
+        assert_eq!(r.status, Rejected);
+        assert_eq!(r.conflicts.len(), 1);
+        assert_eq!((r.conflicts[0].held.id.as_str(), r.conflicts[0].overridden.id.as_str()), ("ack", "eie"));
+        assert_eq!(resolve(&ts[1..]).status, Rejected, "the replica that never saw the nurse's change agrees");
     }
 
     #[test]
