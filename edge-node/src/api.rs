@@ -181,7 +181,7 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
             .ok_or(AuthError::Missing)?;
-        let principal = state.verifier.verify(token.trim())?;
+        let principal = state.verifier.verify(token.trim(), now_ms() / 1_000)?;
         let ward = &state.config.node.ward;
         if !principal.wards.contains(ward) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong_ward", format!("the token is not for {ward}")));
@@ -233,11 +233,11 @@ async fn create_ticket(
 ) -> Result<impl IntoResponse, ApiError> {
     let now = now_ms();
     let id = TicketId::new(now, rand::random());
-    let (mut document, change) =
+    let created =
         TicketDocument::create(id, &state.config.node.ward, &new, &actor, now, &state.config.limits, state.store.replica().clone())
             .map_err(document_error)?;
-    let ticket = document.ticket().map_err(ApiError::internal)?;
-    let write = Write::Create { ticket, document: document.save(), change };
+    let mut document = created.document;
+    let write = Write::Create { ticket: created.ticket, document: document.save(), change: created.change };
     let ticket = state.store.write(write, now).await?;
     metrics::counter!("edge_tickets_created_total").increment(1);
     let location = format!("/api/v1/tickets/{id}");

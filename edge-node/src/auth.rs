@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
@@ -102,8 +102,16 @@ struct Key {
     algorithm: Option<Algorithm>,
 }
 
+/// Verified tokens kept to skip the signature check on the next request
+/// with the same token; a ward's devices send the same token for its
+/// lifetime. Cleared when full, which bounds memory without bookkeeping.
+const VERIFIED_TOKENS_MAX: usize = 4_096;
+
 pub struct Verifier {
     keys: RwLock<HashMap<String, Key>>,
+    /// Exact token text -> what it verified to. Entries are only ever made
+    /// by a full verification with the current keys.
+    verified: Mutex<HashMap<String, Principal>>,
     algorithms: Vec<Algorithm>,
     issuer: String,
     audience: String,
@@ -121,6 +129,7 @@ impl Verifier {
     pub fn new(config: &AuthConfig, jwks: &JwkSet) -> Result<Self, AuthError> {
         let verifier = Self {
             keys: RwLock::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
             algorithms: config.algorithms.clone(),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
@@ -149,10 +158,33 @@ impl Verifier {
         }
         let count = keys.len();
         *self.keys.write().map_err(|_| AuthError::Jwks("key store poisoned".into()))? = keys;
+        // A key that was removed must stop vouching for tokens at once.
+        if let Ok(mut verified) = self.verified.lock() {
+            verified.clear();
+        }
         Ok(count)
     }
 
-    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+    /// Verifies `token` at time `now_s` (seconds since the epoch).
+    pub fn verify(&self, token: &str, now_s: i64) -> Result<Principal, AuthError> {
+        let cached = self.verified.lock().ok().and_then(|verified| verified.get(token).cloned());
+        if let Some(principal) = cached {
+            if principal.expires_at.saturating_add(self.leeway_s as i64) > now_s {
+                return Ok(principal);
+            }
+            return Err(AuthError::Expired);
+        }
+        let principal = self.verify_signed(token)?;
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= VERIFIED_TOKENS_MAX {
+                verified.clear();
+            }
+            verified.insert(token.to_owned(), principal.clone());
+        }
+        Ok(principal)
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         if !self.algorithms.contains(&header.alg) {
             return Err(AuthError::AlgorithmNotAllowed(header.alg));

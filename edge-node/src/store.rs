@@ -341,23 +341,24 @@ impl WriterContext {
         }
     }
 
+    /// Commits a batch in one transaction. A job refused by the domain (or
+    /// not found, or a duplicate) is refused before it writes anything, so
+    /// it needs no savepoint and does not affect the others. An SQLite error
+    /// fails the whole batch: nothing of it was durable, so nothing of it is
+    /// acknowledged.
     fn commit(&self, conn: &mut Connection, batch: Vec<Job>) {
         let mut outcomes = Vec::with_capacity(batch.len());
-        let result = (|| -> Result<(), StoreError> {
-            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for job in batch {
-                // A savepoint per job: one bad write does not sink the batch.
-                let mut savepoint = tx.savepoint()?;
-                let outcome = self.apply(&savepoint, job.write, job.now);
-                if outcome.is_ok() {
-                    savepoint.commit()?;
-                } else {
-                    savepoint.rollback()?;
-                }
+        let mut jobs = batch.into_iter();
+        let result = (|| -> Result<(), rusqlite::Error> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for job in jobs.by_ref() {
+                let outcome = match self.apply(&tx, job.write, job.now) {
+                    Err(StoreError::Sqlite(error)) => return Err(error),
+                    outcome => outcome,
+                };
                 outcomes.push((job.reply, outcome));
             }
-            tx.commit()?;
-            Ok(())
+            tx.commit()
         })();
         match result {
             Ok(()) => {
@@ -371,7 +372,8 @@ impl WriterContext {
             }
             Err(error) => {
                 tracing::error!(%error, "group commit failed; no write of the batch was acknowledged");
-                for (reply, _) in outcomes {
+                let unreached = jobs.map(|job| job.reply);
+                for reply in outcomes.into_iter().map(|(reply, _)| reply).chain(unreached) {
                     let _ = reply.send(Err(StoreError::Corrupt("the write could not be committed".into())));
                 }
             }

@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         priority: Priority::Urgent,
         notes: "Bed 12.".into(),
     };
-    let (mut ward, _) = TicketDocument::create(
+    let mut ward = TicketDocument::create(
         TicketId::new(now, [7; 10]),
         &"ward-4b".parse()?,
         &request,
@@ -39,7 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         now,
         &limits,
         ActorId::random(),
-    )?;
+    )?
+    .document;
     let (mut pharmacy, _) = TicketDocument::from_untrusted_changes(&ward.all_changes(), &limits, ActorId::random())?;
 
     println!("-- the link drops; both sides keep working --");

@@ -23,7 +23,7 @@ fuzz_target!(|change: &[u8]| {
     };
     let replica = automerge::ActorId::from(&[1u8; 16][..]);
     let ward = "ward-4b".parse().unwrap();
-    let (mut doc, _) = TicketDocument::create(TicketId::new(0, [0; 10]), &ward, &new, &actor, 0, &limits, replica).unwrap();
+    let mut doc = TicketDocument::create(TicketId::new(0, [0; 10]), &ward, &new, &actor, 0, &limits, replica).unwrap().document;
     let before = doc.save();
     if doc.apply_untrusted(&[change.to_vec()], &limits).is_err() {
         assert_eq!(doc.save(), before);

@@ -48,7 +48,7 @@ pub fn new_ticket(notes: &str) -> NewTicket {
 /// A ticket created by the ward's nurse on replica 1.
 pub fn created(notes: &str) -> (TicketDocument, Vec<u8>) {
     let ward: WardId = "ward-4b".parse().unwrap();
-    TicketDocument::create(
+    let created = TicketDocument::create(
         TicketId::new(T0, [7; 10]),
         &ward,
         &new_ticket(notes),
@@ -57,7 +57,9 @@ pub fn created(notes: &str) -> (TicketDocument, Vec<u8>) {
         &Limits::default(),
         replica(1),
     )
-    .unwrap()
+    .unwrap();
+    assert_eq!(Some(&created.ticket), created.document.ticket().ok().as_ref(), "create materializes what the document holds");
+    (created.document, created.change)
 }
 
 /// A second replica holding the same changes as `doc`.
