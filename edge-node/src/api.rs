@@ -100,8 +100,12 @@ impl From<TicketError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::NotFound(id) => ApiError::new(StatusCode::NOT_FOUND, "ticket_not_found", format!("no ticket {id}")),
-            StoreError::Duplicate(id) => ApiError::new(StatusCode::CONFLICT, "duplicate_ticket", format!("ticket {id} exists")),
+            StoreError::NotFound(id) => {
+                ApiError::new(StatusCode::NOT_FOUND, "ticket_not_found", format!("no ticket {id}"))
+            }
+            StoreError::Duplicate(id) => {
+                ApiError::new(StatusCode::CONFLICT, "duplicate_ticket", format!("ticket {id} exists"))
+            }
             StoreError::Document(DocumentError::Ticket(error)) => error.into(),
             StoreError::Overloaded => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", error.to_string()),
             StoreError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", error.to_string()),
@@ -222,7 +226,8 @@ async fn record_request(request: Request, next: Next) -> Response {
     let status = response.status().as_u16().to_string();
     metrics::histogram!("edge_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone())
         .record(started.elapsed().as_secs_f64());
-    metrics::counter!("edge_http_requests_total", "route" => route, "method" => method, "status" => status).increment(1);
+    metrics::counter!("edge_http_requests_total", "route" => route, "method" => method, "status" => status)
+        .increment(1);
     response
 }
 
@@ -233,11 +238,18 @@ async fn create_ticket(
 ) -> Result<impl IntoResponse, ApiError> {
     let now = now_ms();
     let id = TicketId::new(now, rand::random());
-    let created =
-        TicketDocument::create(id, &state.config.node.ward, &new, &actor, now, &state.config.limits, state.store.replica().clone())
-            .map_err(document_error)?;
+    let created = TicketDocument::create(
+        id,
+        &state.config.node.ward,
+        &new,
+        &actor,
+        now,
+        &state.config.limits,
+        state.store.replica().clone(),
+    )
+    .map_err(document_error)?;
     let mut document = created.document;
-    let write = Write::Create { ticket: created.ticket, document: document.save(), change: created.change };
+    let write = Write::Create { ticket: Box::new(created.ticket), document: document.save(), change: created.change };
     let ticket = state.store.write(write, now).await?;
     metrics::counter!("edge_tickets_created_total").increment(1);
     let location = format!("/api/v1/tickets/{id}");
@@ -282,13 +294,16 @@ async fn list_tickets(
     let Query(params) = params?;
     let limit = params.limit.unwrap_or(PAGE_SIZE_DEFAULT);
     if !(1..=PAGE_SIZE_MAX).contains(&limit) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_limit", format!("limit must be 1 to {PAGE_SIZE_MAX}")));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            format!("limit must be 1 to {PAGE_SIZE_MAX}"),
+        ));
     }
     let after = match params.page.as_deref() {
-        Some(token) => Some(
-            QueuePosition::parse(token)
-                .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_page", "page is not a token from a list response"))?,
-        ),
+        Some(token) => Some(QueuePosition::parse(token).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_page", "page is not a token from a list response")
+        })?),
         None => None,
     };
     let query = ListQuery {
@@ -298,7 +313,8 @@ async fn list_tickets(
         limit,
     };
     let page = state.store.read(move |conn| store::list_tickets(conn, &query)).await?;
-    let tickets = page.tickets.into_iter().map(RawValue::from_string).collect::<Result<_, _>>().map_err(ApiError::internal)?;
+    let tickets =
+        page.tickets.into_iter().map(RawValue::from_string).collect::<Result<_, _>>().map_err(ApiError::internal)?;
     Ok(Json(TicketList { tickets, next_page: page.next.map(|p| p.token()) }))
 }
 

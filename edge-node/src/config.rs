@@ -180,7 +180,9 @@ impl Config {
         if self.auth.algorithms.is_empty() {
             return invalid("auth.algorithms must name at least one algorithm".into());
         }
-        if let Some(alg) = self.auth.algorithms.iter().find(|a| !matches!(a, Algorithm::EdDSA | Algorithm::ES256 | Algorithm::ES384)) {
+        if let Some(alg) =
+            self.auth.algorithms.iter().find(|a| !matches!(a, Algorithm::EdDSA | Algorithm::ES256 | Algorithm::ES384))
+        {
             // A shared-secret algorithm would let anyone holding the public
             // JWKS forge tokens; RSA is not issued by our auth service.
             return invalid(format!("auth.algorithms: {alg:?} is not allowed; use EdDSA, ES256 or ES384"));

@@ -71,7 +71,11 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
 /// Serves the node on `listener` until `shutdown` completes, then drains
 /// in-flight requests (at most `http.shutdown_grace_ms`), lets the store
 /// commit what is queued, and returns.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let state = open_state(config)?;
     let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
     let listener = listener::LimitedListener::new(listener, state.config.http.connections_max);
@@ -83,7 +87,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         stopping.cancel();
     });
     let drained = state.shutdown.clone();
-    let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(async move { drained.cancelled().await });
+    let server = axum::serve(listener, api::router(state.clone()))
+        .with_graceful_shutdown(async move { drained.cancelled().await });
     let server = tokio::spawn(async move { server.await });
     state.shutdown.cancelled().await;
     tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining requests");

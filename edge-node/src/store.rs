@@ -73,7 +73,9 @@ pub enum StoreError {
     Duplicate(TicketId),
     #[error(transparent)]
     Document(#[from] DocumentError),
-    #[error("the database has schema version {found}, newer than this build's {supported}: upgrade the edge-node binary")]
+    #[error(
+        "the database has schema version {found}, newer than this build's {supported}: upgrade the edge-node binary"
+    )]
     NewerSchema { found: usize, supported: usize },
     #[error("too many writes are waiting; retry shortly")]
     Overloaded,
@@ -99,7 +101,7 @@ pub type Mutation = Box<dyn FnOnce(&mut TicketDocument) -> Result<Vec<u8>, Docum
 /// What the writer can do.
 pub enum Write {
     /// Insert a new ticket whose document was built by the caller.
-    Create { ticket: Ticket, document: Vec<u8>, change: Vec<u8> },
+    Create { ticket: Box<Ticket>, document: Vec<u8>, change: Vec<u8> },
     /// Load a ticket's document, run the mutation, store the result.
     Mutate { id: TicketId, mutation: Mutation },
 }
@@ -198,7 +200,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Applies pending migrations; refuses a database newer than this build.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let found: usize = conn.pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))?.try_into().unwrap_or(0);
+    let found: usize =
+        conn.pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))?.try_into().unwrap_or(0);
     if found > SCHEMA_VERSION {
         return Err(StoreError::NewerSchema { found, supported: SCHEMA_VERSION });
     }
@@ -221,14 +224,21 @@ impl Store {
         migrate(&mut writer)?;
         let readers = (0..config.readers)
             .map(|_| {
-                let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                let conn = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
                 conn.pragma_update(None, "busy_timeout", 5_000)?;
                 Ok(Mutex::new(conn))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let (jobs, queue) = mpsc::channel(config.write_queue_max);
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
-        let context = WriterContext { replica: replica.clone(), events: events.clone(), group_commit_max: config.group_commit_max };
+        let context = WriterContext {
+            replica: replica.clone(),
+            events: events.clone(),
+            group_commit_max: config.group_commit_max,
+        };
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || context.run(writer, queue))
@@ -403,7 +413,7 @@ impl WriterContext {
                     return Err(StoreError::Duplicate(ticket.id));
                 }
                 append_outbox(conn, ticket.id, &change, now)?;
-                Ok((ticket, json))
+                Ok((*ticket, json))
             }
             Write::Mutate { id, mutation } => {
                 let bytes: Vec<u8> = conn
@@ -440,7 +450,10 @@ fn ticket_json(ticket: &Ticket) -> Result<Arc<str>, StoreError> {
 }
 
 fn append_outbox(conn: &Connection, id: TicketId, change: &[u8], now: UnixMillis) -> Result<(), StoreError> {
-    conn.execute("INSERT INTO outbox (ticket_id, change, created_at) VALUES (?1, ?2, ?3)", params![id.to_string(), change, now])?;
+    conn.execute(
+        "INSERT INTO outbox (ticket_id, change, created_at) VALUES (?1, ?2, ?3)",
+        params![id.to_string(), change, now],
+    )?;
     Ok(())
 }
 

@@ -192,11 +192,20 @@ async fn bad_input_is_refused_with_its_code_and_changes_nothing() {
         status,
         code,
     };
-    let unauthorized = |name, token: String, code| create(name, Some(&token), with(&|_| {}), StatusCode::UNAUTHORIZED, code);
+    let unauthorized =
+        |name, token: String, code| create(name, Some(&token), with(&|_| {}), StatusCode::UNAUTHORIZED, code);
     let invalid = |name, change: &dyn Fn(&mut Value), code| {
         create(name, Some(&nurse), with(change), StatusCode::UNPROCESSABLE_ENTITY, code)
     };
-    let get = |name, path: String, status, code| Case { name, method: "GET", path, token: Some(nurse.clone()), body: None, status, code };
+    let get = |name, path: String, status, code| Case {
+        name,
+        method: "GET",
+        path,
+        token: Some(nurse.clone()),
+        body: None,
+        status,
+        code,
+    };
     let on_ticket = |name, method, path: String, token: &str, body: Value, status, code| Case {
         name,
         method,
@@ -213,9 +222,19 @@ async fn bad_input_is_refused_with_its_code_and_changes_nothing() {
         invalid("zero quantity", &|v| v["items"][0]["quantity"] = json!(0), "quantity_zero"),
         invalid("negative quantity", &|v| v["items"][0]["quantity"] = json!(-3), "invalid_body"),
         invalid("quantity over the maximum", &|v| v["items"][0]["quantity"] = json!(10_001), "quantity_over_max"),
-        invalid("malformed medication code", &|v| v["items"][0]["medication_code"] = json!("amox 500"), "malformed_medication_code"),
+        invalid(
+            "malformed medication code",
+            &|v| v["items"][0]["medication_code"] = json!("amox 500"),
+            "malformed_medication_code",
+        ),
         invalid("unknown priority", &|v| v["priority"] = json!("whenever"), "invalid_body"),
-        create("oversized body", Some(&nurse), with(&|v| v["notes"] = json!("x".repeat(5_000))), StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+        create(
+            "oversized body",
+            Some(&nurse),
+            with(&|v| v["notes"] = json!("x".repeat(5_000))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
         create("no token", None, with(&|_| {}), StatusCode::UNAUTHORIZED, "missing_token"),
         unauthorized("expired token", node.issuer.sign(&expired), "token_expired"),
         unauthorized("forged token", same_kid_other_key.sign(&claims), "invalid_token"),
@@ -224,13 +243,62 @@ async fn bad_input_is_refused_with_its_code_and_changes_nothing() {
         unauthorized("tampered payload", tampered(&nurse), "invalid_token"),
         unauthorized("unknown kid", unknown_kid.sign(&claims), "invalid_token"),
         unauthorized("wrong audience", node.issuer.sign(&wrong_audience), "invalid_token"),
-        create("token of another ward", Some(&node.issuer.nurse("icu-2")), with(&|_| {}), StatusCode::FORBIDDEN, "wrong_ward"),
-        create("pharmacist at the ward api", Some(&node.issuer.token("p.lindqvist", &["pharmacist"], &[WARD])), with(&|_| {}), StatusCode::FORBIDDEN, "forbidden_role"),
-        on_ticket("illegal transition for the role", "POST", format!("/api/v1/tickets/{id}/transitions"), &nurse, json!({ "to": "acknowledged" }), StatusCode::CONFLICT, "illegal_transition"),
-        on_ticket("entered-in-error without a reason", "POST", format!("/api/v1/tickets/{id}/transitions"), &admin, json!({ "to": "entered-in-error" }), StatusCode::UNPROCESSABLE_ENTITY, "reason_required"),
-        on_ticket("empty edit", "PATCH", format!("/api/v1/tickets/{id}"), &nurse, json!({}), StatusCode::UNPROCESSABLE_ENTITY, "empty_edit"),
-        on_ticket("edit of another ward's ticket", "PATCH", format!("/api/v1/tickets/{other_ward_ticket}"), &nurse, json!({ "priority": "stat" }), StatusCode::NOT_FOUND, "ticket_not_found"),
-        get("another ward's ticket", format!("/api/v1/tickets/{other_ward_ticket}"), StatusCode::NOT_FOUND, "ticket_not_found"),
+        create(
+            "token of another ward",
+            Some(&node.issuer.nurse("icu-2")),
+            with(&|_| {}),
+            StatusCode::FORBIDDEN,
+            "wrong_ward",
+        ),
+        create(
+            "pharmacist at the ward api",
+            Some(&node.issuer.token("p.lindqvist", &["pharmacist"], &[WARD])),
+            with(&|_| {}),
+            StatusCode::FORBIDDEN,
+            "forbidden_role",
+        ),
+        on_ticket(
+            "illegal transition for the role",
+            "POST",
+            format!("/api/v1/tickets/{id}/transitions"),
+            &nurse,
+            json!({ "to": "acknowledged" }),
+            StatusCode::CONFLICT,
+            "illegal_transition",
+        ),
+        on_ticket(
+            "entered-in-error without a reason",
+            "POST",
+            format!("/api/v1/tickets/{id}/transitions"),
+            &admin,
+            json!({ "to": "entered-in-error" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason_required",
+        ),
+        on_ticket(
+            "empty edit",
+            "PATCH",
+            format!("/api/v1/tickets/{id}"),
+            &nurse,
+            json!({}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty_edit",
+        ),
+        on_ticket(
+            "edit of another ward's ticket",
+            "PATCH",
+            format!("/api/v1/tickets/{other_ward_ticket}"),
+            &nurse,
+            json!({ "priority": "stat" }),
+            StatusCode::NOT_FOUND,
+            "ticket_not_found",
+        ),
+        get(
+            "another ward's ticket",
+            format!("/api/v1/tickets/{other_ward_ticket}"),
+            StatusCode::NOT_FOUND,
+            "ticket_not_found",
+        ),
         get("not a ticket id", "/api/v1/tickets/12".into(), StatusCode::BAD_REQUEST, "invalid_ticket_id"),
         get("unknown status filter", "/api/v1/tickets?status=lost".into(), StatusCode::BAD_REQUEST, "invalid_status"),
         get("limit out of range", "/api/v1/tickets?limit=0".into(), StatusCode::BAD_REQUEST, "invalid_limit"),

@@ -29,7 +29,11 @@ impl TestIssuer {
     pub fn new(kid: &str) -> Self {
         let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
         let der = key.to_pkcs8_der().expect("an ed25519 key encodes as pkcs8");
-        Self { kid: kid.into(), signing: EncodingKey::from_ed_der(der.as_bytes()), public_key: key.verifying_key().to_bytes() }
+        Self {
+            kid: kid.into(),
+            signing: EncodingKey::from_ed_der(der.as_bytes()),
+            public_key: key.verifying_key().to_bytes(),
+        }
     }
 
     /// This issuer's public key as a JWK.

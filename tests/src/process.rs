@@ -124,18 +124,17 @@ fn follow_log(stdout: std::process::ChildStdout, log_path: PathBuf, ready_messag
     let (found, address) = mpsc::channel();
     std::thread::spawn(move || {
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok();
-        let mut found = Some(found);
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(log) = log.as_mut() {
                 let _ = writeln!(log, "{line}");
             }
             let Ok(entry) = serde_json::from_str::<Value>(&line) else { continue };
-            if entry["message"] == ready_message {
-                if let Some(addr) = entry["address"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()) {
-                    if let Some(found) = found.take() {
-                        let _ = found.send(addr);
-                    }
-                }
+            let address = entry["address"].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+            // Only the first send is received; later ones fail harmlessly.
+            if entry["message"] == ready_message
+                && let Some(addr) = address
+            {
+                let _ = found.send(addr);
             }
         }
     });

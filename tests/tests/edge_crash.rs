@@ -67,7 +67,9 @@ async fn kill_9_during_a_write_burst_loses_no_acknowledged_ticket() {
         let (client, token, base, known) = (client.clone(), token.clone(), base.clone(), Arc::clone(&known));
         burst.push(tokio::spawn(async move {
             for round in 0.. {
-                let Ok(response) = client.post(&base).bearer_auth(&token).json(&new_ticket(lane * 1_000 + round)).send().await else {
+                let Ok(response) =
+                    client.post(&base).bearer_auth(&token).json(&new_ticket(lane * 1_000 + round)).send().await
+                else {
                     return;
                 };
                 let Ok(ticket) = response.json::<Value>().await else { return };
@@ -99,7 +101,10 @@ async fn kill_9_during_a_write_burst_loses_no_acknowledged_ticket() {
     }
     let known = known.lock().unwrap().clone();
     let acknowledged_in_burst = known.len() - INITIAL_TICKETS;
-    assert!(acknowledged_in_burst >= BURST_CLIENTS, "the burst was under way when the node died: {acknowledged_in_burst}");
+    assert!(
+        acknowledged_in_burst >= BURST_CLIENTS,
+        "the burst was under way when the node died: {acknowledged_in_burst}"
+    );
 
     node.restart();
     let mut checked = 0;
@@ -109,7 +114,12 @@ async fn kill_9_during_a_write_burst_loses_no_acknowledged_ticket() {
         let stored: Value = response.json().await.unwrap();
         let stored = &stored["ticket"];
         let acknowledged = known.acknowledged.as_ref().unwrap();
-        let same = |expected: &Value| stored["notes"] == expected["notes"] && stored["items"] == expected["items"] && stored["priority"] == expected["priority"] && stored["status"] == expected["status"];
+        let same = |expected: &Value| {
+            stored["notes"] == expected["notes"]
+                && stored["items"] == expected["items"]
+                && stored["priority"] == expected["priority"]
+                && stored["status"] == expected["status"]
+        };
         assert!(
             same(acknowledged) || known.in_flight.as_ref().is_some_and(same),
             "ticket {id} changed: stored {stored}, acknowledged {acknowledged}"
@@ -126,7 +136,13 @@ async fn sigterm_drains_and_stops_cleanly() {
     let issuer = TestIssuer::new("key-1");
     let mut node = EdgeNodeProcess::start(dir.path(), "edge-ward-4b", WARD, &issuer.jwks(), "");
     let client = reqwest::Client::new();
-    let response = client.post(node.url("/api/v1/tickets")).bearer_auth(issuer.nurse(WARD)).json(&new_ticket(1)).send().await.unwrap();
+    let response = client
+        .post(node.url("/api/v1/tickets"))
+        .bearer_auth(issuer.nurse(WARD))
+        .json(&new_ticket(1))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 201);
     let status = node.terminate().unwrap();
     assert!(status.success(), "the node exits 0 on SIGTERM: {status:?}");
@@ -148,7 +164,10 @@ async fn environment_variables_override_the_file() {
             .envs(env.iter().copied())
             .output()
             .unwrap();
-        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr))
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+        )
     };
     let (ok, text) = check(&[("EDGE_NODE__NODE__WARD", "icu-2")]);
     assert!(ok && text.contains("of icu-2"), "{text}");

@@ -58,7 +58,11 @@ pub fn created(notes: &str) -> (TicketDocument, Vec<u8>) {
         replica(1),
     )
     .unwrap();
-    assert_eq!(Some(&created.ticket), created.document.ticket().ok().as_ref(), "create materializes what the document holds");
+    assert_eq!(
+        Some(&created.ticket),
+        created.document.ticket().ok().as_ref(),
+        "create materializes what the document holds"
+    );
     (created.document, created.change)
 }
 

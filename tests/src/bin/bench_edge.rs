@@ -32,7 +32,10 @@ fn parse_args() -> Result<Args, String> {
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| line.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
 }
 
 /// User plus system CPU time of a process, in clock ticks (1/100 s here).
@@ -108,7 +111,10 @@ async fn main() -> Result<(), String> {
     println!("  latency p50    {:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1e3);
     println!("  latency p99    {:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1e3);
     println!("  latency max    {:.2} ms", latencies[latencies.len() - 1].as_secs_f64() * 1e3);
-    println!("  server CPU     {:.0} us per create ({server_cpu_s:.1} s over the run)", server_cpu_s * 1e6 / latencies.len() as f64);
+    println!(
+        "  server CPU     {:.0} us per create ({server_cpu_s:.1} s over the run)",
+        server_cpu_s * 1e6 / latencies.len() as f64
+    );
     println!("  idle RSS       {:.1} MiB", idle_rss as f64 / 1024.0);
     println!("  RSS under load {:.1} MiB", loaded_rss as f64 / 1024.0);
     Ok(())
