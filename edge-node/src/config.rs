@@ -239,6 +239,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid_and_complete() {
+        let text = include_str!("../../deploy/edge-node.example.toml");
+        let config = Config::from_toml(text).unwrap();
+        assert_eq!(config.node.ward.as_str(), "ward-4b");
+        // Every default is spelled out, so the example documents them all.
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.http.body_bytes_max, HttpConfig::default().body_bytes_max);
+        assert_eq!(config.storage.group_commit_max, StorageConfig::default().group_commit_max);
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             (MINIMAL.replace("version = 1", "version = 2"), "version is 2"),
