@@ -38,10 +38,10 @@ use serde_json::value::RawValue;
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::ids::{Role, TicketId};
 use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket, TicketError};
+use sync_protocol::token::AuthError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::auth::AuthError;
 use crate::store::{self, ListQuery, QueuePosition, StoreError, Write};
 use crate::{AppState, now_ms};
 

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use sync_protocol::ids::{NodeId, WardId};
 use sync_protocol::ticket::Limits;
+use sync_protocol::token::TokenPolicy;
 
 /// The configuration format this build reads.
 pub const CONFIG_VERSION: u32 = 1;
@@ -82,31 +82,15 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// The `iss` every token must carry.
-    pub issuer: String,
-    /// The `aud` every token must carry.
-    pub audience: String,
-    /// Accepted signature algorithms; asymmetric only.
-    #[serde(default = "default_algorithms")]
-    pub algorithms: Vec<Algorithm>,
+    #[serde(flatten)]
+    pub policy: TokenPolicy,
     /// The JWKS cached on disk; relative paths are inside `node.data_dir`.
     #[serde(default = "default_jwks_file")]
     pub jwks_file: PathBuf,
-    /// Clock skew tolerated on `exp` and `nbf`: ward hardware clocks drift.
-    #[serde(default = "default_leeway_s")]
-    pub leeway_s: u64,
-}
-
-fn default_algorithms() -> Vec<Algorithm> {
-    vec![Algorithm::EdDSA, Algorithm::ES256]
 }
 
 fn default_jwks_file() -> PathBuf {
     PathBuf::from("jwks.json")
-}
-
-fn default_leeway_s() -> u64 {
-    30
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,19 +158,7 @@ impl Config {
         if !self.node.data_dir.is_absolute() {
             return invalid(format!("node.data_dir must be an absolute path, got {}", self.node.data_dir.display()));
         }
-        if self.auth.issuer.is_empty() || self.auth.audience.is_empty() {
-            return invalid("auth.issuer and auth.audience must not be empty".into());
-        }
-        if self.auth.algorithms.is_empty() {
-            return invalid("auth.algorithms must name at least one algorithm".into());
-        }
-        if let Some(alg) =
-            self.auth.algorithms.iter().find(|a| !matches!(a, Algorithm::EdDSA | Algorithm::ES256 | Algorithm::ES384))
-        {
-            // A shared-secret algorithm would let anyone holding the public
-            // JWKS forge tokens; RSA is not issued by our auth service.
-            return invalid(format!("auth.algorithms: {alg:?} is not allowed; use EdDSA, ES256 or ES384"));
-        }
+        self.auth.policy.validate().map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
         let positive = [
             ("http.body_bytes_max", self.http.body_bytes_max),
             ("http.connections_max", self.http.connections_max),

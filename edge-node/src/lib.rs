@@ -2,7 +2,6 @@
 //! devices. See ARCHITECTURE.md for the map.
 
 pub mod api;
-pub mod auth;
 pub mod config;
 pub mod listener;
 pub mod store;
@@ -17,9 +16,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthError, Verifier};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
+use sync_protocol::token::{self, AuthError, Verifier};
 
 /// Why the node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +55,11 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
     let data_dir = &config.node.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
-    let verifier = Verifier::from_file(&config.auth, &config.jwks_path())?;
+    let jwks_path = config.jwks_path();
+    let jwks = std::fs::read_to_string(&jwks_path)
+        .map_err(|e| AuthError::Jwks(format!("{}: {e}", jwks_path.display())))
+        .and_then(|text| token::parse_jwks(&text))?;
+    let verifier = Verifier::new(&config.auth.policy, &jwks)?;
     // A fresh actor id per process: see ARCHITECTURE.md, "actor ids".
     let store = Store::open(&config.database_path(), &config.storage, ActorId::random())?;
     Ok(AppState {

@@ -12,4 +12,5 @@ pub mod ids;
 pub mod lifecycle;
 pub mod session;
 pub mod ticket;
+pub mod token;
 pub mod wire;

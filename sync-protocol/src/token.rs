@@ -1,8 +1,9 @@
-//! Bearer token verification with public keys only.
+//! Bearer token verification with public keys only, shared by every
+//! service that accepts tokens (edge nodes, the bridge).
 //!
-//! The edge node never holds a signing key. It verifies JWTs issued by the
-//! auth service against a JWKS cached on disk, so verification keeps working
-//! while the cloud is unreachable. A token is accepted only when: its header
+//! Resource servers never hold a signing key. They verify JWTs issued by the
+//! auth service against a JWKS (an edge node keeps it on disk, so
+//! verification keeps working while the cloud is unreachable). A token is accepted only when: its header
 //! names an algorithm from the configured (asymmetric) list and a `kid` in the
 //! JWKS whose key type matches that algorithm; the signature verifies; `iss`,
 //! `aud`, `exp` (and `nbf` if present) hold, with a small leeway for clock
@@ -11,16 +12,55 @@
 //! public key as secret is refused because HMAC is never configured.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Mutex, RwLock};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use sync_protocol::ids::{Role, UserId, WardId};
 
-use crate::config::AuthConfig;
+use crate::ids::{Role, UserId, WardId};
+
+/// What a token must satisfy besides its signature.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenPolicy {
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must carry.
+    pub audience: String,
+    /// Accepted signature algorithms; asymmetric only (see [`TokenPolicy::validate`]).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Algorithm>,
+    /// Clock skew tolerated on `exp` and `nbf`: ward hardware clocks drift.
+    #[serde(default = "default_leeway_s")]
+    pub leeway_s: u64,
+}
+
+fn default_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::EdDSA, Algorithm::ES256]
+}
+
+fn default_leeway_s() -> u64 {
+    30
+}
+
+impl TokenPolicy {
+    /// Refuses a policy that could be tricked: an HMAC algorithm would let
+    /// anyone holding the public JWKS forge tokens.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.issuer.is_empty() || self.audience.is_empty() {
+            return Err("issuer and audience must not be empty".into());
+        }
+        if self.algorithms.is_empty() {
+            return Err("algorithms must name at least one algorithm".into());
+        }
+        match self.algorithms.iter().find(|a| !matches!(a, Algorithm::EdDSA | Algorithm::ES256 | Algorithm::ES384)) {
+            Some(alg) => Err(format!("algorithm {alg:?} is not allowed; use EdDSA, ES256 or ES384")),
+            None => Ok(()),
+        }
+    }
+}
 
 /// Why a token was refused. Deliberately coarse towards the caller (see
 /// [`AuthError::code`]); the log gets the detail.
@@ -126,7 +166,7 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    pub fn new(config: &AuthConfig, jwks: &JwkSet) -> Result<Self, AuthError> {
+    pub fn new(config: &TokenPolicy, jwks: &JwkSet) -> Result<Self, AuthError> {
         let verifier = Self {
             keys: RwLock::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
@@ -137,10 +177,6 @@ impl Verifier {
         };
         verifier.replace_keys(jwks)?;
         Ok(verifier)
-    }
-
-    pub fn from_file(config: &AuthConfig, path: &Path) -> Result<Self, AuthError> {
-        Self::new(config, &read_jwks(path)?)
     }
 
     /// Swaps in a new key set (after a refresh from the auth service).
@@ -224,7 +260,7 @@ impl Verifier {
     }
 }
 
-pub fn read_jwks(path: &Path) -> Result<JwkSet, AuthError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AuthError::Jwks(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| AuthError::Jwks(format!("{}: {e}", path.display())))
+/// Parses a JWKS document.
+pub fn parse_jwks(text: &str) -> Result<JwkSet, AuthError> {
+    serde_json::from_str(text).map_err(|e| AuthError::Jwks(e.to_string()))
 }
