@@ -37,7 +37,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::ids::{Role, TicketId};
-use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket, TicketError};
+use sync_protocol::ticket::{Actor, ErrorClass, NewTicket, Priority, Status, Ticket, TicketError};
 use sync_protocol::token::AuthError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -84,14 +84,10 @@ impl IntoResponse for ApiError {
 
 impl From<TicketError> for ApiError {
     fn from(error: TicketError) -> Self {
-        let status = match error {
-            TicketError::IllegalTransition { .. }
-            | TicketError::IllegalEdit { .. }
-            | TicketError::UnknownConflict(_)
-            | TicketError::ResolutionOutcome { .. }
-            | TicketError::TooManyTransitions { .. } => StatusCode::CONFLICT,
-            TicketError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        let status = match error.class() {
+            ErrorClass::Conflict => StatusCode::CONFLICT,
+            ErrorClass::Forbidden => StatusCode::FORBIDDEN,
+            ErrorClass::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError::new(status, error.code(), error.to_string())
     }
@@ -386,14 +382,25 @@ async fn live_events(
 struct SyncStatus {
     /// Whether the node has a bridge to sync with.
     bridge_configured: bool,
-    connected: bool,
+    #[serde(flatten)]
+    link: crate::sync::LinkStatus,
+    /// When the bridge last acknowledged or sent changes (ms since the epoch).
     last_sync_at: Option<i64>,
     outbox: store::OutboxCounts,
 }
 
 async fn sync_status(State(state): State<AppState>, _caller: Caller) -> Result<Json<SyncStatus>, ApiError> {
-    let outbox = state.store.read(store::outbox_counts).await?;
-    Ok(Json(SyncStatus { bridge_configured: false, connected: false, last_sync_at: None, outbox }))
+    let (outbox, last_sync_at) = state
+        .store
+        .read(|conn| {
+            let last = store::sync_state(conn, "last_sync_at")?
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+                .map(i64::from_be_bytes);
+            Ok((store::outbox_counts(conn)?, last))
+        })
+        .await?;
+    let link = state.link.lock().map(|link| link.clone()).unwrap_or_default();
+    Ok(Json(SyncStatus { bridge_configured: state.config.sync.is_some(), link, last_sync_at, outbox }))
 }
 
 async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {

@@ -43,6 +43,38 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub log: LogConfig,
+    /// The link to the cloud; without it the node works alone.
+    #[serde(default)]
+    pub sync: Option<SyncConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// The bridge's sync endpoint, `ws://` or `wss://`.
+    pub bridge_url: String,
+    /// The node's bearer token, relative to `node.data_dir` (written at enrolment).
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+    /// First reconnect delay; doubles up to the cap, with jitter.
+    #[serde(default = "default_reconnect_base_ms")]
+    pub reconnect_base_ms: u64,
+    #[serde(default = "default_reconnect_cap_ms")]
+    pub reconnect_cap_ms: u64,
+    #[serde(default)]
+    pub session: sync_protocol::session::SessionConfig,
+}
+
+fn default_token_file() -> PathBuf {
+    PathBuf::from("node-token")
+}
+
+fn default_reconnect_base_ms() -> u64 {
+    500
+}
+
+fn default_reconnect_cap_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,6 +203,14 @@ impl Config {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return invalid(format!("{name} must be greater than 0"));
+        }
+        if let Some(sync) = &self.sync {
+            if !(sync.bridge_url.starts_with("ws://") || sync.bridge_url.starts_with("wss://")) {
+                return invalid(format!("sync.bridge_url must start with ws:// or wss://, got {:?}", sync.bridge_url));
+            }
+            if sync.reconnect_base_ms == 0 || sync.reconnect_cap_ms < sync.reconnect_base_ms {
+                return invalid("sync.reconnect_base_ms must be positive and at most sync.reconnect_cap_ms".into());
+            }
         }
         if self.storage.readers > 64 || self.storage.group_commit_max > 10_000 {
             return invalid("storage.readers must be at most 64 and storage.group_commit_max at most 10000".into());

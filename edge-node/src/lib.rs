@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod listener;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 
 use std::future::Future;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Cancelled when the node starts shutting down; ends live streams.
     pub shutdown: CancellationToken,
+    /// The state of the link to the bridge, kept by the sync task.
+    pub link: sync::SharedLinkStatus,
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.
@@ -61,13 +64,14 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
         .and_then(|text| token::parse_jwks(&text))?;
     let verifier = Verifier::new(&config.auth.policy, &jwks)?;
     // A fresh actor id per process: see ARCHITECTURE.md, "actor ids".
-    let store = Store::open(&config.database_path(), &config.storage, ActorId::random())?;
+    let store = Store::open(&config.database_path(), &config.storage, config.limits.clone(), ActorId::random())?;
     Ok(AppState {
         config: Arc::new(config),
         store: Arc::new(store),
         verifier: Arc::new(verifier),
         metrics: telemetry::prometheus(),
         shutdown: CancellationToken::new(),
+        link: sync::SharedLinkStatus::default(),
     })
 }
 
@@ -89,6 +93,9 @@ pub async fn run(
         shutdown.await;
         stopping.cancel();
     });
+    let sync_task = state.config.sync.clone().map(|sync_config| {
+        tokio::spawn(sync::run(state.clone(), sync_config, Arc::clone(&state.link), state.shutdown.clone()))
+    });
     let drained = state.shutdown.clone();
     let server = axum::serve(listener, api::router(state.clone()))
         .with_graceful_shutdown(async move { drained.cancelled().await });
@@ -99,6 +106,9 @@ pub async fn run(
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(%join, "http server task failed"),
         Err(_) => tracing::warn!("requests still running after the grace period were cut off"),
+    }
+    if let Some(task) = sync_task {
+        let _ = task.await;
     }
     state.store.close().await;
     tracing::info!("edge node stopped");

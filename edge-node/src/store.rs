@@ -21,7 +21,7 @@ use automerge::ActorId;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument};
 use sync_protocol::ids::TicketId;
-use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
+use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::StorageConfig;
@@ -104,6 +104,13 @@ pub enum Write {
     Create { ticket: Box<Ticket>, document: Vec<u8>, change: Vec<u8> },
     /// Load a ticket's document, run the mutation, store the result.
     Mutate { id: TicketId, mutation: Mutation },
+    /// The bridge durably has every change up to this outbox sequence.
+    Acked { up_to_seq: u64 },
+    /// The bridge refused this change; keep it, visibly, and stop sending it.
+    Stuck { seq: u64, code: String, message: String },
+    /// Changes from the cloud, applied with the feed cursor after them in
+    /// one transaction, so a crash can neither lose nor repeat them.
+    ApplyRemote { changes: Vec<(TicketId, Vec<u8>)>, cursor: Vec<u8> },
 }
 
 impl std::fmt::Debug for Write {
@@ -111,6 +118,11 @@ impl std::fmt::Debug for Write {
         match self {
             Write::Create { ticket, .. } => f.debug_struct("Create").field("id", &ticket.id).finish_non_exhaustive(),
             Write::Mutate { id, .. } => f.debug_struct("Mutate").field("id", id).finish_non_exhaustive(),
+            Write::Acked { up_to_seq } => f.debug_struct("Acked").field("up_to_seq", up_to_seq).finish(),
+            Write::Stuck { seq, .. } => f.debug_struct("Stuck").field("seq", seq).finish_non_exhaustive(),
+            Write::ApplyRemote { changes, .. } => {
+                f.debug_struct("ApplyRemote").field("changes", &changes.len()).finish_non_exhaustive()
+            }
         }
     }
 }
@@ -118,7 +130,7 @@ impl std::fmt::Debug for Write {
 struct Job {
     write: Write,
     now: UnixMillis,
-    reply: oneshot::Sender<Result<Ticket, StoreError>>,
+    reply: oneshot::Sender<Result<Vec<Ticket>, StoreError>>,
 }
 
 enum Command {
@@ -218,7 +230,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it, and
     /// starts the writer thread.
-    pub fn open(path: &Path, config: &StorageConfig, replica: ActorId) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, config: &StorageConfig, limits: Limits, replica: ActorId) -> Result<Self, StoreError> {
         let mut writer = Connection::open(path)?;
         configure(&writer)?;
         migrate(&mut writer)?;
@@ -236,6 +248,7 @@ impl Store {
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let context = WriterContext {
             replica: replica.clone(),
+            limits,
             events: events.clone(),
             group_commit_max: config.group_commit_max,
         };
@@ -257,8 +270,16 @@ impl Store {
         &self.replica
     }
 
-    /// Queues a write and waits until it is durable.
+    /// Queues a write of one ticket and waits until it is durable.
     pub async fn write(&self, write: Write, now: UnixMillis) -> Result<Ticket, StoreError> {
+        self.write_all(write, now)
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("a ticket write changed no ticket".into()))
+    }
+
+    /// Queues any write and waits until it is durable; returns the tickets it changed.
+    pub async fn write_all(&self, write: Write, now: UnixMillis) -> Result<Vec<Ticket>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.jobs.try_send(Command::Write(Job { write, now, reply })).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
@@ -318,6 +339,7 @@ impl Readers {
 
 struct WriterContext {
     replica: ActorId,
+    limits: Limits,
     events: broadcast::Sender<TicketEvent>,
     group_commit_max: usize,
 }
@@ -373,11 +395,11 @@ impl WriterContext {
         match result {
             Ok(()) => {
                 for (reply, outcome) in outcomes {
-                    if let Ok((ticket, json)) = &outcome {
+                    for (ticket, json) in outcome.iter().flatten() {
                         // No subscriber is fine; the send only fails then.
                         let _ = self.events.send(TicketEvent { id: ticket.id, ticket_json: Arc::clone(json) });
                     }
-                    let _ = reply.send(outcome.map(|(ticket, _)| ticket));
+                    let _ = reply.send(outcome.map(|changed| changed.into_iter().map(|(ticket, _)| ticket).collect()));
                 }
             }
             Err(error) => {
@@ -390,7 +412,7 @@ impl WriterContext {
         }
     }
 
-    fn apply(&self, conn: &Connection, write: Write, now: UnixMillis) -> Result<(Ticket, Arc<str>), StoreError> {
+    fn apply(&self, conn: &Connection, write: Write, now: UnixMillis) -> Result<Vec<(Ticket, Arc<str>)>, StoreError> {
         match write {
             Write::Create { ticket, document, change } => {
                 let json = ticket_json(&ticket)?;
@@ -413,36 +435,155 @@ impl WriterContext {
                     return Err(StoreError::Duplicate(ticket.id));
                 }
                 append_outbox(conn, ticket.id, &change, now)?;
-                Ok((*ticket, json))
+                Ok(vec![(*ticket, json)])
             }
             Write::Mutate { id, mutation } => {
-                let bytes: Vec<u8> = conn
-                    .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |row| row.get(0))
-                    .optional()?
-                    .ok_or(StoreError::NotFound(id))?;
-                let mut document = TicketDocument::load(&bytes, self.replica.clone())?;
+                let mut document = self.load(conn, id)?.ok_or(StoreError::NotFound(id))?;
                 let change = mutation(&mut document)?;
-                let ticket = document.ticket()?;
-                let json = ticket_json(&ticket)?;
-                conn.execute(
-                    "UPDATE tickets SET status = ?2, priority = ?3, priority_rank = ?4, updated_at = ?5, conflicts = ?6,
-                     ticket = ?7, document = ?8 WHERE id = ?1",
-                    params![
-                        id.to_string(),
-                        ticket.status.as_str(),
-                        ticket.priority.as_str(),
-                        ticket.priority as i64,
-                        ticket.updated_at,
-                        ticket.conflicts.len() as i64,
-                        &*json,
-                        document.save()
-                    ],
-                )?;
+                let changed = save_ticket(conn, id, &mut document)?;
                 append_outbox(conn, id, &change, now)?;
-                Ok((ticket, json))
+                Ok(vec![changed])
+            }
+            Write::Acked { up_to_seq } => {
+                conn.execute("DELETE FROM outbox WHERE seq <= ?1 AND stuck_code IS NULL", [up_to_seq as i64])?;
+                set_sync_state(conn, "last_sync_at", &now.to_be_bytes())?;
+                Ok(Vec::new())
+            }
+            Write::Stuck { seq, code, message } => {
+                conn.execute(
+                    "UPDATE outbox SET stuck_code = ?2, stuck_message = ?3 WHERE seq = ?1",
+                    params![seq as i64, code, message],
+                )?;
+                tracing::warn!(seq, %code, %message, "the bridge refused a local change; it is kept as stuck");
+                Ok(Vec::new())
+            }
+            Write::ApplyRemote { changes, cursor } => {
+                let mut touched: Vec<(TicketId, TicketDocument)> = Vec::new();
+                for (id, change) in changes {
+                    let position = match touched.iter().position(|(t, _)| *t == id) {
+                        Some(position) => position,
+                        None => match self.load(conn, id)? {
+                            Some(document) => {
+                                touched.push((id, document));
+                                touched.len() - 1
+                            }
+                            None => {
+                                match TicketDocument::from_untrusted_changes(
+                                    std::slice::from_ref(&change),
+                                    &self.limits,
+                                    self.replica.clone(),
+                                ) {
+                                    Ok((document, _)) => touched.push((id, document)),
+                                    Err(error) => {
+                                        tracing::error!(ticket = %id, %error, "a change from the cloud could not be applied")
+                                    }
+                                }
+                                continue;
+                            }
+                        },
+                    };
+                    if let Err(error) = touched[position].1.apply_untrusted(std::slice::from_ref(&change), &self.limits)
+                    {
+                        // The bridge validated it; failing here means a bug
+                        // or a missing dependency. Logged and counted, and
+                        // the feed moves on rather than stall every ward.
+                        metrics::counter!("edge_remote_changes_failed_total").increment(1);
+                        tracing::error!(ticket = %id, %error, "a change from the cloud could not be applied");
+                    }
+                }
+                let mut changed = Vec::with_capacity(touched.len());
+                for (id, mut document) in touched {
+                    changed.push(save_ticket(conn, id, &mut document)?);
+                }
+                set_sync_state(conn, "cursor", &cursor)?;
+                set_sync_state(conn, "last_sync_at", &now.to_be_bytes())?;
+                Ok(changed)
             }
         }
     }
+
+    fn load(&self, conn: &Connection, id: TicketId) -> Result<Option<TicketDocument>, StoreError> {
+        let bytes: Option<Vec<u8>> = conn
+            .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |row| row.get(0))
+            .optional()?;
+        bytes.map(|bytes| TicketDocument::load(&bytes, self.replica.clone())).transpose().map_err(StoreError::from)
+    }
+}
+
+/// Stores a ticket's document and its materialized columns.
+fn save_ticket(
+    conn: &Connection,
+    id: TicketId,
+    document: &mut TicketDocument,
+) -> Result<(Ticket, Arc<str>), StoreError> {
+    let ticket = document.ticket()?;
+    let json = ticket_json(&ticket)?;
+    conn.execute(
+        "INSERT INTO tickets (id, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (id) DO UPDATE SET status = ?2, priority = ?3, priority_rank = ?4, updated_at = ?6,
+           conflicts = ?7, ticket = ?8, document = ?9",
+        params![
+            id.to_string(),
+            ticket.status.as_str(),
+            ticket.priority.as_str(),
+            ticket.priority as i64,
+            ticket.created_at,
+            ticket.updated_at,
+            ticket.conflicts.len() as i64,
+            &*json,
+            document.save()
+        ],
+    )?;
+    Ok((ticket, json))
+}
+
+fn set_sync_state(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO sync_state (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// A value of the sync state (`cursor`, `last_sync_at`).
+pub fn sync_state(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(conn.query_row("SELECT value FROM sync_state WHERE key = ?1", [key], |row| row.get(0)).optional()?)
+}
+
+/// The next outbox entries to send: after `after_seq`, not stuck, at most
+/// `changes_max` and `bytes_max` bytes of changes (always at least one).
+pub fn outbox_batch(
+    conn: &Connection,
+    after_seq: u64,
+    changes_max: usize,
+    bytes_max: usize,
+) -> Result<Vec<OutboxEntry>, StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT seq, ticket_id, change FROM outbox WHERE seq > ?1 AND stuck_code IS NULL ORDER BY seq LIMIT ?2",
+    )?;
+    let mut rows = statement.query(params![after_seq as i64, changes_max as i64])?;
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    while let Some(row) = rows.next()? {
+        let change: Vec<u8> = row.get(2)?;
+        if bytes + change.len() > bytes_max && !batch.is_empty() {
+            break;
+        }
+        bytes += change.len();
+        let ticket: String = row.get(1)?;
+        let ticket = ticket.parse().map_err(|e| StoreError::Corrupt(format!("outbox ticket id: {e}")))?;
+        batch.push(OutboxEntry { seq: row.get::<_, i64>(0)? as u64, ticket, change });
+    }
+    Ok(batch)
+}
+
+/// One local change waiting for the cloud.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub seq: u64,
+    pub ticket: TicketId,
+    pub change: Vec<u8>,
 }
 
 fn ticket_json(ticket: &Ticket) -> Result<Arc<str>, StoreError> {

@@ -653,6 +653,14 @@ where
     value.parse().map_err(|e| DocumentError::malformed(format!("{field}: {e}")))
 }
 
+/// The ticket-independent facts of an encoded change, read without applying
+/// it: its hash and audit record. A bridge checks these (which device sent
+/// it, in which role) before letting the change near a document.
+pub fn inspect_change(bytes: &[u8]) -> Result<(String, ChangeAudit), DocumentError> {
+    let change = Change::from_bytes(bytes.to_vec())?;
+    Ok((change.hash().to_string(), parse_audit(&change)?))
+}
+
 fn parse_audit(change: &Change) -> Result<ChangeAudit, DocumentError> {
     let unaudited = |problem: String| DocumentError::Unaudited { hash: change.hash().to_string(), problem };
     let message = change.message().ok_or_else(|| unaudited("no commit message".into()))?;

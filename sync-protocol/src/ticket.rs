@@ -77,7 +77,30 @@ pub enum TicketError {
     Forbidden { role: Role, action: &'static str },
 }
 
+/// How a refusal should be reported: the same at every HTTP edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request is well formed but its content breaks a rule (HTTP 422).
+    Invalid,
+    /// The ticket's state does not allow it now (HTTP 409).
+    Conflict,
+    /// The caller's role may never do it (HTTP 403).
+    Forbidden,
+}
+
 impl TicketError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            TicketError::IllegalTransition { .. }
+            | TicketError::IllegalEdit { .. }
+            | TicketError::UnknownConflict(_)
+            | TicketError::ResolutionOutcome { .. }
+            | TicketError::TooManyTransitions { .. } => ErrorClass::Conflict,
+            TicketError::Forbidden { .. } => ErrorClass::Forbidden,
+            _ => ErrorClass::Invalid,
+        }
+    }
+
     /// A stable, machine-readable name for the error.
     pub fn code(&self) -> &'static str {
         match self {

@@ -110,6 +110,8 @@ pub enum RefusalReason {
     Unauthorized,
     /// The token is valid but not for this node or ward.
     Forbidden,
+    /// The bridge cannot serve now (its storage is down); retry later.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,4 +5,4 @@ pub mod issuer;
 pub mod process;
 
 pub use issuer::TestIssuer;
-pub use process::EdgeNodeProcess;
+pub use process::{BridgeProcess, EdgeNodeProcess};

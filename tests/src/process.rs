@@ -26,13 +26,40 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A running `edge-node serve`, killed when dropped.
+/// A running service binary (`edge-node serve`, `cloud-bridge serve`), killed when dropped.
 #[derive(Debug)]
-pub struct EdgeNodeProcess {
+pub struct ServiceProcess {
+    binary: &'static str,
+    ready_message: &'static str,
     child: Option<Child>,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     config_path: PathBuf,
+}
+
+pub type EdgeNodeProcess = ServiceProcess;
+pub type BridgeProcess = ServiceProcess;
+
+/// The configuration of a test bridge in `data_dir` listening on `listen`.
+pub fn bridge_config(data_dir: &Path, listen: &str, extra: &str) -> String {
+    format!(
+        r#"
+version = 1
+[bridge]
+id = "bridge-1"
+data_dir = "{data_dir}"
+[http]
+listen = "{listen}"
+[auth]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+[log]
+format = "json"
+filter = "info"
+{extra}
+"#,
+        data_dir = data_dir.display()
+    )
 }
 
 /// The configuration of a test node in `data_dir`; `extra` is appended TOML.
@@ -58,28 +85,46 @@ filter = "info"
     )
 }
 
-impl EdgeNodeProcess {
-    /// Writes a config and the JWKS into `data_dir` and starts a node there.
+impl ServiceProcess {
+    /// Writes a config and the JWKS into `data_dir` and starts an edge node there.
     pub fn start(data_dir: &Path, node: &str, ward: &str, jwks: &Value, extra: &str) -> Self {
-        std::fs::create_dir_all(data_dir).expect("create the data directory");
-        std::fs::write(data_dir.join("jwks.json"), jwks.to_string()).expect("write the jwks");
-        let config_path = data_dir.join("edge-node.toml");
-        std::fs::write(&config_path, edge_config(data_dir, node, ward, extra)).expect("write the config");
-        Self::start_with(data_dir, &config_path)
+        let config = edge_config(data_dir, node, ward, extra);
+        Self::launch("edge-node", "edge node serving", data_dir, jwks, &config)
     }
 
-    fn start_with(data_dir: &Path, config_path: &Path) -> Self {
-        let mut child = Command::new(binary("edge-node"))
+    /// Writes a config and the JWKS into `data_dir` and starts a bridge on `listen`.
+    pub fn start_bridge(data_dir: &Path, listen: &str, jwks: &Value, extra: &str) -> Self {
+        let config = bridge_config(data_dir, listen, extra);
+        Self::launch("cloud-bridge", "cloud bridge serving", data_dir, jwks, &config)
+    }
+
+    fn launch(binary: &'static str, ready_message: &'static str, data_dir: &Path, jwks: &Value, config: &str) -> Self {
+        std::fs::create_dir_all(data_dir).expect("create the data directory");
+        std::fs::write(data_dir.join("jwks.json"), jwks.to_string()).expect("write the jwks");
+        let config_path = data_dir.join(format!("{binary}.toml"));
+        std::fs::write(&config_path, config).expect("write the config");
+        Self::start_with(binary, ready_message, data_dir, &config_path)
+    }
+
+    fn start_with(binary_name: &'static str, ready_message: &'static str, data_dir: &Path, config_path: &Path) -> Self {
+        let mut child = Command::new(binary(binary_name))
             .arg("serve")
             .arg("--config")
             .arg(config_path)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start edge-node");
+            .unwrap_or_else(|e| panic!("start {binary_name}: {e}"));
         let stdout = child.stdout.take().expect("stdout is piped");
-        let addr = follow_log(stdout, data_dir.join("edge-node.log"), "edge node serving");
-        Self { child: Some(child), addr, data_dir: data_dir.to_path_buf(), config_path: config_path.to_path_buf() }
+        let addr = follow_log(stdout, data_dir.join(format!("{binary_name}.log")), ready_message);
+        Self {
+            binary: binary_name,
+            ready_message,
+            child: Some(child),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            config_path: config_path.to_path_buf(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -101,10 +146,10 @@ impl EdgeNodeProcess {
         child.wait().ok()
     }
 
-    /// Starts the node again on its data directory (on a new port).
+    /// Starts the process again on its data directory and configuration.
     pub fn restart(&mut self) {
         self.kill9();
-        *self = Self::start_with(&self.data_dir.clone(), &self.config_path.clone());
+        *self = Self::start_with(self.binary, self.ready_message, &self.data_dir.clone(), &self.config_path.clone());
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -112,7 +157,7 @@ impl EdgeNodeProcess {
     }
 }
 
-impl Drop for EdgeNodeProcess {
+impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill9();
     }

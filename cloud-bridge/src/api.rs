@@ -1,0 +1,274 @@
+//! The pharmacy's HTTP API and the sync endpoint's route.
+//!
+//! | method | path                              | who                | what |
+//! |--------|-----------------------------------|--------------------|------|
+//! | GET    | /api/v1/queue                     | pharmacist, admin  | all wards' tickets, priority then age; `ward`, `status`, `priority` (comma lists), `limit` (1-500) |
+//! | GET    | /api/v1/tickets/{id}              | pharmacist, admin  | one ticket with its history |
+//! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle of SupplyRequests |
+//! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict |
+//! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
+//! | GET    | /sync                             | edge nodes         | WebSocket sync |
+//! | GET    | /healthz, /readyz                 | anyone             | liveness, readiness |
+//!
+//! Errors are `{"error": {"code", "message"}}` with the statuses of the edge
+//! node's API.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TransitionRequest};
+use sync_protocol::ids::{Role, TicketId, WardId};
+use sync_protocol::ticket::{Actor, ErrorClass, Priority, Status, Ticket, TicketError};
+use sync_protocol::token::{AuthError, Principal};
+
+use crate::store::{self, NodeDiagnostics, QueueQuery, StoreError};
+use crate::{AppState, now_ms};
+
+const QUEUE_LIMIT_DEFAULT: usize = 100;
+const QUEUE_LIMIT_MAX: usize = 500;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; it has been logged")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response =
+            (self.status, Json(json!({ "error": { "code": self.code, "message": self.message } }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<TicketError> for ApiError {
+    fn from(error: TicketError) -> Self {
+        let status = match error.class() {
+            ErrorClass::Conflict => StatusCode::CONFLICT,
+            ErrorClass::Forbidden => StatusCode::FORBIDDEN,
+            ErrorClass::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, error.code(), error.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound(id) => {
+                ApiError::new(StatusCode::NOT_FOUND, "ticket_not_found", format!("no ticket {id}"))
+            }
+            StoreError::Document(DocumentError::Ticket(error)) => error.into(),
+            StoreError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", error.to_string()),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        tracing::info!(%error, "token refused");
+        ApiError::new(StatusCode::UNAUTHORIZED, error.code(), "the token is not valid here")
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let code = match rejection {
+            JsonRejection::JsonSyntaxError(_) => "malformed_json",
+            JsonRejection::JsonDataError(_) => "invalid_body",
+            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+            _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+            _ => "unreadable_body",
+        };
+        ApiError::new(rejection.status(), code, rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", rejection.body_text())
+    }
+}
+
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// The verified principal of a request's bearer token.
+pub fn bearer_principal(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+        .ok_or(AuthError::Missing)?;
+    Ok(state.verifier.verify(token.trim(), now_ms() / 1_000)?)
+}
+
+/// A pharmacist or admin, as an audit actor.
+#[derive(Debug, Clone)]
+pub struct PharmacyCaller(pub Actor);
+
+impl FromRequestParts<AppState> for PharmacyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let principal = bearer_principal(parts, state)?;
+        let role = principal
+            .acting_role(&[Role::Pharmacist, Role::Admin])
+            .ok_or_else(|| ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "this API serves the pharmacy"))?;
+        Ok(PharmacyCaller(Actor {
+            user: principal.user,
+            role,
+            device: state.config.bridge.id.clone(),
+            offline_login: false,
+        }))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/queue", get(queue))
+        .route("/tickets/{id}", get(ticket))
+        .route("/tickets/{id}/fhir", get(fhir))
+        .route("/tickets/{id}/transitions", post(transition))
+        .route("/nodes", get(nodes));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/sync", get(crate::sync::upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(state.config.http.body_bytes_max))
+        .with_state(state)
+}
+
+fn ticket_id(raw: &str) -> Result<TicketId, ApiError> {
+    raw.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_ticket_id", format!("{e}")))
+}
+
+fn parse_list<T>(raw: Option<&str>, parse: impl Fn(&str) -> Option<T>, code: &'static str) -> Result<Vec<T>, ApiError> {
+    raw.into_iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+        .map(|s| parse(s).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code, format!("unknown value {s:?}"))))
+        .collect()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueParams {
+    ward: Option<String>,
+    status: Option<String>,
+    priority: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct QueuePage {
+    tickets: Vec<Box<RawValue>>,
+    /// Tickets matching the filters, beyond the `limit` shown.
+    total: u64,
+}
+
+async fn queue(
+    State(state): State<AppState>,
+    _caller: PharmacyCaller,
+    params: Result<Query<QueueParams>, QueryRejection>,
+) -> Result<Json<QueuePage>, ApiError> {
+    let Query(params) = params?;
+    let limit = params.limit.unwrap_or(QUEUE_LIMIT_DEFAULT);
+    if !(1..=QUEUE_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            format!("limit must be 1 to {QUEUE_LIMIT_MAX}"),
+        ));
+    }
+    let query = QueueQuery {
+        wards: parse_list(params.ward.as_deref(), |s| s.parse::<WardId>().ok(), "invalid_ward")?,
+        statuses: parse_list(params.status.as_deref(), Status::parse, "invalid_status")?,
+        priorities: parse_list(params.priority.as_deref(), Priority::parse, "invalid_priority")?,
+        limit,
+    };
+    let (rows, total) = state.store.read(move |conn| store::queue(conn, &query)).await?;
+    let tickets = rows.into_iter().map(RawValue::from_string).collect::<Result<_, _>>().map_err(ApiError::internal)?;
+    Ok(Json(QueuePage { tickets, total }))
+}
+
+#[derive(Serialize)]
+struct TicketWithHistory {
+    ticket: Ticket,
+    history: Vec<HistoryEntry>,
+}
+
+async fn ticket(
+    State(state): State<AppState>,
+    _caller: PharmacyCaller,
+    Path(id): Path<String>,
+) -> Result<Json<TicketWithHistory>, ApiError> {
+    let id = ticket_id(&id)?;
+    let replica = state.store.replica().clone();
+    let (ticket, history) = state.store.read(move |conn| store::ticket_with_history(conn, id, &replica)).await?;
+    Ok(Json(TicketWithHistory { ticket, history }))
+}
+
+async fn fhir(
+    State(state): State<AppState>,
+    _caller: PharmacyCaller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = ticket_id(&id)?;
+    let replica = state.store.replica().clone();
+    let (ticket, _) = state.store.read(move |conn| store::ticket_with_history(conn, id, &replica)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/fhir+json")], Json(sync_protocol::fhir::supply_request_bundle(&ticket))))
+}
+
+async fn transition(
+    State(state): State<AppState>,
+    PharmacyCaller(actor): PharmacyCaller,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<TransitionRequest>,
+) -> Result<Json<Ticket>, ApiError> {
+    let id = ticket_id(&id)?;
+    let now = now_ms();
+    let limits = state.config.limits.clone();
+    let mutation = Box::new(move |doc: &mut TicketDocument| doc.transition(&request, &actor, now, &limits));
+    Ok(Json(state.store.pharmacy_write(id, mutation).await?))
+}
+
+async fn nodes(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<NodeDiagnostics>>, ApiError> {
+    Ok(Json(state.store.read(store::diagnostics).await?))
+}
+
+async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state
+        .store
+        .read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the database is not reachable"))?;
+    Ok("ready")
+}

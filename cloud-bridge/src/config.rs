@@ -1,0 +1,132 @@
+//! The bridge's configuration: versioned TOML, `CLOUD_BRIDGE__` environment
+//! overrides (`CLOUD_BRIDGE__HTTP__LISTEN=...`), unknown fields rejected,
+//! validated at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+use sync_protocol::ids::NodeId;
+use sync_protocol::session::SessionConfig;
+use sync_protocol::ticket::Limits;
+use sync_protocol::token::TokenPolicy;
+
+pub const CONFIG_VERSION: u32 = 1;
+pub const ENV_PREFIX: &str = "CLOUD_BRIDGE__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub version: u32,
+    pub bridge: BridgeSection,
+    #[serde(default)]
+    pub http: HttpConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub session: SessionConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSection {
+    /// This bridge instance; recorded as the device of pharmacy changes.
+    pub id: NodeId,
+    /// The embedded store's directory (absolute).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub body_bytes_max: usize,
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 8580)), body_bytes_max: 64 * 1024, shutdown_grace_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(flatten)]
+    pub policy: TokenPolicy,
+    /// The auth service's JWKS; relative paths are inside `bridge.data_dir`.
+    #[serde(default = "default_jwks_file")]
+    pub jwks_file: PathBuf,
+}
+
+fn default_jwks_file() -> PathBuf {
+    PathBuf::from("jwks.json")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` or `text`.
+    pub format: String,
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: "json".into(), filter: "info".into() }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::file_exact(path)).merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)).merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if config.version != CONFIG_VERSION {
+            return invalid(format!("version is {}, this build reads version {CONFIG_VERSION}", config.version));
+        }
+        if !config.bridge.data_dir.is_absolute() {
+            return invalid(format!(
+                "bridge.data_dir must be an absolute path, got {}",
+                config.bridge.data_dir.display()
+            ));
+        }
+        if !matches!(config.log.format.as_str(), "json" | "text") {
+            return invalid(format!("log.format must be json or text, got {:?}", config.log.format));
+        }
+        if config.session.batches_in_flight_max == 0 || config.session.heartbeat_interval_ms == 0 {
+            return invalid("session.batches_in_flight_max and session.heartbeat_interval_ms must be positive".into());
+        }
+        config.auth.policy.validate().map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
+        Ok(config)
+    }
+
+    pub fn jwks_path(&self) -> PathBuf {
+        self.bridge.data_dir.join(&self.auth.jwks_file)
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.bridge.data_dir.join("cloud-bridge.sqlite3")
+    }
+}

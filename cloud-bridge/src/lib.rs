@@ -1,0 +1,93 @@
+//! The cloud bridge: the sync endpoint for edge nodes and the pharmacy API,
+//! over embedded storage. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod config;
+pub mod store;
+pub mod sync;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::ActorId;
+use sync_protocol::token::{self, AuthError, Verifier};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+
+pub use crate::store::now_ms;
+
+/// Writes (upstream batches, pharmacy writes) waiting for the writer.
+const WRITE_QUEUE_MAX: usize = 1_024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot load the token keys: {0}")]
+    Keys(#[from] AuthError),
+    #[error("http server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub verifier: Arc<Verifier>,
+    pub shutdown: CancellationToken,
+}
+
+pub fn open_state(config: Config) -> Result<AppState, ServeError> {
+    let data_dir = &config.bridge.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
+    let jwks_path = config.jwks_path();
+    let jwks = std::fs::read_to_string(&jwks_path)
+        .map_err(|e| AuthError::Jwks(format!("{}: {e}", jwks_path.display())))
+        .and_then(|text| token::parse_jwks(&text))?;
+    let verifier = Verifier::new(&config.auth.policy, &jwks)?;
+    let store = Store::open(&config.database_path(), config.limits.clone(), ActorId::random(), WRITE_QUEUE_MAX)?;
+    Ok(AppState {
+        config: Arc::new(config),
+        store: Arc::new(store),
+        verifier: Arc::new(verifier),
+        shutdown: CancellationToken::new(),
+    })
+}
+
+/// Serves until `shutdown` completes, then drains (at most
+/// `http.shutdown_grace_ms`) and lets the store commit what is queued.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let state = open_state(config)?;
+    let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
+    let address = listener.local_addr()?;
+    tracing::info!(%address, bridge = %state.config.bridge.id, "cloud bridge serving");
+    let stopping = state.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopping.cancel();
+    });
+    let drained = state.shutdown.clone();
+    let server = axum::serve(listener, api::router(state.clone()))
+        .with_graceful_shutdown(async move { drained.cancelled().await });
+    let server = tokio::spawn(async move { server.await });
+    state.shutdown.cancelled().await;
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => tracing::error!(%join, "http server task failed"),
+        Err(_) => tracing::warn!("requests still running after the grace period were cut off"),
+    }
+    state.store.close().await;
+    tracing::info!("cloud bridge stopped");
+    Ok(())
+}

@@ -1,0 +1,71 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cloud_bridge::config::Config;
+
+/// The cloud bridge: sync endpoint for edge nodes, pharmacy API.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve edge nodes and the pharmacy.
+    Serve {
+        #[arg(long, env = "CLOUD_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a configuration file (with environment overrides) and exit.
+    CheckConfig {
+        #[arg(long, env = "CLOUD_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve { config } => serve(config),
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            println!("configuration is valid: bridge {}", config.bridge.id);
+            Ok(())
+        }
+    }
+}
+
+fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter).context("log.filter")?;
+    let logger = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match config.log.format.as_str() {
+        "json" => logger.json().flatten_event(true).init(),
+        _ => logger.init(),
+    }
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http.listen))?;
+        cloud_bridge::run(config, listener, shutdown_signal()).await.context("cloud bridge failed")
+    })
+}
+
+async fn shutdown_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the bridge");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,635 @@
+//! The bridge's embedded storage in SQLite: the default for a single-site
+//! install and for development. The Kafka/MongoDB backend of a later issue
+//! takes its place behind the same methods.
+//!
+//! - `changes`: the change log. Every accepted Automerge change, once (its
+//!   hash is unique), numbered by a global sequence. An edge's downstream
+//!   cursor is a position in it, and its feed is the log filtered by ward.
+//! - `tickets`: each ticket's merged document and materialized columns, for
+//!   the pharmacy queue.
+//! - `nodes`: per edge node, the highest upstream sequence durably processed
+//!   (what `Welcome.acked_up_to` reports), last seen, rejected count.
+//! - `rejected_changes`: changes refused by validation, for diagnostics.
+//!
+//! One writer thread applies upstream batches and pharmacy writes, each job
+//! in the same transaction as the others waiting (group commit), and answers
+//! only after the commit.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use automerge::ActorId;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use serde_bytes::ByteBuf;
+use sync_protocol::document::{self, DocumentError, HistoryEntry, TicketDocument};
+use sync_protocol::ids::{NodeId, Role, TicketId, WardId};
+use sync_protocol::session::Rejection;
+use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
+use sync_protocol::wire::{Cursor, DownstreamChange, UpstreamChange};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE changes (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        hash       TEXT NOT NULL UNIQUE,
+        ward       TEXT NOT NULL,
+        ticket_id  TEXT NOT NULL,
+        origin     TEXT NOT NULL,
+        change     BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX changes_by_ward ON changes (ward, seq);
+    CREATE TABLE tickets (
+        id            TEXT PRIMARY KEY,
+        ward          TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        priority      TEXT NOT NULL,
+        priority_rank INTEGER NOT NULL,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL,
+        conflicts     INTEGER NOT NULL,
+        ticket        TEXT NOT NULL,
+        document      BLOB NOT NULL
+    ) STRICT;
+    CREATE INDEX tickets_queue ON tickets (priority_rank DESC, created_at, id);
+    CREATE INDEX tickets_by_ward ON tickets (ward, status);
+    CREATE TABLE nodes (
+        node         TEXT PRIMARY KEY,
+        ward         TEXT NOT NULL,
+        acked_up_to  INTEGER NOT NULL,
+        last_seen    INTEGER NOT NULL,
+        rejected     INTEGER NOT NULL DEFAULT 0,
+        cursor       INTEGER
+    ) STRICT;
+    CREATE TABLE rejected_changes (
+        node     TEXT NOT NULL,
+        seq      INTEGER NOT NULL,
+        ticket   TEXT NOT NULL,
+        message  TEXT NOT NULL,
+        at       INTEGER NOT NULL,
+        PRIMARY KEY (node, seq)
+    ) STRICT;
+"#];
+
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+const NOTICES_CAPACITY: usize = 1_024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ticket {0} not found")]
+    NotFound(TicketId),
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+    #[error("the database has schema version {found}, newer than this build's {supported}")]
+    NewerSchema { found: usize, supported: usize },
+    #[error("the store is shut down")]
+    Closed,
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// A ward has new changes in the log: feeds of that ward should read on.
+#[derive(Debug, Clone)]
+pub struct WardNotice {
+    pub ward: WardId,
+    /// The ticket that changed, materialized, for live pharmacy views.
+    pub ticket_json: Arc<str>,
+}
+
+/// A pharmacy edit run on the writer thread, returning the new change.
+pub type Mutation = Box<dyn FnOnce(&mut TicketDocument) -> Result<Vec<u8>, DocumentError> + Send>;
+
+enum Job {
+    Upstream {
+        node: NodeId,
+        ward: WardId,
+        changes: Vec<UpstreamChange>,
+        reply: oneshot::Sender<Result<Vec<Rejection>, StoreError>>,
+    },
+    Pharmacy {
+        id: TicketId,
+        mutation: Mutation,
+        reply: oneshot::Sender<Result<Ticket, StoreError>>,
+    },
+    /// A node applied the feed up to this log position (diagnostics).
+    Cursor {
+        node: NodeId,
+        seq: u64,
+    },
+    Shutdown,
+}
+
+/// Filters of the pharmacy queue.
+#[derive(Debug, Clone, Default)]
+pub struct QueueQuery {
+    pub wards: Vec<WardId>,
+    pub statuses: Vec<Status>,
+    pub priorities: Vec<Priority>,
+    pub limit: usize,
+}
+
+/// Per-node sync diagnostics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeDiagnostics {
+    pub node: String,
+    pub ward: String,
+    pub acked_up_to: u64,
+    pub last_seen: UnixMillis,
+    pub cursor: Option<u64>,
+    /// Changes of the node's ward in the log after its cursor.
+    pub backlog: u64,
+    pub rejected: u64,
+}
+
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<Readers>,
+    notices: broadcast::Sender<WardNotice>,
+    replica: ActorId,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("replica", &self.replica).finish_non_exhaustive()
+    }
+}
+
+/// Cursors are positions in the change log, eight bytes big-endian.
+pub fn cursor_of(seq: u64) -> Cursor {
+    Cursor::new(seq.to_be_bytes().to_vec())
+}
+
+pub fn seq_of(cursor: &Cursor) -> Option<u64> {
+    <[u8; 8]>::try_from(cursor.as_bytes()).ok().map(u64::from_be_bytes)
+}
+
+impl Store {
+    pub fn open(path: &Path, limits: Limits, replica: ActorId, write_queue_max: usize) -> Result<Self, StoreError> {
+        let mut writer = Connection::open(path)?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        writer.pragma_update(None, "busy_timeout", 5_000)?;
+        let found: usize =
+            writer.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?.try_into().unwrap_or(0);
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema { found, supported: SCHEMA_VERSION });
+        }
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(found) {
+            let tx = writer.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", index as i64 + 1)?;
+            tx.commit()?;
+        }
+        let readers = (0..4)
+            .map(|_| {
+                let conn = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.pragma_update(None, "busy_timeout", 5_000)?;
+                Ok(Mutex::new(conn))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let (jobs, queue) = mpsc::channel(write_queue_max);
+        let (notices, _) = broadcast::channel(NOTICES_CAPACITY);
+        let writer_state = Writer { replica: replica.clone(), limits, notices: notices.clone() };
+        let thread = std::thread::Builder::new()
+            .name("bridge-writer".into())
+            .spawn(move || writer_state.run(writer, queue))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
+        Ok(Self {
+            jobs,
+            readers: Arc::new(Readers { connections: readers, next: AtomicUsize::new(0) }),
+            notices,
+            replica,
+            writer: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn replica(&self) -> &ActorId {
+        &self.replica
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<WardNotice> {
+        self.notices.subscribe()
+    }
+
+    /// Validates and durably stores a node's upstream batch. Returns the
+    /// changes refused by validation; every other one is stored (or was already).
+    pub async fn store_upstream(
+        &self,
+        node: NodeId,
+        ward: WardId,
+        changes: Vec<UpstreamChange>,
+    ) -> Result<Vec<Rejection>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job::Upstream { node, ward, changes, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a pharmacy edit or transition and stores the change.
+    pub async fn pharmacy_write(&self, id: TicketId, mutation: Mutation) -> Result<Ticket, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job::Pharmacy { id, mutation, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records how far a node has applied the feed. Diagnostics only: the
+    /// node's own cursor is the truth, so this is not waited for.
+    pub fn note_cursor(&self, node: NodeId, seq: u64) {
+        if self.jobs.try_send(Job::Cursor { node, seq }).is_err() {
+            tracing::debug!("writer busy; a cursor note was skipped");
+        }
+    }
+
+    pub async fn read<R, F>(&self, read: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || readers.with(read))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("read task failed: {e}")))?
+    }
+
+    pub async fn close(&self) {
+        let thread = self.writer.lock().ok().and_then(|mut guard| guard.take());
+        if let Some(thread) = thread {
+            let _ = self.jobs.send(Job::Shutdown).await;
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+struct Readers {
+    connections: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    fn with<R>(&self, read: impl FnOnce(&Connection) -> R) -> R {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.connections.len();
+        for offset in 0..n {
+            if let Ok(conn) = self.connections[(start + offset) % n].try_lock() {
+                return read(&conn);
+            }
+        }
+        let conn = self.connections[start % n].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        read(&conn)
+    }
+}
+
+struct Writer {
+    replica: ActorId,
+    limits: Limits,
+    notices: broadcast::Sender<WardNotice>,
+}
+
+/// Documents touched by a transaction, saved once at its end.
+type Touched = HashMap<TicketId, TicketDocument>;
+
+/// A reply held until its batch commits: sent as computed if the commit
+/// succeeded, as the failure if not, so nothing uncommitted is acknowledged.
+type HeldReply = Box<dyn FnOnce(Option<&str>)>;
+
+fn hold<T: 'static>(reply: oneshot::Sender<Result<T, StoreError>>, outcome: Result<T, StoreError>) -> HeldReply {
+    Box::new(move |failure| {
+        let _ = reply.send(match failure {
+            None => outcome,
+            Some(failure) => Err(StoreError::Corrupt(failure.to_owned())),
+        });
+    })
+}
+
+/// Lets an SQLite error abort the whole batch; any other error belongs to its job.
+fn raise<T>(outcome: Result<T, StoreError>) -> Result<Result<T, StoreError>, rusqlite::Error> {
+    match outcome {
+        Err(StoreError::Sqlite(error)) => Err(error),
+        other => Ok(other),
+    }
+}
+
+impl Writer {
+    fn run(self, mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = queue.blocking_recv() else { break };
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Shutdown => stopping = true,
+                    job => batch.push(job),
+                }
+                if batch.len() < 64 && !stopping {
+                    next = queue.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(&mut conn, batch);
+            }
+        }
+        let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
+
+    fn commit(&self, conn: &mut Connection, batch: Vec<Job>) {
+        let mut touched = Touched::new();
+        let mut replies: Vec<HeldReply> = Vec::new();
+        let result = (|| -> Result<(), rusqlite::Error> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for job in batch {
+                match job {
+                    Job::Upstream { node, ward, changes, reply } => {
+                        let outcome = raise(self.upstream(&tx, &mut touched, &node, &ward, changes))?;
+                        replies.push(hold(reply, outcome));
+                    }
+                    Job::Pharmacy { id, mutation, reply } => {
+                        let outcome = raise(self.pharmacy(&tx, &mut touched, id, mutation))?;
+                        replies.push(hold(reply, outcome));
+                    }
+                    Job::Cursor { node, seq } => {
+                        tx.execute(
+                            "UPDATE nodes SET cursor = max(coalesce(cursor, 0), ?2) WHERE node = ?1",
+                            params![node.as_str(), seq as i64],
+                        )?;
+                    }
+                    Job::Shutdown => {}
+                }
+            }
+            let mut notices = Vec::new();
+            for (id, document) in &mut touched {
+                let ticket = document.ticket().map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                let json: Arc<str> = serde_json::to_string(&ticket).map(Arc::from).unwrap_or_else(|_| Arc::from("{}"));
+                tx.execute(
+                    "INSERT INTO tickets (id, ward, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (id) DO UPDATE SET status = ?3, priority = ?4, priority_rank = ?5, updated_at = ?7,
+                       conflicts = ?8, ticket = ?9, document = ?10",
+                    params![
+                        id.to_string(),
+                        ticket.ward.as_str(),
+                        ticket.status.as_str(),
+                        ticket.priority.as_str(),
+                        ticket.priority as i64,
+                        ticket.created_at,
+                        ticket.updated_at,
+                        ticket.conflicts.len() as i64,
+                        &*json,
+                        document.save()
+                    ],
+                )?;
+                notices.push(WardNotice { ward: ticket.ward.clone(), ticket_json: json });
+            }
+            tx.commit()?;
+            for notice in notices {
+                let _ = self.notices.send(notice);
+            }
+            Ok(())
+        })();
+        let failure = result.err().map(|error| {
+            tracing::error!(%error, "bridge commit failed; nothing of the batch was acknowledged");
+            "the write could not be committed".to_owned()
+        });
+        for reply in replies {
+            reply(failure.as_deref());
+        }
+    }
+
+    fn load<'t>(
+        &self,
+        conn: &Connection,
+        touched: &'t mut Touched,
+        id: TicketId,
+    ) -> Result<Option<&'t mut TicketDocument>, StoreError> {
+        if let std::collections::hash_map::Entry::Vacant(slot) = touched.entry(id) {
+            let bytes: Option<Vec<u8>> = conn
+                .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |r| r.get(0))
+                .optional()?;
+            match bytes {
+                Some(bytes) => {
+                    slot.insert(TicketDocument::load(&bytes, self.replica.clone())?);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(touched.get_mut(&id))
+    }
+
+    fn upstream(
+        &self,
+        conn: &Connection,
+        touched: &mut Touched,
+        node: &NodeId,
+        ward: &WardId,
+        changes: Vec<UpstreamChange>,
+    ) -> Result<Vec<Rejection>, StoreError> {
+        let mut rejections = Vec::new();
+        let mut highest = 0;
+        for UpstreamChange { seq, ticket, change } in changes {
+            highest = highest.max(seq);
+            if let Err(message) = self.accept_one(conn, touched, node, ward, ticket, change.into_vec()) {
+                rejections.push(Rejection { seq, ticket, message });
+            }
+        }
+        let now = now_ms();
+        for rejection in &rejections {
+            conn.execute(
+                "INSERT OR REPLACE INTO rejected_changes (node, seq, ticket, message, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![node.as_str(), rejection.seq as i64, rejection.ticket.to_string(), rejection.message, now],
+            )?;
+        }
+        conn.execute(
+            "INSERT INTO nodes (node, ward, acked_up_to, last_seen, rejected) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (node) DO UPDATE SET acked_up_to = max(acked_up_to, ?3), last_seen = ?4, rejected = rejected + ?5, ward = ?2",
+            params![node.as_str(), ward.as_str(), highest as i64, now, rejections.len() as i64],
+        )?;
+        Ok(rejections)
+    }
+
+    /// Validates one change from a node and logs it. `Err` is the reason it
+    /// was refused; SQLite failures are raised through `rusqlite` in the caller.
+    fn accept_one(
+        &self,
+        conn: &Connection,
+        touched: &mut Touched,
+        node: &NodeId,
+        ward: &WardId,
+        id: TicketId,
+        bytes: Vec<u8>,
+    ) -> Result<(), String> {
+        let (hash, audit) = document::inspect_change(&bytes).map_err(|e| e.to_string())?;
+        // The node speaks for its ward's people: the change must say it came
+        // through this node, from a role that works at a ward.
+        if audit.actor.device != *node {
+            return Err(format!("change claims device {}, but came from {node}", audit.actor.device));
+        }
+        if !matches!(audit.actor.role, Role::Nurse | Role::Admin) {
+            return Err(format!("a {} may not make changes at a ward", audit.actor.role));
+        }
+        let document = self.load(conn, touched, id).map_err(|e| e.to_string())?;
+        let applied = match document {
+            Some(document) => {
+                if document.ticket().map_err(|e| e.to_string())?.ward != *ward {
+                    return Err(format!("ticket {id} belongs to another ward"));
+                }
+                document.apply_untrusted(std::slice::from_ref(&bytes), &self.limits).map_err(|e| e.to_string())?
+            }
+            None => {
+                let (document, audits) = TicketDocument::from_untrusted_changes(
+                    std::slice::from_ref(&bytes),
+                    &self.limits,
+                    self.replica.clone(),
+                )
+                .map_err(|e| e.to_string())?;
+                let ticket = document.ticket().map_err(|e| e.to_string())?;
+                if ticket.ward != *ward || ticket.id != id {
+                    return Err(format!(
+                        "the change creates a ticket of another ward or id ({} in {})",
+                        ticket.id, ticket.ward
+                    ));
+                }
+                touched.insert(id, document);
+                audits
+            }
+        };
+        if !applied.is_empty() {
+            conn.execute(
+                "INSERT INTO changes (hash, ward, ticket_id, origin, change) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (hash) DO NOTHING",
+                params![hash, ward.as_str(), id.to_string(), node.as_str(), bytes],
+            )
+            .map_err(|e| format!("storage: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn pharmacy(
+        &self,
+        conn: &Connection,
+        touched: &mut Touched,
+        id: TicketId,
+        mutation: Mutation,
+    ) -> Result<Ticket, StoreError> {
+        let document = self.load(conn, touched, id)?.ok_or(StoreError::NotFound(id))?;
+        // Work on a copy so a refused mutation leaves the batch's document untouched.
+        let mut candidate = document.clone();
+        let change = mutation(&mut candidate)?;
+        let ticket = candidate.ticket()?;
+        let (hash, _) = document::inspect_change(&change)?;
+        conn.execute(
+            "INSERT INTO changes (hash, ward, ticket_id, origin, change) VALUES (?1, ?2, ?3, 'pharmacy', ?4)",
+            params![hash, ticket.ward.as_str(), id.to_string(), change],
+        )?;
+        *document = candidate;
+        Ok(ticket)
+    }
+}
+
+pub fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The next changes of `ward` after `after` (exclusive), skipping those that
+/// came from `node` itself, at most `limit` and about `bytes_max` bytes.
+/// Returns the changes and the cursor after the last row read.
+pub fn feed(
+    conn: &Connection,
+    ward: &WardId,
+    node: &NodeId,
+    after: u64,
+    limit: usize,
+    bytes_max: usize,
+) -> Result<(Vec<DownstreamChange>, u64), StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT seq, ticket_id, origin, change FROM changes WHERE ward = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let mut rows = statement.query(params![ward.as_str(), after as i64, limit as i64])?;
+    let mut changes = Vec::new();
+    let (mut cursor, mut bytes) = (after, 0usize);
+    while let Some(row) = rows.next()? {
+        let change: Vec<u8> = row.get(3)?;
+        if bytes + change.len() > bytes_max && !changes.is_empty() {
+            break;
+        }
+        cursor = row.get::<_, i64>(0)? as u64;
+        let origin: String = row.get(2)?;
+        if origin != node.as_str() {
+            bytes += change.len();
+            let ticket: String = row.get(1)?;
+            let ticket = ticket.parse().map_err(|e| StoreError::Corrupt(format!("ticket id in log: {e}")))?;
+            changes.push(DownstreamChange { ticket, change: ByteBuf::from(change) });
+        }
+    }
+    Ok((changes, cursor))
+}
+
+pub fn acked_up_to(conn: &Connection, node: &NodeId) -> Result<u64, StoreError> {
+    let acked: Option<i64> =
+        conn.query_row("SELECT acked_up_to FROM nodes WHERE node = ?1", [node.as_str()], |r| r.get(0)).optional()?;
+    Ok(acked.unwrap_or(0) as u64)
+}
+
+/// The pharmacy queue: priority first, then age; with the number of
+/// tickets matching the filters.
+pub fn queue(conn: &Connection, query: &QueueQuery) -> Result<(Vec<String>, u64), StoreError> {
+    let mut filter = String::from(" WHERE 1 = 1");
+    let mut args: Vec<String> = Vec::new();
+    let mut in_list = |column: &str, values: Vec<String>| {
+        if !values.is_empty() {
+            filter.push_str(&format!(" AND {column} IN ({})", vec!["?"; values.len()].join(", ")));
+            args.extend(values);
+        }
+    };
+    in_list("ward", query.wards.iter().map(|w| w.as_str().to_owned()).collect());
+    in_list("status", query.statuses.iter().map(|s| s.as_str().to_owned()).collect());
+    in_list("priority", query.priorities.iter().map(|p| p.as_str().to_owned()).collect());
+    let total: i64 =
+        conn.query_row(&format!("SELECT count(*) FROM tickets{filter}"), rusqlite::params_from_iter(&args), |r| {
+            r.get(0)
+        })?;
+    let sql =
+        format!("SELECT ticket FROM tickets{filter} ORDER BY priority_rank DESC, created_at, id LIMIT {}", query.limit);
+    let mut statement = conn.prepare_cached(&sql)?;
+    let rows = statement.query_map(rusqlite::params_from_iter(&args), |row| row.get(0))?;
+    Ok((rows.collect::<Result<_, _>>()?, total as u64))
+}
+
+pub fn ticket_with_history(
+    conn: &Connection,
+    id: TicketId,
+    replica: &ActorId,
+) -> Result<(Ticket, Vec<HistoryEntry>), StoreError> {
+    let bytes: Vec<u8> = conn
+        .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |r| r.get(0))
+        .optional()?
+        .ok_or(StoreError::NotFound(id))?;
+    let mut document = TicketDocument::load(&bytes, replica.clone())?;
+    Ok((document.ticket()?, document.history()?))
+}
+
+pub fn diagnostics(conn: &Connection) -> Result<Vec<NodeDiagnostics>, StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT n.node, n.ward, n.acked_up_to, n.last_seen, n.cursor, n.rejected,
+                (SELECT count(*) FROM changes c WHERE c.ward = n.ward AND c.seq > coalesce(n.cursor, 0) AND c.origin != n.node)
+         FROM nodes n ORDER BY n.node",
+    )?;
+    let rows = statement.query_map([], |r| {
+        Ok(NodeDiagnostics {
+            node: r.get(0)?,
+            ward: r.get(1)?,
+            acked_up_to: r.get::<_, i64>(2)? as u64,
+            last_seen: r.get(3)?,
+            cursor: r.get::<_, Option<i64>>(4)?.map(|c| c as u64),
+            rejected: r.get::<_, i64>(5)? as u64,
+            backlog: r.get::<_, i64>(6)? as u64,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

@@ -1,0 +1,195 @@
+//! The WebSocket endpoint edge nodes sync through: a thin driver of
+//! [`BridgeSession`], which holds every protocol rule.
+//!
+//! The node's token is checked at the upgrade (an edge-node token, for the
+//! node it names) and again against the `Hello` (same node, a ward the token
+//! covers). Upstream batches are stored durably before they are
+//! acknowledged. The downstream feed reads the ward's change log from the
+//! node's cursor, wakes on notices of new changes, and falls back to polling
+//! so a missed notice only delays, never loses, a change.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use sync_protocol::ids::{NodeId, Role};
+use sync_protocol::session::{BridgeAction, BridgePhase, BridgeSession};
+use sync_protocol::token::Principal;
+use sync_protocol::wire::{self, Message, RefusalReason, Refused};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::api::{ApiError, bearer_principal};
+use crate::store::{self, cursor_of, seq_of};
+use crate::{AppState, now_ms};
+
+/// How often a feed looks for changes when no notice arrived.
+const FEED_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Heartbeat checks.
+const TICK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// An edge node, authenticated at the upgrade.
+#[derive(Debug)]
+pub struct EdgeCaller(Principal);
+
+impl FromRequestParts<AppState> for EdgeCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let principal = bearer_principal(parts, state)?;
+        if principal.acting_role(&[Role::EdgeNode]).is_none() {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "the sync endpoint serves edge nodes"));
+        }
+        Ok(EdgeCaller(principal))
+    }
+}
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    EdgeCaller(principal): EdgeCaller,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let limits = state.config.session.limits;
+    ws.max_message_size(limits.frame_bytes_max)
+        .max_frame_size(limits.frame_bytes_max)
+        .on_upgrade(move |socket| async move {
+            let node = principal.user.clone();
+            if let Err(error) = drive(socket, state, principal).await {
+                tracing::info!(%node, %error, "sync connection ended");
+            }
+        })
+        .into_response()
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum DriveError {
+    #[error("socket: {0}")]
+    Socket(#[from] axum::Error),
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+}
+
+async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Result<(), DriveError> {
+    let config = state.config.session;
+    let (mut sink, mut stream) = socket.split();
+    let mut session = BridgeSession::new(config, now_ms());
+    let mut notices = state.store.subscribe();
+    let mut ticks = tokio::time::interval(TICK_INTERVAL);
+    let mut poll = tokio::time::interval(FEED_POLL_INTERVAL);
+    // The feed position once started: the last log sequence sent.
+    let mut feed: Option<u64> = None;
+    let mut feed_wanted = false;
+    let mut actions = Vec::new();
+    loop {
+        while let Some(action) = (!actions.is_empty()).then(|| actions.remove(0)) {
+            match action {
+                BridgeAction::Send(message) => {
+                    let frame = wire::encode(&message, &config.limits).map_err(axum::Error::new)?;
+                    sink.send(WsMessage::Binary(frame.into())).await?;
+                }
+                BridgeAction::Authenticate { node, ward, token } => {
+                    let result = authenticate(&state, &principal, &node, &ward, &token).await;
+                    actions.extend(session.authenticated(result, now_ms()));
+                }
+                BridgeAction::Store { changes } => {
+                    let (node, ward) =
+                        session.peer().map(|(n, w)| (n.clone(), w.clone())).expect("stores only after hello");
+                    let rejections = state.store.store_upstream(node, ward, changes).await?;
+                    actions.extend(session.stored(rejections, now_ms()));
+                }
+                BridgeAction::StartFeed { cursor } => {
+                    feed = Some(cursor.as_ref().and_then(seq_of).unwrap_or(0));
+                    feed_wanted = true;
+                }
+                BridgeAction::DownstreamAcked { cursor } => {
+                    if let (Some(seq), Some((node, _))) = (seq_of(&cursor), session.peer()) {
+                        state.store.note_cursor(node.clone(), seq);
+                    }
+                }
+                BridgeAction::Close(reason) => {
+                    tracing::info!(node = %principal.user, ?reason, "closing sync session");
+                    let _ = sink.close().await;
+                    return Ok(());
+                }
+            }
+        }
+        if let (Some(after), true, Some((node, ward))) =
+            (feed, feed_wanted && session.downstream_window_open(), session.peer())
+        {
+            let (node, ward) = (node.clone(), ward.clone());
+            let limits = config.limits;
+            let (changes, cursor) = state
+                .store
+                .read(move |conn| {
+                    store::feed(conn, &ward, &node, after, limits.changes_per_batch_max, limits.frame_bytes_max / 2)
+                })
+                .await?;
+            feed = Some(cursor);
+            feed_wanted = cursor != after;
+            if !changes.is_empty() {
+                actions.extend(
+                    session.send_downstream(Message::Downstream { changes, cursor: cursor_of(cursor) }, now_ms()),
+                );
+                continue;
+            }
+        }
+        if session.phase() == BridgePhase::Closed {
+            return Ok(());
+        }
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(WsMessage::Binary(bytes))) => match wire::decode(&bytes, &config.limits) {
+                    Ok(message) => actions.extend(session.on_message(message, now_ms())),
+                    Err(error) => actions.extend(session.on_frame_error(&error)),
+                },
+                Some(Ok(WsMessage::Close(_))) | None => return Ok(()),
+                Some(Ok(_)) => {} // ping/pong/text: the protocol's own heartbeats are binary
+                Some(Err(error)) => return Err(error.into()),
+            },
+            notice = notices.recv() => match notice {
+                Ok(notice) if session.peer().is_some_and(|(_, ward)| *ward == notice.ward) => feed_wanted = true,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => feed_wanted = true,
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            _ = poll.tick() => feed_wanted = true,
+            _ = ticks.tick() => actions.extend(session.on_tick(now_ms())),
+            _ = state.shutdown.cancelled() => {
+                let _ = sink.close().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Checks the hello against the token of the upgrade and returns the
+/// node's durable upstream position.
+async fn authenticate(
+    state: &AppState,
+    principal: &Principal,
+    node: &NodeId,
+    ward: &sync_protocol::ids::WardId,
+    token: &str,
+) -> Result<u64, Refused> {
+    let refuse = |reason, detail: String| Refused { reason, detail };
+    let hello_principal = state
+        .verifier
+        .verify(token, now_ms() / 1_000)
+        .map_err(|e| refuse(RefusalReason::Unauthorized, e.code().to_owned()))?;
+    if hello_principal.user != principal.user || principal.user.as_str() != node.as_str() {
+        return Err(refuse(RefusalReason::Forbidden, format!("the token is not for node {node}")));
+    }
+    if !principal.wards.contains(ward) {
+        return Err(refuse(RefusalReason::Forbidden, format!("the token does not cover {ward}")));
+    }
+    let node = node.clone();
+    state
+        .store
+        .read(move |conn| store::acked_up_to(conn, &node))
+        .await
+        .map_err(|e| refuse(RefusalReason::Unavailable, format!("bridge storage unavailable: {e}")))
+}
