@@ -206,3 +206,138 @@ async fn a_node_token_cannot_reach_another_ward() {
     let edge = client.get(site.edge.url("/api/v1/tickets")).bearer_auth(&nurse_of_other_ward).send().await.unwrap();
     assert_eq!(edge.status(), 403);
 }
+
+/// A TCP proxy on loopback whose connections the test can cut at will.
+struct CuttableProxy {
+    port: u16,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl CuttableProxy {
+    async fn start(target_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cuts = cuts.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await else {
+                        return;
+                    };
+                    cuts.mark_unchanged();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {} // dropping both ends cuts the link mid-whatever
+                    }
+                });
+            }
+        });
+        CuttableProxy { port, cut }
+    }
+
+    fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_links_and_a_killed_bridge_lose_and_duplicate_nothing() {
+    let issuer = TestIssuer::new("key-1");
+    let (edge_dir, bridge_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bridge_port = free_port();
+    let proxy = CuttableProxy::start(bridge_port).await;
+    std::fs::write(edge_dir.path().join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD])).unwrap();
+    // Small batches, so a cut lands mid-backlog many times.
+    let sync = format!(
+        "[sync]\nbridge_url = \"ws://127.0.0.1:{}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 500\n[sync.session.limits]\nchanges_per_batch_max = 50\n",
+        proxy.port
+    );
+    let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
+    let client = reqwest::Client::new();
+    let nurse = issuer.nurse(WARD);
+    let pharmacist = issuer.token("p.lindqvist", &["pharmacist"], &[]);
+    let count = offline_tickets().min(3_000);
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let response =
+            client.post(edge.url("/api/v1/tickets")).bearer_auth(&nurse).json(&ticket(n)).send().await.unwrap();
+        ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+
+    let mut bridge =
+        BridgeProcess::start_bridge(bridge_dir.path(), &format!("127.0.0.1:{bridge_port}"), &issuer.jwks(), "");
+    // Chaos while the backlog flows: cut every link now and then, and kill
+    // the bridge once, hard, while batches are in flight.
+    for round in 0..12 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        proxy.cut_all();
+        if round == 5 {
+            bridge.kill9();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            bridge.restart();
+        }
+        // The pharmacy works tickets that have arrived, through the cuts.
+        let id = &ids[round * 7];
+        let _ = client
+            .post(bridge.url(&format!("/api/v1/tickets/{id}/transitions")))
+            .bearer_auth(&pharmacist)
+            .json(&json!({ "to": "acknowledged" }))
+            .send()
+            .await;
+    }
+
+    let queue_url = bridge.url(&format!("/api/v1/queue?ward={WARD}&limit=1"));
+    let total = async || {
+        let queue: Value = client.get(&queue_url).bearer_auth(&pharmacist).send().await.unwrap().json().await.unwrap();
+        queue["total"].as_u64().unwrap_or(0)
+    };
+    eprintln!("{} of {count} tickets at the bridge when the chaos ended", total().await);
+    wait_for("the backlog at the bridge", Duration::from_secs(300), async || total().await == count as u64).await;
+    wait_for("the edge outbox to drain", Duration::from_secs(60), async || {
+        let status: Value =
+            client.get(edge.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+        status["outbox"]["pending"] == 0
+    })
+    .await;
+    let log = std::fs::read_to_string(edge_dir.path().join("edge-node.log")).unwrap();
+    let drops = log.matches("sync link down").count();
+    assert!(drops >= 6, "the links were cut while in use: {drops} drops seen by the edge");
+    // Both sides converge on identical tickets: compare every one, allowing
+    // the last pharmacy changes a moment to flow down.
+    wait_for("both sides to agree on every ticket", Duration::from_secs(60), async || {
+        for id in &ids {
+            let at_edge: Value = client
+                .get(edge.url(&format!("/api/v1/tickets/{id}")))
+                .bearer_auth(&nurse)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let at_bridge: Value = client
+                .get(bridge.url(&format!("/api/v1/tickets/{id}")))
+                .bearer_auth(&pharmacist)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if at_edge["ticket"] != at_bridge["ticket"]
+                || at_edge["history"].as_array().map(Vec::len) != at_bridge["history"].as_array().map(Vec::len)
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let edge_list: Value =
+        client.get(edge.url("/api/v1/tickets?limit=1")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+    assert!(edge_list["tickets"].as_array().is_some_and(|t| t.len() == 1));
+    let nodes: Value =
+        client.get(bridge.url("/api/v1/nodes")).bearer_auth(&pharmacist).send().await.unwrap().json().await.unwrap();
+    assert_eq!(nodes[0]["rejected"], 0, "{nodes}");
+}
