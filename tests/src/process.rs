@@ -62,8 +62,13 @@ filter = "info"
     )
 }
 
-/// The configuration of a test node in `data_dir`; `extra` is appended TOML.
+/// The configuration of a test node in `data_dir` on a free port; `extra` is appended TOML.
 pub fn edge_config(data_dir: &Path, node: &str, ward: &str, extra: &str) -> String {
+    edge_config_on(data_dir, node, ward, "127.0.0.1:0", extra)
+}
+
+/// The configuration of a node in `data_dir` listening on `listen`.
+pub fn edge_config_on(data_dir: &Path, node: &str, ward: &str, listen: &str, extra: &str) -> String {
     format!(
         r#"
 version = 1
@@ -72,7 +77,7 @@ id = "{node}"
 ward = "{ward}"
 data_dir = "{data_dir}"
 [http]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 [auth]
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
@@ -88,7 +93,12 @@ filter = "info"
 impl ServiceProcess {
     /// Writes a config and the JWKS into `data_dir` and starts an edge node there.
     pub fn start(data_dir: &Path, node: &str, ward: &str, jwks: &Value, extra: &str) -> Self {
-        let config = edge_config(data_dir, node, ward, extra);
+        Self::start_on(data_dir, node, ward, "127.0.0.1:0", jwks, extra)
+    }
+
+    /// Like [`Self::start`], listening on `listen`.
+    pub fn start_on(data_dir: &Path, node: &str, ward: &str, listen: &str, jwks: &Value, extra: &str) -> Self {
+        let config = edge_config_on(data_dir, node, ward, listen, extra);
         Self::launch("edge-node", "edge node serving", data_dir, jwks, &config)
     }
 
