@@ -308,6 +308,35 @@ fn hold<T: 'static>(reply: oneshot::Sender<Result<T, StoreError>>, outcome: Resu
     })
 }
 
+/// Writes the touched documents and their materialized columns, and notes
+/// the wards to notify after the commit.
+fn flush(conn: &Connection, touched: &mut Touched, notices: &mut Vec<WardNotice>) -> Result<(), rusqlite::Error> {
+    for (id, mut document) in touched.drain() {
+        let ticket = document.ticket().map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let json: Arc<str> = serde_json::to_string(&ticket).map(Arc::from).unwrap_or_else(|_| Arc::from("{}"));
+        conn.execute(
+            "INSERT INTO tickets (id, ward, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (id) DO UPDATE SET status = ?3, priority = ?4, priority_rank = ?5, updated_at = ?7,
+               conflicts = ?8, ticket = ?9, document = ?10",
+            params![
+                id.to_string(),
+                ticket.ward.as_str(),
+                ticket.status.as_str(),
+                ticket.priority.as_str(),
+                ticket.priority as i64,
+                ticket.created_at,
+                ticket.updated_at,
+                ticket.conflicts.len() as i64,
+                &*json,
+                document.save()
+            ],
+        )?;
+        notices.push(WardNotice { ward: ticket.ward.clone(), ticket_json: json });
+    }
+    Ok(())
+}
+
 /// Lets an SQLite error abort the whole batch; any other error belongs to its job.
 fn raise<T>(outcome: Result<T, StoreError>) -> Result<Result<T, StoreError>, rusqlite::Error> {
     match outcome {
@@ -341,6 +370,7 @@ impl Writer {
 
     fn commit(&self, conn: &mut Connection, batch: Vec<Job>) {
         let mut touched = Touched::new();
+        let mut notices = Vec::new();
         let mut replies: Vec<HeldReply> = Vec::new();
         let result = (|| -> Result<(), rusqlite::Error> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -348,6 +378,10 @@ impl Writer {
                 match job {
                     Job::Upstream { node, ward, changes, reply } => {
                         let outcome = raise(self.upstream(&tx, &mut touched, &node, &ward, changes))?;
+                        // Written per job, not per batch: a batch of many
+                        // large upstream jobs would otherwise hold every
+                        // document it touched in memory until the commit.
+                        flush(&tx, &mut touched, &mut notices)?;
                         replies.push(hold(reply, outcome));
                     }
                     Job::Pharmacy { id, mutation, reply } => {
@@ -363,30 +397,7 @@ impl Writer {
                     Job::Shutdown => {}
                 }
             }
-            let mut notices = Vec::new();
-            for (id, document) in &mut touched {
-                let ticket = document.ticket().map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                let json: Arc<str> = serde_json::to_string(&ticket).map(Arc::from).unwrap_or_else(|_| Arc::from("{}"));
-                tx.execute(
-                    "INSERT INTO tickets (id, ward, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                     ON CONFLICT (id) DO UPDATE SET status = ?3, priority = ?4, priority_rank = ?5, updated_at = ?7,
-                       conflicts = ?8, ticket = ?9, document = ?10",
-                    params![
-                        id.to_string(),
-                        ticket.ward.as_str(),
-                        ticket.status.as_str(),
-                        ticket.priority.as_str(),
-                        ticket.priority as i64,
-                        ticket.created_at,
-                        ticket.updated_at,
-                        ticket.conflicts.len() as i64,
-                        &*json,
-                        document.save()
-                    ],
-                )?;
-                notices.push(WardNotice { ward: ticket.ward.clone(), ticket_json: json });
-            }
+            flush(&tx, &mut touched, &mut notices)?;
             tx.commit()?;
             for notice in notices {
                 let _ = self.notices.send(notice);

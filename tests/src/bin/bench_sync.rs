@@ -1,0 +1,150 @@
+//! Benchmark of sync: an edge node makes `--tickets` tickets while the bridge
+//! is down; the bridge starts; how long until all are queryable in the
+//! pharmacy queue, and the bridge's peak RSS. Then `--changes` pharmacy status
+//! changes, each timed from the request to the ward device's live feed.
+//!
+//! cargo build --release -p edge-node -p cloud-bridge -p e2e && target/release/bench-sync
+
+use std::time::{Duration, Instant};
+
+use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const WARD: &str = "ward-bench";
+const NODE: &str = "edge-bench";
+
+fn flag(name: &str, default: usize) -> Result<usize, String> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} takes a number")),
+        None => Ok(default),
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() -> Result<(), String> {
+    let tickets = flag("--tickets", 10_000)?;
+    let changes = flag("--changes", 300)?;
+    let issuer = TestIssuer::new("bench");
+    let (edge_dir, bridge_dir) =
+        (tempfile::tempdir().map_err(|e| e.to_string())?, tempfile::tempdir().map_err(|e| e.to_string())?);
+    let bridge_port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    std::fs::write(edge_dir.path().join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD]))
+        .map_err(|e| e.to_string())?;
+    let sync = format!(
+        "[sync]\nbridge_url = \"ws://127.0.0.1:{bridge_port}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 100\n"
+    );
+    let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
+    let client = reqwest::Client::new();
+    let nurse = issuer.nurse(WARD);
+    let pharmacist = issuer.token("p.bench", &["pharmacist"], &[]);
+
+    let mut lanes = Vec::new();
+    for lane in 0..32 {
+        let (client, nurse, url) = (client.clone(), nurse.clone(), edge.url("/api/v1/tickets"));
+        lanes.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in (lane..tickets).step_by(32) {
+                let body = json!({ "items": [{ "medication_code": format!("MED-{}", n % 500), "quantity": 3, "unit": "vial" }], "priority": "routine" });
+                let response = client.post(&url).bearer_auth(&nurse).json(&body).send().await.map_err(|e| e.to_string())?;
+                let ticket: Value = response.json().await.map_err(|e| e.to_string())?;
+                ids.push(ticket["id"].as_str().unwrap_or_default().to_owned());
+            }
+            Ok::<_, String>(ids)
+        }));
+    }
+    let mut ids = Vec::new();
+    for lane in lanes {
+        ids.extend(lane.await.map_err(|e| e.to_string())??);
+    }
+
+    let started = Instant::now();
+    let bridge =
+        BridgeProcess::start_bridge(bridge_dir.path(), &format!("127.0.0.1:{bridge_port}"), &issuer.jwks(), "");
+    let bridge_pid = bridge.pid().ok_or("bridge has no pid")?;
+    let queue = bridge.url(&format!("/api/v1/queue?ward={WARD}&limit=1"));
+    loop {
+        let page: Value = client
+            .get(&queue)
+            .bearer_auth(&pharmacist)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        if page["total"].as_u64() == Some(tickets as u64) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err("the backlog did not arrive within 10 minutes".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let backlog = started.elapsed();
+    let peak_rss = status_kib(bridge_pid, "VmHWM:").unwrap_or(0);
+
+    // Live status changes: pharmacy request -> ward device's feed.
+    let events = client.get(edge.url("/api/v1/events")).bearer_auth(&nurse).send().await.map_err(|e| e.to_string())?;
+    let mut events = events.bytes_stream();
+    let mut buffer = String::new();
+    let mut latencies = Vec::with_capacity(changes);
+    for (i, id) in ids.iter().cycle().take(changes).enumerate() {
+        let to = ["acknowledged", "picking", "dispatched"][i / ids.len() % 3];
+        let expected = format!("\"status\":\"{to}\"");
+        let sent = Instant::now();
+        let url = bridge.url(&format!("/api/v1/tickets/{id}/transitions"));
+        let response = client
+            .post(&url)
+            .bearer_auth(&pharmacist)
+            .json(&json!({ "to": to }))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status() != 200 {
+            return Err(format!("transition {to} of {id}: {}", response.status()));
+        }
+        // Read the feed until this ticket shows the new status.
+        loop {
+            if let Some(end) = buffer.find("\n\n") {
+                let event: String = buffer.drain(..end + 2).collect();
+                if event.contains(id.as_str()) && event.contains(&expected) {
+                    break;
+                }
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+                Ok(Some(Ok(chunk))) => buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return Err("the ward's live feed stalled".into()),
+            }
+        }
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!("sync: {tickets} tickets made offline, then the bridge started");
+    println!("  backlog queryable at the bridge  {:.0} ms after it started", ms(backlog));
+    println!("  bridge peak RSS                  {:.1} MiB", peak_rss as f64 / 1024.0);
+    println!("live status, pharmacy request -> ward device feed ({changes} changes)");
+    println!(
+        "  p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
+        ms(percentile(0.50)),
+        ms(percentile(0.99)),
+        ms(latencies[latencies.len() - 1])
+    );
+    Ok(())
+}
