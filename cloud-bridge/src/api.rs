@@ -7,6 +7,7 @@
 //! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle of SupplyRequests |
 //! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict |
 //! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
+//! | GET    | /api/v1/events                    | pharmacist, admin  | live ticket changes (Server-Sent Events); `ward` filter |
 //! | GET    | /sync                             | edge nodes         | WebSocket sync |
 //! | GET    | /healthz, /readyz                 | anyone             | liveness, readiness |
 //!
@@ -17,9 +18,14 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use std::convert::Infallible;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -27,6 +33,8 @@ use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, Trans
 use sync_protocol::ids::{Role, TicketId, WardId};
 use sync_protocol::ticket::{Actor, ErrorClass, Priority, Status, Ticket, TicketError};
 use sync_protocol::token::{AuthError, Principal};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::store::{self, NodeDiagnostics, QueueQuery, StoreError};
 use crate::{AppState, now_ms};
@@ -155,7 +163,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tickets/{id}", get(ticket))
         .route("/tickets/{id}/fhir", get(fhir))
         .route("/tickets/{id}/transitions", post(transition))
-        .route("/nodes", get(nodes));
+        .route("/nodes", get(nodes))
+        .route("/events", get(live_events));
     Router::new()
         .nest("/api/v1", api)
         .route("/sync", get(crate::sync::upgrade))
@@ -258,6 +267,40 @@ async fn transition(
     let limits = state.config.limits.clone();
     let mutation = Box::new(move |doc: &mut TicketDocument| doc.transition(&request, &actor, now, &limits));
     Ok(Json(state.store.pharmacy_write(id, mutation).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventParams {
+    ward: Option<String>,
+}
+
+/// Live ticket changes of all wards (or those named), as Server-Sent
+/// Events: `event: ticket` with the ticket's JSON, or `event: resync` when
+/// this subscriber fell behind and must read the queue again.
+async fn live_events(
+    State(state): State<AppState>,
+    _caller: PharmacyCaller,
+    params: Result<Query<EventParams>, QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(params) = params?;
+    let wards: Vec<WardId> = parse_list(params.ward.as_deref(), |s| s.parse::<WardId>().ok(), "invalid_ward")?;
+    let shutdown = state.shutdown.clone();
+    let events = BroadcastStream::new(state.store.subscribe())
+        .filter_map(move |item| {
+            let event = match item {
+                Ok(notice) if wards.is_empty() || wards.contains(&notice.ward) => {
+                    Some(Event::default().event("ticket").data(&*notice.ticket_json))
+                }
+                Ok(_) => None,
+                Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                    Some(Event::default().event("resync").data(format!("{{\"missed\":{missed}}}")))
+                }
+            };
+            std::future::ready(event.map(Ok))
+        })
+        .take_until(async move { shutdown.cancelled().await });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
 async fn nodes(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<NodeDiagnostics>>, ApiError> {

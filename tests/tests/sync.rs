@@ -169,7 +169,11 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
     })
     .await;
     assert_eq!(seen, Ok(true), "the ward's live feed did not show the dispatch");
-    // And the ward confirms receipt, which reaches the pharmacy.
+    // And the ward confirms receipt, which reaches the pharmacy's live feed.
+    let pharmacy_events =
+        client.get(bridge.url(&format!("/api/v1/events?ward={WARD}"))).bearer_auth(&pharmacist).send().await.unwrap();
+    assert_eq!(pharmacy_events.status(), 200);
+    let mut pharmacy_events = pharmacy_events.bytes_stream();
     let receipt = client
         .post(site.edge.url(&format!("/api/v1/tickets/{id}/transitions")))
         .bearer_auth(&nurse)
@@ -191,6 +195,108 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
         one["ticket"]["status"] == "delivered"
     })
     .await;
+}
+
+/// Speaks the wire protocol directly, as a node of `ward` would.
+async fn raw_session(
+    port: u16,
+    token: &str,
+    node: &str,
+    ward: &str,
+) -> (
+    futures_util::stream::SplitSink<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+        tokio_tungstenite::tungstenite::Message,
+    >,
+    futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    >,
+    sync_protocol::wire::Message,
+) {
+    use futures_util::SinkExt;
+    use sync_protocol::wire::{self, Hello, Message, PROTOCOL_VERSION, WireLimits};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://127.0.0.1:{port}/sync").into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let (mut sink, mut stream) = socket.split();
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node: node.parse().unwrap(),
+        ward: ward.parse().unwrap(),
+        token: token.into(),
+        cursor: None,
+    };
+    let frame = wire::encode(&Message::Hello(hello), &WireLimits::default()).unwrap();
+    sink.send(tokio_tungstenite::tungstenite::Message::Binary(frame.into())).await.unwrap();
+    let answer = next_message(&mut stream).await;
+    (sink, stream, answer)
+}
+
+async fn next_message(
+    stream: &mut futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    >,
+) -> sync_protocol::wire::Message {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Binary(bytes) = frame {
+            return sync_protocol::wire::decode(&bytes, &sync_protocol::wire::WireLimits::default()).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_node_cannot_sync_for_another_ward() {
+    use futures_util::SinkExt;
+    use sync_protocol::wire::{self, Message, RefusalReason, UpstreamChange, WireLimits};
+    let site = Site::new();
+    let bridge = site.start_bridge();
+    let other = site.issuer.token("edge-icu-2", &["edge-node"], &["icu-2"]);
+
+    // Hello for a ward the token does not cover.
+    let (_, _, answer) = raw_session(site.bridge_port, &other, "edge-icu-2", WARD).await;
+    assert!(matches!(&answer, Message::Refused(r) if r.reason == RefusalReason::Forbidden), "{answer:?}");
+
+    // Its own ward, but a change that creates a ticket of ward-4b.
+    let (mut sink, mut stream, answer) = raw_session(site.bridge_port, &other, "edge-icu-2", "icu-2").await;
+    assert!(matches!(answer, Message::Welcome(_)), "{answer:?}");
+    let actor = sync_protocol::ticket::Actor {
+        user: "n.okafor".parse().unwrap(),
+        role: sync_protocol::ids::Role::Nurse,
+        device: "edge-icu-2".parse().unwrap(),
+        offline_login: false,
+    };
+    let new: sync_protocol::ticket::NewTicket = serde_json::from_value(ticket(1)).unwrap();
+    let id = sync_protocol::ids::TicketId::new(1_764_000_000_000, [3; 10]);
+    let created = sync_protocol::document::TicketDocument::create(
+        id,
+        &WARD.parse().unwrap(),
+        &new,
+        &actor,
+        1_764_000_000_000,
+        &Default::default(),
+        automerge::ActorId::random(),
+    )
+    .unwrap();
+    let upstream = Message::Upstream {
+        changes: vec![UpstreamChange { seq: 1, ticket: id, change: serde_bytes::ByteBuf::from(created.change) }],
+    };
+    sink.send(tokio_tungstenite::tungstenite::Message::Binary(
+        wire::encode(&upstream, &WireLimits::default()).unwrap().into(),
+    ))
+    .await
+    .unwrap();
+    let answer = next_message(&mut stream).await;
+    assert!(
+        matches!(&answer, Message::Rejected { seq: 1, message, .. } if message.contains("another ward")),
+        "{answer:?}"
+    );
+    assert_eq!(next_message(&mut stream).await, Message::Ack { up_to_seq: 1 });
+    let client = reqwest::Client::new();
+    let found =
+        client.get(bridge.url(&format!("/api/v1/tickets/{id}"))).bearer_auth(site.pharmacist()).send().await.unwrap();
+    assert_eq!(found.status(), 404, "the rejected ticket was not stored");
 }
 
 #[tokio::test]
