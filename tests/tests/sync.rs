@@ -182,19 +182,18 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
         .await
         .unwrap();
     assert_eq!(receipt.status(), 200);
-    wait_for("the receipt at the pharmacy", Duration::from_secs(10), async || {
-        let one: Value = client
-            .get(bridge.url(&format!("/api/v1/tickets/{id}")))
-            .bearer_auth(&pharmacist)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        one["ticket"]["status"] == "delivered"
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut text = String::new();
+        while let Some(chunk) = pharmacy_events.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains(id.as_str()) && text.contains("\"status\":\"delivered\"") {
+                return true;
+            }
+        }
+        false
     })
     .await;
+    assert_eq!(seen, Ok(true), "the pharmacy's live feed did not show the receipt");
 }
 
 /// Speaks the wire protocol directly, as a node of `ward` would.
