@@ -154,6 +154,10 @@ pub struct Created {
 #[derive(Debug, Clone)]
 pub struct TicketDocument {
     doc: AutoCommit,
+    /// The ticket as last materialized, kept because materializing is the
+    /// largest cost of moving a ticket through a bridge. Every mutation goes
+    /// through a method of this type, which refreshes or clears it.
+    materialized: Option<Ticket>,
 }
 
 impl TicketDocument {
@@ -208,7 +212,7 @@ impl TicketDocument {
             ("transitions", hydrate::Value::from(Vec::<hydrate::Value>::new())),
         ]);
         doc.init_root_from_hydrate(&hydrate::Map::from(root))?;
-        let mut document = TicketDocument { doc };
+        let mut document = TicketDocument { doc, materialized: None };
         let change = document.commit(actor, now, AuditAction::Create)?;
         // Materializing from the inputs saves reading the document back, the
         // largest cost of a create; tests check both ways agree.
@@ -230,13 +234,14 @@ impl TicketDocument {
             conflicts: Vec::new(),
         };
         debug_assert_eq!(Some(&ticket), document.ticket().ok().as_ref(), "materialized from inputs");
+        document.materialized = Some(ticket.clone());
         Ok(Created { document, change, ticket })
     }
 
     /// Loads a saved document. A newer schema than this build knows is an error, not a guess.
     pub fn load(bytes: &[u8], replica: ActorId) -> Result<Self, DocumentError> {
         let doc = AutoCommit::load(bytes)?.with_actor(replica);
-        let document = TicketDocument { doc };
+        let document = TicketDocument { doc, materialized: None };
         document.check_schema()?;
         Ok(document)
     }
@@ -248,7 +253,7 @@ impl TicketDocument {
         limits: &Limits,
         replica: ActorId,
     ) -> Result<(Self, Vec<ChangeAudit>), DocumentError> {
-        let mut document = TicketDocument { doc: AutoCommit::new().with_actor(replica) };
+        let mut document = TicketDocument { doc: AutoCommit::new().with_actor(replica), materialized: None };
         let audits = document.apply_untrusted(changes, limits)?;
         Ok((document, audits))
     }
@@ -295,7 +300,7 @@ impl TicketDocument {
             Some(_) => self.transitions()?.into_iter().map(|t| t.id).collect(),
             None => Vec::new(),
         };
-        let mut candidate = TicketDocument { doc: self.doc.fork() };
+        let mut candidate = TicketDocument { doc: self.doc.fork(), materialized: None };
         candidate.doc.set_actor(self.doc.get_actor().clone());
         candidate.doc.apply_changes(decoded)?;
         if !candidate.doc.get_missing_deps(&[]).is_empty() {
@@ -313,6 +318,7 @@ impl TicketDocument {
         for new in transitions.iter().filter(|t| !transitions_before.contains(&t.id)) {
             check_authored_transition(new, &transitions, &audits, limits)?;
         }
+        candidate.materialized = Some(ticket);
         *self = candidate;
         Ok(audits.into_iter().map(|(_, audit)| audit).collect())
     }
@@ -367,6 +373,7 @@ impl TicketDocument {
         if fields.is_empty() {
             return Err(TicketError::EmptyEdit.into());
         }
+        self.materialized = None;
         if fields.contains(&"items") {
             let items = self.object(&ROOT, "items", ObjType::Map)?;
             let wanted: BTreeMap<&str, &LineItem> =
@@ -423,6 +430,7 @@ impl TicketDocument {
         let current = lifecycle::resolve(&transitions);
         let reason = request.reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
         check_request(request.to, reason, &request.resolves, &current, actor.role, limits)?;
+        self.materialized = None;
         let list = self.object(&ROOT, "transitions", ObjType::List)?;
         let entry = self.doc.insert_object(&list, self.doc.length(&list), ObjType::Map)?;
         self.doc.put(&entry, "to", request.to.as_str())?;
@@ -447,6 +455,13 @@ impl TicketDocument {
 
     /// The ticket as it stands in this replica.
     pub fn ticket(&self) -> Result<Ticket, DocumentError> {
+        match &self.materialized {
+            Some(ticket) => Ok(ticket.clone()),
+            None => self.materialize(),
+        }
+    }
+
+    fn materialize(&self) -> Result<Ticket, DocumentError> {
         let (id, ward) = self.identity()?;
         let transitions = self.transitions()?;
         let resolution = lifecycle::resolve(&transitions);
