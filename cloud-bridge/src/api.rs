@@ -14,12 +14,12 @@
 //! Errors are `{"error": {"code", "message"}}` with the statuses of the edge
 //! node's API.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::convert::Infallible;
@@ -27,12 +27,13 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use serde_json::value::RawValue;
+pub use service_kit::http::ApiError;
+use service_kit::http::{ApiJson, bearer_token, parse_list};
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TransitionRequest};
 use sync_protocol::ids::{Role, TicketId, WardId};
-use sync_protocol::ticket::{Actor, ErrorClass, Priority, Status, Ticket, TicketError};
-use sync_protocol::token::{AuthError, Principal};
+use sync_protocol::ticket::{Actor, Priority, Status, Ticket};
+use sync_protocol::token::Principal;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
@@ -41,46 +42,6 @@ use crate::{AppState, now_ms};
 
 const QUEUE_LIMIT_DEFAULT: usize = 100;
 const QUEUE_LIMIT_MAX: usize = 500;
-
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
-    }
-
-    fn internal(error: impl std::fmt::Display) -> Self {
-        tracing::error!(%error, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; it has been logged")
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response =
-            (self.status, Json(json!({ "error": { "code": self.code, "message": self.message } }))).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
-
-impl From<TicketError> for ApiError {
-    fn from(error: TicketError) -> Self {
-        let status = match error.class() {
-            ErrorClass::Conflict => StatusCode::CONFLICT,
-            ErrorClass::Forbidden => StatusCode::FORBIDDEN,
-            ErrorClass::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        ApiError::new(status, error.code(), error.to_string())
-    }
-}
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
@@ -95,45 +56,9 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<AuthError> for ApiError {
-    fn from(error: AuthError) -> Self {
-        tracing::info!(%error, "token refused");
-        ApiError::new(StatusCode::UNAUTHORIZED, error.code(), "the token is not valid here")
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let code = match rejection {
-            JsonRejection::JsonSyntaxError(_) => "malformed_json",
-            JsonRejection::JsonDataError(_) => "invalid_body",
-            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
-            _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-            _ => "unreadable_body",
-        };
-        ApiError::new(rejection.status(), code, rejection.body_text())
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(rejection: QueryRejection) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", rejection.body_text())
-    }
-}
-
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
-pub struct ApiJson<T>(pub T);
-
 /// The verified principal of a request's bearer token.
 pub fn bearer_principal(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
-    let token = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
-        .ok_or(AuthError::Missing)?;
-    Ok(state.verifier.verify(token.trim(), now_ms() / 1_000)?)
+    Ok(state.verifier.verify(bearer_token(parts)?, now_ms() / 1_000)?)
 }
 
 /// A pharmacist or admin, as an audit actor.
@@ -177,14 +102,6 @@ pub fn router(state: AppState) -> Router {
 
 fn ticket_id(raw: &str) -> Result<TicketId, ApiError> {
     raw.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_ticket_id", format!("{e}")))
-}
-
-fn parse_list<T>(raw: Option<&str>, parse: impl Fn(&str) -> Option<T>, code: &'static str) -> Result<Vec<T>, ApiError> {
-    raw.into_iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.is_empty())
-        .map(|s| parse(s).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code, format!("unknown value {s:?}"))))
-        .collect()
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
+use service_kit::logging::LogConfig;
 use sync_protocol::ids::NodeId;
 use sync_protocol::session::SessionConfig;
 use sync_protocol::ticket::Limits;
@@ -77,20 +78,6 @@ fn default_jwks_file() -> PathBuf {
     PathBuf::from("jwks.json")
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `json` or `text`.
-    pub format: String,
-    pub filter: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self { format: "json".into(), filter: "info".into() }
-    }
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::from_figment(Figment::new().merge(Toml::file_exact(path)).merge(Env::prefixed(ENV_PREFIX).split("__")))
@@ -111,9 +98,6 @@ impl Config {
                 "bridge.data_dir must be an absolute path, got {}",
                 config.bridge.data_dir.display()
             ));
-        }
-        if !matches!(config.log.format.as_str(), "json" | "text") {
-            return invalid(format!("log.format must be json or text, got {:?}", config.log.format));
         }
         if config.session.batches_in_flight_max == 0 || config.session.heartbeat_interval_ms == 0 {
             return invalid("session.batches_in_flight_max and session.heartbeat_interval_ms must be positive".into());

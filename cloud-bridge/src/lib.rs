@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::ActorId;
-use sync_protocol::token::{self, AuthError, Verifier};
+use sync_protocol::token::{AuthError, Verifier};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -47,11 +47,7 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
     let data_dir = &config.bridge.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
-    let jwks_path = config.jwks_path();
-    let jwks = std::fs::read_to_string(&jwks_path)
-        .map_err(|e| AuthError::Jwks(format!("{}: {e}", jwks_path.display())))
-        .and_then(|text| token::parse_jwks(&text))?;
-    let verifier = Verifier::new(&config.auth.policy, &jwks)?;
+    let verifier = service_kit::keys::load_verifier(&config.auth.policy, &config.jwks_path())?;
     let store = Store::open(&config.database_path(), config.limits.clone(), ActorId::random(), WRITE_QUEUE_MAX)?;
     Ok(AppState {
         config: Arc::new(config),

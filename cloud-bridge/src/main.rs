@@ -39,12 +39,7 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter).context("log.filter")?;
-    let logger = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    match config.log.format.as_str() {
-        "json" => logger.json().flatten_event(true).init(),
-        _ => logger.init(),
-    }
+    service_kit::logging::init(&config.log).map_err(anyhow::Error::msg)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async {

@@ -17,13 +17,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use automerge::ActorId;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_bytes::ByteBuf;
+use service_kit::sqlite::{self, ReadPool};
 use sync_protocol::document::{self, DocumentError, HistoryEntry, TicketDocument};
 use sync_protocol::ids::{NodeId, Role, TicketId, WardId};
 use sync_protocol::session::Rejection;
@@ -73,7 +73,6 @@ const MIGRATIONS: &[&str] = &[r#"
     ) STRICT;
 "#];
 
-pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 const NOTICES_CAPACITY: usize = 1_024;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +81,8 @@ pub enum StoreError {
     NotFound(TicketId),
     #[error(transparent)]
     Document(#[from] DocumentError),
-    #[error("the database has schema version {found}, newer than this build's {supported}")]
-    NewerSchema { found: usize, supported: usize },
+    #[error(transparent)]
+    Migrate(#[from] sqlite::MigrateError),
     #[error("the store is shut down")]
     Closed,
     #[error("sqlite: {0}")]
@@ -147,7 +146,7 @@ pub struct NodeDiagnostics {
 
 pub struct Store {
     jobs: mpsc::Sender<Job>,
-    readers: Arc<Readers>,
+    readers: Arc<ReadPool>,
     notices: broadcast::Sender<WardNotice>,
     replica: ActorId,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -171,30 +170,9 @@ pub fn seq_of(cursor: &Cursor) -> Option<u64> {
 impl Store {
     pub fn open(path: &Path, limits: Limits, replica: ActorId, write_queue_max: usize) -> Result<Self, StoreError> {
         let mut writer = Connection::open(path)?;
-        writer.pragma_update(None, "journal_mode", "WAL")?;
-        writer.pragma_update(None, "synchronous", "FULL")?;
-        writer.pragma_update(None, "busy_timeout", 5_000)?;
-        let found: usize =
-            writer.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?.try_into().unwrap_or(0);
-        if found > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema { found, supported: SCHEMA_VERSION });
-        }
-        for (index, sql) in MIGRATIONS.iter().enumerate().skip(found) {
-            let tx = writer.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", index as i64 + 1)?;
-            tx.commit()?;
-        }
-        let readers = (0..4)
-            .map(|_| {
-                let conn = Connection::open_with_flags(
-                    path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
-                conn.pragma_update(None, "busy_timeout", 5_000)?;
-                Ok(Mutex::new(conn))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        sqlite::configure_writer(&writer)?;
+        sqlite::migrate(&mut writer, MIGRATIONS)?;
+        let readers = ReadPool::open(path, 4)?;
         let (jobs, queue) = mpsc::channel(write_queue_max);
         let (notices, _) = broadcast::channel(NOTICES_CAPACITY);
         let writer_state = Writer { replica: replica.clone(), limits, notices: notices.clone() };
@@ -202,13 +180,7 @@ impl Store {
             .name("bridge-writer".into())
             .spawn(move || writer_state.run(writer, queue))
             .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
-        Ok(Self {
-            jobs,
-            readers: Arc::new(Readers { connections: readers, next: AtomicUsize::new(0) }),
-            notices,
-            replica,
-            writer: Mutex::new(Some(thread)),
-        })
+        Ok(Self { jobs, readers: Arc::new(readers), notices, replica, writer: Mutex::new(Some(thread)) })
     }
 
     pub fn replica(&self) -> &ActorId {
@@ -264,25 +236,6 @@ impl Store {
             let _ = self.jobs.send(Job::Shutdown).await;
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-    }
-}
-
-struct Readers {
-    connections: Vec<Mutex<Connection>>,
-    next: AtomicUsize,
-}
-
-impl Readers {
-    fn with<R>(&self, read: impl FnOnce(&Connection) -> R) -> R {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.connections.len();
-        for offset in 0..n {
-            if let Ok(conn) = self.connections[(start + offset) % n].try_lock() {
-                return read(&conn);
-            }
-        }
-        let conn = self.connections[start % n].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        read(&conn)
     }
 }
 

@@ -22,10 +22,10 @@
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, MatchedPath, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -33,12 +33,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use serde_json::value::RawValue;
+use service_kit::http::{ApiError, ApiJson, bearer_token, parse_list};
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::ids::{Role, TicketId};
-use sync_protocol::ticket::{Actor, ErrorClass, NewTicket, Priority, Status, Ticket, TicketError};
-use sync_protocol::token::AuthError;
+use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
@@ -50,48 +49,6 @@ use crate::{AppState, now_ms};
 const DEVICE_ROLES: &[Role] = &[Role::Nurse, Role::Admin];
 const PAGE_SIZE_DEFAULT: usize = 50;
 const PAGE_SIZE_MAX: usize = 200;
-
-/// An error answered to a caller: a status, a stable code, and a message
-/// that never carries internal detail.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
-    }
-
-    fn internal(error: impl std::fmt::Display) -> Self {
-        tracing::error!(%error, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; it has been logged")
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = Json(json!({ "error": { "code": self.code, "message": self.message } }));
-        let mut response = (self.status, body).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
-
-impl From<TicketError> for ApiError {
-    fn from(error: TicketError) -> Self {
-        let status = match error.class() {
-            ErrorClass::Conflict => StatusCode::CONFLICT,
-            ErrorClass::Forbidden => StatusCode::FORBIDDEN,
-            ErrorClass::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        ApiError::new(status, error.code(), error.to_string())
-    }
-}
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
@@ -109,48 +66,6 @@ impl From<StoreError> for ApiError {
         }
     }
 }
-
-impl From<AuthError> for ApiError {
-    fn from(error: AuthError) -> Self {
-        tracing::info!(%error, "token refused");
-        let message = match error {
-            AuthError::Missing => "send an Authorization: Bearer token",
-            AuthError::Expired => "the token has expired; log in again",
-            _ => "the token is not valid here",
-        };
-        ApiError::new(StatusCode::UNAUTHORIZED, error.code(), message)
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let code = match rejection {
-            JsonRejection::JsonSyntaxError(_) => "malformed_json",
-            JsonRejection::JsonDataError(_) => "invalid_body",
-            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
-            _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-            _ => "unreadable_body",
-        };
-        ApiError::new(rejection.status(), code, rejection.body_text())
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(rejection: QueryRejection) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", rejection.body_text())
-    }
-}
-
-impl From<PathRejection> for ApiError {
-    fn from(rejection: PathRejection) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", rejection.body_text())
-    }
-}
-
-/// `Json` with our error body on rejection.
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
-pub struct ApiJson<T>(pub T);
 
 /// A ticket id from the path, with a clear error when it is not one.
 #[derive(Debug)]
@@ -175,13 +90,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
-            .ok_or(AuthError::Missing)?;
-        let principal = state.verifier.verify(token.trim(), now_ms() / 1_000)?;
+        let principal = state.verifier.verify(bearer_token(parts)?, now_ms() / 1_000)?;
         let ward = &state.config.node.ward;
         if !principal.wards.contains(ward) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong_ward", format!("the token is not for {ward}")));
@@ -266,14 +175,6 @@ struct ListParams {
     priority: Option<String>,
     limit: Option<usize>,
     page: Option<String>,
-}
-
-fn parse_list<T>(raw: Option<&str>, parse: fn(&str) -> Option<T>, code: &'static str) -> Result<Vec<T>, ApiError> {
-    raw.into_iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.is_empty())
-        .map(|s| parse(s).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, code, format!("unknown value {s:?}"))))
-        .collect()
 }
 
 #[derive(Serialize)]

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
+use service_kit::logging::LogConfig;
 use sync_protocol::ids::{NodeId, WardId};
 use sync_protocol::ticket::Limits;
 use sync_protocol::token::TokenPolicy;
@@ -139,29 +140,6 @@ pub struct StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         Self { group_commit_max: 256, write_queue_max: 4_096, readers: 4 }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One JSON object per line, for journald and log shippers.
-    #[default]
-    Json,
-    Text,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// A tracing `EnvFilter` directive.
-    pub filter: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self { format: LogFormat::Json, filter: "info".into() }
     }
 }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::store::{Store, StoreError};
-use sync_protocol::token::{self, AuthError, Verifier};
+use sync_protocol::token::{AuthError, Verifier};
 
 /// Why the node could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +58,7 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
     let data_dir = &config.node.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
-    let jwks_path = config.jwks_path();
-    let jwks = std::fs::read_to_string(&jwks_path)
-        .map_err(|e| AuthError::Jwks(format!("{}: {e}", jwks_path.display())))
-        .and_then(|text| token::parse_jwks(&text))?;
-    let verifier = Verifier::new(&config.auth.policy, &jwks)?;
+    let verifier = service_kit::keys::load_verifier(&config.auth.policy, &config.jwks_path())?;
     // A fresh actor id per process: see ARCHITECTURE.md, "actor ids".
     let store = Store::open(&config.database_path(), &config.storage, config.limits.clone(), ActorId::random())?;
     Ok(AppState {

@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    edge_node::telemetry::init_logging(&config.log).map_err(anyhow::Error::msg)?;
+    service_kit::logging::init(&config.log).map_err(anyhow::Error::msg)?;
     // Two workers: the node runs on small ward hardware, and the SQLite
     // writer has a thread of its own.
     let runtime = tokio::runtime::Builder::new_multi_thread()

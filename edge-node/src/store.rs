@@ -13,12 +13,12 @@
 //! document, so listing never parses Automerge.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use automerge::ActorId;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use service_kit::sqlite::{self, ReadPool};
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument};
 use sync_protocol::ids::TicketId;
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
@@ -73,10 +73,8 @@ pub enum StoreError {
     Duplicate(TicketId),
     #[error(transparent)]
     Document(#[from] DocumentError),
-    #[error(
-        "the database has schema version {found}, newer than this build's {supported}: upgrade the edge-node binary"
-    )]
-    NewerSchema { found: usize, supported: usize },
+    #[error(transparent)]
+    Migrate(#[from] sqlite::MigrateError),
     #[error("too many writes are waiting; retry shortly")]
     Overloaded,
     #[error("the store is shut down")]
@@ -188,7 +186,7 @@ pub struct OutboxCounts {
 
 pub struct Store {
     jobs: mpsc::Sender<Command>,
-    readers: Arc<Readers>,
+    readers: Arc<ReadPool>,
     events: broadcast::Sender<TicketEvent>,
     replica: ActorId,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -200,50 +198,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    // WAL: readers never block the writer. FULL: a commit survives power
-    // loss, which is what "acknowledged" means to a nurse.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.pragma_update(None, "busy_timeout", 5_000)?;
-    Ok(())
-}
-
-/// Applies pending migrations; refuses a database newer than this build.
-pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let found: usize =
-        conn.pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))?.try_into().unwrap_or(0);
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema { found, supported: SCHEMA_VERSION });
-    }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found) {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", index as i64 + 1)?;
-        tx.commit()?;
-        tracing::info!(version = index + 1, "applied database migration");
-    }
-    Ok(())
-}
-
 impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it, and
     /// starts the writer thread.
     pub fn open(path: &Path, config: &StorageConfig, limits: Limits, replica: ActorId) -> Result<Self, StoreError> {
         let mut writer = Connection::open(path)?;
-        configure(&writer)?;
-        migrate(&mut writer)?;
-        let readers = (0..config.readers)
-            .map(|_| {
-                let conn = Connection::open_with_flags(
-                    path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
-                conn.pragma_update(None, "busy_timeout", 5_000)?;
-                Ok(Mutex::new(conn))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        sqlite::configure_writer(&writer)?;
+        sqlite::migrate(&mut writer, MIGRATIONS)?;
+        let readers = ReadPool::open(path, config.readers)?;
         let (jobs, queue) = mpsc::channel(config.write_queue_max);
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let context = WriterContext {
@@ -256,13 +218,7 @@ impl Store {
             .name("sqlite-writer".into())
             .spawn(move || context.run(writer, queue))
             .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
-        Ok(Self {
-            jobs,
-            readers: Arc::new(Readers { connections: readers, next: AtomicUsize::new(0) }),
-            events,
-            replica,
-            writer: Mutex::new(Some(thread)),
-        })
+        Ok(Self { jobs, readers: Arc::new(readers), events, replica, writer: Mutex::new(Some(thread)) })
     }
 
     /// The Automerge actor id of this process; unique per process run.
@@ -314,26 +270,6 @@ impl Store {
             let _ = self.jobs.send(Command::Shutdown).await;
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-    }
-}
-
-struct Readers {
-    connections: Vec<Mutex<Connection>>,
-    next: AtomicUsize,
-}
-
-impl Readers {
-    fn with<R>(&self, read: impl FnOnce(&Connection) -> R) -> R {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.connections.len();
-        // Take a free connection if there is one; otherwise wait on ours.
-        for offset in 0..n {
-            if let Ok(conn) = self.connections[(start + offset) % n].try_lock() {
-                return read(&conn);
-            }
-        }
-        let conn = self.connections[start % n].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        read(&conn)
     }
 }
 

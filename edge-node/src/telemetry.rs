@@ -1,11 +1,8 @@
-//! Logs and metrics.
+//! Metrics.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
-
-use crate::config::{LogConfig, LogFormat};
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 /// Later calls (tests that start several servers in one process) share it.
@@ -31,15 +28,4 @@ pub fn prometheus() -> PrometheusHandle {
                 })
         })
         .clone()
-}
-
-/// Structured logs to stdout (journald picks them up under systemd).
-pub fn init_logging(config: &LogConfig) -> Result<(), String> {
-    let filter = EnvFilter::try_new(&config.filter).map_err(|e| format!("log.filter: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    let result = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    result.map_err(|e| format!("cannot install the logger: {e}"))
 }

@@ -1,0 +1,9 @@
+//! Plumbing shared by `edge-node` and `cloud-bridge`. The services may not
+//! depend on each other (ARCHITECTURE.md), so what both need beyond the
+//! protocol lives here instead of being copied: the HTTP error type, the
+//! SQLite read pool and migration runner, JWKS loading, and log setup.
+
+pub mod http;
+pub mod keys;
+pub mod logging;
+pub mod sqlite;
