@@ -5,9 +5,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::Figment;
-use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
+use service_kit::config::Source;
 use service_kit::logging::LogConfig;
 use sync_protocol::ids::NodeId;
 use sync_protocol::session::SessionConfig;
@@ -17,13 +16,7 @@ use sync_protocol::token::TokenPolicy;
 pub const CONFIG_VERSION: u32 = 1;
 pub const ENV_PREFIX: &str = "CLOUD_BRIDGE__";
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
-}
+pub use service_kit::config::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,16 +72,17 @@ fn default_jwks_file() -> PathBuf {
 }
 
 impl Config {
+    /// Reads `path`, applies environment overrides, and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::new().merge(Toml::file_exact(path)).merge(Env::prefixed(ENV_PREFIX).split("__")))
+        Self::validated(service_kit::config::extract(Source::File(path), ENV_PREFIX)?)
     }
 
+    /// Parses TOML text with environment overrides, and validates.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::new().merge(Toml::string(text)).merge(Env::prefixed(ENV_PREFIX).split("__")))
+        Self::validated(service_kit::config::extract(Source::Text(text), ENV_PREFIX)?)
     }
 
-    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+    fn validated(config: Config) -> Result<Self, ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         if config.version != CONFIG_VERSION {
             return invalid(format!("version is {}, this build reads version {CONFIG_VERSION}", config.version));

@@ -46,21 +46,6 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.http.listen))?;
-        cloud_bridge::run(config, listener, shutdown_signal()).await.context("cloud bridge failed")
+        cloud_bridge::run(config, listener, service_kit::shutdown::signal()).await.context("cloud bridge failed")
     })
-}
-
-async fn shutdown_signal() {
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => signal,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the bridge");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
 }

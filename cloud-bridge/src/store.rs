@@ -83,6 +83,8 @@ pub enum StoreError {
     Document(#[from] DocumentError),
     #[error(transparent)]
     Migrate(#[from] sqlite::MigrateError),
+    #[error(transparent)]
+    ReadTask(#[from] sqlite::ReadTaskFailed),
     #[error("the store is shut down")]
     Closed,
     #[error("sqlite: {0}")]
@@ -224,10 +226,7 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || readers.with(read))
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("read task failed: {e}")))?
+        self.readers.read(read).await
     }
 
     pub async fn close(&self) {

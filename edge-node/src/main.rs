@@ -52,27 +52,6 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.http.listen))?;
-        edge_node::run(config, listener, shutdown_signal()).await.context("edge node failed")
+        edge_node::run(config, listener, service_kit::shutdown::signal()).await.context("edge node failed")
     })
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the node");
-                let _ = interrupt.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

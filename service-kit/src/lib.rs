@@ -3,7 +3,9 @@
 //! protocol lives here instead of being copied: the HTTP error type, the
 //! SQLite read pool and migration runner, JWKS loading, and log setup.
 
+pub mod config;
 pub mod http;
 pub mod keys;
 pub mod logging;
+pub mod shutdown;
 pub mod sqlite;

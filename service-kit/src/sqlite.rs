@@ -2,10 +2,15 @@
 //! runner, and a small pool of read-only connections.
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+/// A read could not run: its blocking task panicked or was cancelled.
+#[derive(Debug, thiserror::Error)]
+#[error("read task failed: {0}")]
+pub struct ReadTaskFailed(String);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -64,6 +69,17 @@ impl ReadPool {
             })
             .collect::<rusqlite::Result<_>>()?;
         Ok(Self { connections, next: AtomicUsize::new(0) })
+    }
+
+    /// Runs `read` on a pooled connection, off the async threads.
+    pub async fn read<R, E, F>(self: &Arc<Self>, read: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<ReadTaskFailed> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, E> + Send + 'static,
+    {
+        let pool = Arc::clone(self);
+        tokio::task::spawn_blocking(move || pool.with(read)).await.map_err(|e| ReadTaskFailed(e.to_string()))?
     }
 
     /// Runs `read` on a free connection, or waits for one.
