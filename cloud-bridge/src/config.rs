@@ -108,3 +108,35 @@ impl Config {
         self.bridge.data_dir.join("cloud-bridge.sqlite3")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sync_protocol::wire::WireLimits;
+
+    const EXAMPLE: &str = include_str!("../../deploy/cloud-bridge.example.toml");
+
+    #[test]
+    fn the_shipped_example_is_valid_and_spells_out_the_defaults() {
+        let config = Config::from_toml(EXAMPLE).unwrap();
+        assert_eq!(config.bridge.id.as_str(), "bridge-1");
+        assert_eq!(config.session, SessionConfig::default());
+        assert_eq!(config.session.limits, WireLimits::default());
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            (EXAMPLE.replace("version = 1", "version = 3"), "version is 3"),
+            (EXAMPLE.replace("/var/lib/cloud-bridge", "relative"), "absolute path"),
+            (EXAMPLE.replace("[\"EdDSA\", \"ES256\"]", "[\"HS256\"]"), "HS256"),
+            (EXAMPLE.replace("batches_in_flight_max = 4", "batches_in_flight_max = 0"), "batches_in_flight_max"),
+            (EXAMPLE.replace("[session]", "[session]\nretries = 3"), "retries"),
+        ];
+        for (text, expected) in cases {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The pharmacy API through the router, without a socket.
+#![allow(clippy::unwrap_used)] // test code: a failure is the test failing
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use cloud_bridge::config::Config;
+use cloud_bridge::{AppState, open_state};
+use e2e::TestIssuer;
+use http_body_util::BodyExt;
+use serde_bytes::ByteBuf;
+use serde_json::{Value, json};
+use sync_protocol::document::TicketDocument;
+use sync_protocol::ids::{Role, TicketId};
+use sync_protocol::ticket::{Actor, NewTicket};
+use sync_protocol::wire::UpstreamChange;
+use tower::ServiceExt;
+
+struct Bridge {
+    state: AppState,
+    issuer: TestIssuer,
+    _dir: tempfile::TempDir,
+}
+
+impl Bridge {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = TestIssuer::new("key-1");
+        std::fs::write(dir.path().join("jwks.json"), issuer.jwks().to_string()).unwrap();
+        let config = Config::from_toml(&e2e::process::bridge_config(dir.path(), "127.0.0.1:0", "")).unwrap();
+        Bridge { state: open_state(config).unwrap(), issuer, _dir: dir }
+    }
+
+    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (StatusCode, Value) {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => {
+                request.header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_owned())).unwrap()
+            }
+            None => request.body(Body::empty()).unwrap(),
+        };
+        let response = cloud_bridge::api::router(self.state.clone()).oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// A ticket of ward-4b as its edge node would send it.
+    async fn ticket_from_the_ward(&self) -> TicketId {
+        let nurse = Actor {
+            user: "n.okafor".parse().unwrap(),
+            role: Role::Nurse,
+            device: "edge-ward-4b".parse().unwrap(),
+            offline_login: false,
+        };
+        let new: NewTicket = serde_json::from_value(json!({ "items": [{ "medication_code": "AMOX-500", "quantity": 20, "unit": "capsule" }], "priority": "stat" })).unwrap();
+        let id = TicketId::new(1_764_000_000_000, rand_bytes());
+        let created = TicketDocument::create(
+            id,
+            &"ward-4b".parse().unwrap(),
+            &new,
+            &nurse,
+            1_764_000_000_000,
+            &Default::default(),
+            automerge::ActorId::random(),
+        )
+        .unwrap();
+        let change = UpstreamChange { seq: 1, ticket: id, change: ByteBuf::from(created.change) };
+        let rejected = self
+            .state
+            .store
+            .store_upstream("edge-ward-4b".parse().unwrap(), "ward-4b".parse().unwrap(), vec![change])
+            .await
+            .unwrap();
+        assert!(rejected.is_empty(), "{rejected:?}");
+        id
+    }
+
+    async fn counts(&self) -> (i64, i64) {
+        self.state
+            .store
+            .read(|conn| {
+                Ok(conn.query_row(
+                    "SELECT (SELECT count(*) FROM tickets), (SELECT count(*) FROM changes)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?)
+            })
+            .await
+            .unwrap()
+    }
+}
+
+fn rand_bytes() -> [u8; 10] {
+    std::array::from_fn(|i| (std::process::id() as u8).wrapping_add(i as u8))
+}
+
+#[tokio::test]
+async fn the_pharmacy_works_a_ticket_and_exports_it() {
+    let bridge = Bridge::new();
+    let id = bridge.ticket_from_the_ward().await;
+    let pharmacist = bridge.issuer.token("p.lindqvist", &["pharmacist"], &[]);
+    let (status, queue) =
+        bridge.call("GET", "/api/v1/queue?ward=ward-4b&status=requested", Some(&pharmacist), None).await;
+    assert_eq!((status, queue["total"].as_u64()), (StatusCode::OK, Some(1)), "{queue}");
+    let path = format!("/api/v1/tickets/{id}/transitions");
+    let (status, ticket) = bridge.call("POST", &path, Some(&pharmacist), Some(r#"{"to":"acknowledged"}"#)).await;
+    assert_eq!((status, ticket["status"].as_str()), (StatusCode::OK, Some("acknowledged")), "{ticket}");
+    let (status, one) = bridge.call("GET", &format!("/api/v1/tickets/{id}"), Some(&pharmacist), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one["history"][1]["device"], "bridge-1", "the pharmacy's change names the bridge as its device");
+    let (status, fhir) = bridge.call("GET", &format!("/api/v1/tickets/{id}/fhir"), Some(&pharmacist), None).await;
+    assert_eq!((status, fhir["resourceType"].as_str()), (StatusCode::OK, Some("Bundle")));
+    assert_eq!(fhir["entry"][0]["resource"]["priority"], "stat");
+    let (status, nodes) = bridge.call("GET", "/api/v1/nodes", Some(&pharmacist), None).await;
+    assert_eq!(
+        (status, nodes[0]["node"].as_str(), nodes[0]["acked_up_to"].as_u64()),
+        (StatusCode::OK, Some("edge-ward-4b"), Some(1))
+    );
+}
+
+/// A refused request: name, method, path, token, body, and the status and code answered.
+type Case<'a> = (&'a str, &'a str, String, Option<&'a str>, Option<&'a str>, StatusCode, &'a str);
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_their_code_and_change_nothing() {
+    let bridge = Bridge::new();
+    let id = bridge.ticket_from_the_ward().await;
+    let before = bridge.counts().await;
+    let pharmacist = bridge.issuer.token("p.lindqvist", &["pharmacist"], &[]);
+    let nurse = bridge.issuer.nurse("ward-4b");
+    let node = bridge.issuer.token("edge-ward-4b", &["edge-node"], &["ward-4b"]);
+    let unknown = TicketId::new(1, [1; 10]);
+    let transitions = format!("/api/v1/tickets/{id}/transitions");
+    let cases: Vec<Case> = vec![
+        ("no token", "GET", "/api/v1/queue".into(), None, None, StatusCode::UNAUTHORIZED, "missing_token"),
+        ("a nurse", "GET", "/api/v1/queue".into(), Some(&nurse), None, StatusCode::FORBIDDEN, "forbidden_role"),
+        ("an edge node", "GET", "/api/v1/queue".into(), Some(&node), None, StatusCode::FORBIDDEN, "forbidden_role"),
+        (
+            "limit out of range",
+            "GET",
+            "/api/v1/queue?limit=0".into(),
+            Some(&pharmacist),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+        ),
+        (
+            "unknown status",
+            "GET",
+            "/api/v1/queue?status=lost".into(),
+            Some(&pharmacist),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_status",
+        ),
+        (
+            "unknown parameter",
+            "GET",
+            "/api/v1/queue?sort=age".into(),
+            Some(&pharmacist),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "not a ticket id",
+            "GET",
+            "/api/v1/tickets/12".into(),
+            Some(&pharmacist),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_ticket_id",
+        ),
+        (
+            "unknown ticket",
+            "GET",
+            format!("/api/v1/tickets/{unknown}"),
+            Some(&pharmacist),
+            None,
+            StatusCode::NOT_FOUND,
+            "ticket_not_found",
+        ),
+        (
+            "transition of an unknown ticket",
+            "POST",
+            format!("/api/v1/tickets/{unknown}/transitions"),
+            Some(&pharmacist),
+            Some(r#"{"to":"acknowledged"}"#),
+            StatusCode::NOT_FOUND,
+            "ticket_not_found",
+        ),
+        (
+            "malformed json",
+            "POST",
+            transitions.clone(),
+            Some(&pharmacist),
+            Some(r#"{"to":"#),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "unknown status value",
+            "POST",
+            transitions.clone(),
+            Some(&pharmacist),
+            Some(r#"{"to":"lost"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            "reject without a reason",
+            "POST",
+            transitions.clone(),
+            Some(&pharmacist),
+            Some(r#"{"to":"rejected"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason_required",
+        ),
+        (
+            "the ward's transition",
+            "POST",
+            transitions.clone(),
+            Some(&pharmacist),
+            Some(r#"{"to":"delivered"}"#),
+            StatusCode::CONFLICT,
+            "illegal_transition",
+        ),
+        (
+            "a nurse transitioning",
+            "POST",
+            transitions.clone(),
+            Some(&nurse),
+            Some(r#"{"to":"cancelled"}"#),
+            StatusCode::FORBIDDEN,
+            "forbidden_role",
+        ),
+        ("sync without a token", "GET", "/sync".into(), None, None, StatusCode::UNAUTHORIZED, "missing_token"),
+        ("sync with a nurse token", "GET", "/sync".into(), Some(&nurse), None, StatusCode::FORBIDDEN, "forbidden_role"),
+    ];
+    for (case, method, path, token, body, status, code) in cases {
+        let (got, answer) = bridge.call(method, &path, token, body).await;
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{case}: {answer}");
+    }
+    assert_eq!(bridge.counts().await, before, "a refused request changed the store");
+}
