@@ -230,6 +230,13 @@ mod tests {
         assert_eq!(config.limits, Limits::default());
         assert_eq!(config.http.body_bytes_max, HttpConfig::default().body_bytes_max);
         assert_eq!(config.storage.group_commit_max, StorageConfig::default().group_commit_max);
+        // The commented [sync] section parses once uncommented.
+        let with_sync = text
+            .replace("# [sync]", "[sync]")
+            .replace("# bridge_url", "bridge_url")
+            .replace("# token_file", "token_file");
+        let sync = Config::from_toml(&with_sync).unwrap().sync.unwrap();
+        assert_eq!((sync.bridge_url.as_str(), sync.reconnect_cap_ms), ("wss://bridge.hospital.example/sync", 30_000));
     }
 
     #[test]
