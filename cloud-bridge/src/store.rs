@@ -397,7 +397,7 @@ impl Writer {
         let mut highest = 0;
         for UpstreamChange { seq, ticket, change } in changes {
             highest = highest.max(seq);
-            if let Err(message) = self.accept_one(conn, touched, node, ward, ticket, change.into_vec()) {
+            if let Err(message) = self.accept_one(conn, touched, node, ward, ticket, change.into_vec())? {
                 rejections.push(Rejection { seq, ticket, message });
             }
         }
@@ -416,8 +416,8 @@ impl Writer {
         Ok(rejections)
     }
 
-    /// Validates one change from a node and logs it. `Err` is the reason it
-    /// was refused; SQLite failures are raised through `rusqlite` in the caller.
+    /// Validates one change from a node and logs it. The inner `Err` is the
+    /// reason the change was refused; the outer one a storage failure.
     fn accept_one(
         &self,
         conn: &Connection,
@@ -426,34 +426,45 @@ impl Writer {
         ward: &WardId,
         id: TicketId,
         bytes: Vec<u8>,
-    ) -> Result<(), String> {
-        let (hash, audit) = document::inspect_change(&bytes).map_err(|e| e.to_string())?;
+    ) -> Result<Result<(), String>, StoreError> {
+        let refuse = |reason: String| Ok(Err(reason));
+        let (hash, audit) = match document::inspect_change(&bytes) {
+            Ok(inspected) => inspected,
+            Err(e) => return refuse(e.to_string()),
+        };
         // The node speaks for its ward's people: the change must say it came
         // through this node, from a role that works at a ward.
         if audit.actor.device != *node {
-            return Err(format!("change claims device {}, but came from {node}", audit.actor.device));
+            return refuse(format!("change claims device {}, but came from {node}", audit.actor.device));
         }
         if !matches!(audit.actor.role, Role::Nurse | Role::Admin) {
-            return Err(format!("a {} may not make changes at a ward", audit.actor.role));
+            return refuse(format!("a {} may not make changes at a ward", audit.actor.role));
         }
-        let document = self.load(conn, touched, id).map_err(|e| e.to_string())?;
-        let applied = match document {
+        // A document that cannot be loaded is a storage fault, not the
+        // change's: it fails the batch, unacknowledged, and the edge resends.
+        let applied = match self.load(conn, touched, id)? {
             Some(document) => {
-                if document.ticket().map_err(|e| e.to_string())?.ward != *ward {
-                    return Err(format!("ticket {id} belongs to another ward"));
+                if document.ticket()?.ward != *ward {
+                    return refuse(format!("ticket {id} belongs to another ward"));
                 }
-                document.apply_untrusted(std::slice::from_ref(&bytes), &self.limits).map_err(|e| e.to_string())?
+                match document.apply_untrusted(std::slice::from_ref(&bytes), &self.limits) {
+                    Ok(applied) => applied,
+                    Err(e) => return refuse(e.to_string()),
+                }
             }
             None => {
-                let (document, audits) = TicketDocument::from_untrusted_changes(
+                let created = TicketDocument::from_untrusted_changes(
                     std::slice::from_ref(&bytes),
                     &self.limits,
                     self.replica.clone(),
-                )
-                .map_err(|e| e.to_string())?;
-                let ticket = document.ticket().map_err(|e| e.to_string())?;
+                );
+                let (document, audits) = match created {
+                    Ok(created) => created,
+                    Err(e) => return refuse(e.to_string()),
+                };
+                let ticket = document.ticket()?;
                 if ticket.ward != *ward || ticket.id != id {
-                    return Err(format!(
+                    return refuse(format!(
                         "the change creates a ticket of another ward or id ({} in {})",
                         ticket.id, ticket.ward
                     ));
@@ -466,10 +477,9 @@ impl Writer {
             conn.execute(
                 "INSERT INTO changes (hash, ward, ticket_id, origin, change) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (hash) DO NOTHING",
                 params![hash, ward.as_str(), id.to_string(), node.as_str(), bytes],
-            )
-            .map_err(|e| format!("storage: {e}"))?;
+            )?;
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn pharmacy(
