@@ -17,19 +17,19 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use automerge::ActorId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_bytes::ByteBuf;
 use service_kit::sqlite::{self, ReadPool};
+use service_kit::writer::GroupWriter;
 use sync_protocol::document::{self, DocumentError, HistoryEntry, TicketDocument};
 use sync_protocol::ids::{NodeId, Role, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
 use sync_protocol::wire::{Cursor, DownstreamChange, UpstreamChange};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE changes (
@@ -74,6 +74,8 @@ const MIGRATIONS: &[&str] = &[r#"
 "#];
 
 const NOTICES_CAPACITY: usize = 1_024;
+/// Writer jobs committed in one transaction (each upstream job is a whole batch).
+const WRITE_BATCH_MAX: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -121,7 +123,6 @@ enum Job {
         node: NodeId,
         seq: u64,
     },
-    Shutdown,
 }
 
 /// Filters of the pharmacy queue.
@@ -147,11 +148,10 @@ pub struct NodeDiagnostics {
 }
 
 pub struct Store {
-    jobs: mpsc::Sender<Job>,
+    writer: GroupWriter<Job>,
     readers: Arc<ReadPool>,
     notices: broadcast::Sender<WardNotice>,
     replica: ActorId,
-    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -175,14 +175,14 @@ impl Store {
         sqlite::configure_writer(&writer)?;
         sqlite::migrate(&mut writer, MIGRATIONS)?;
         let readers = ReadPool::open(path, 4)?;
-        let (jobs, queue) = mpsc::channel(write_queue_max);
         let (notices, _) = broadcast::channel(NOTICES_CAPACITY);
         let writer_state = Writer { replica: replica.clone(), limits, notices: notices.clone() };
-        let thread = std::thread::Builder::new()
-            .name("bridge-writer".into())
-            .spawn(move || writer_state.run(writer, queue))
+        let writer =
+            GroupWriter::spawn("bridge-writer", writer, write_queue_max, WRITE_BATCH_MAX, move |conn, batch| {
+                writer_state.commit(conn, batch)
+            })
             .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { jobs, readers: Arc::new(readers), notices, replica, writer: Mutex::new(Some(thread)) })
+        Ok(Self { writer, readers: Arc::new(readers), notices, replica })
     }
 
     pub fn replica(&self) -> &ActorId {
@@ -202,21 +202,21 @@ impl Store {
         changes: Vec<UpstreamChange>,
     ) -> Result<Vec<Rejection>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job::Upstream { node, ward, changes, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.writer.send(Job::Upstream { node, ward, changes, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs a pharmacy edit or transition and stores the change.
     pub async fn pharmacy_write(&self, id: TicketId, mutation: Mutation) -> Result<Ticket, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job::Pharmacy { id, mutation, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.writer.send(Job::Pharmacy { id, mutation, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Records how far a node has applied the feed. Diagnostics only: the
     /// node's own cursor is the truth, so this is not waited for.
     pub fn note_cursor(&self, node: NodeId, seq: u64) {
-        if self.jobs.try_send(Job::Cursor { node, seq }).is_err() {
+        if self.writer.try_send(Job::Cursor { node, seq }).is_err() {
             tracing::debug!("writer busy; a cursor note was skipped");
         }
     }
@@ -230,11 +230,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        let thread = self.writer.lock().ok().and_then(|mut guard| guard.take());
-        if let Some(thread) = thread {
-            let _ = self.jobs.send(Job::Shutdown).await;
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        self.writer.close().await;
     }
 }
 
@@ -298,28 +294,6 @@ fn raise<T>(outcome: Result<T, StoreError>) -> Result<Result<T, StoreError>, rus
 }
 
 impl Writer {
-    fn run(self, mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
-        let mut stopping = false;
-        while !stopping {
-            let Some(first) = queue.blocking_recv() else { break };
-            let mut batch = Vec::new();
-            let mut next = Some(first);
-            while let Some(job) = next.take() {
-                match job {
-                    Job::Shutdown => stopping = true,
-                    job => batch.push(job),
-                }
-                if batch.len() < 64 && !stopping {
-                    next = queue.try_recv().ok();
-                }
-            }
-            if !batch.is_empty() {
-                self.commit(&mut conn, batch);
-            }
-        }
-        let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
-    }
-
     fn commit(&self, conn: &mut Connection, batch: Vec<Job>) {
         let mut touched = Touched::new();
         let mut notices = Vec::new();
@@ -346,7 +320,6 @@ impl Writer {
                             params![node.as_str(), seq as i64],
                         )?;
                     }
-                    Job::Shutdown => {}
                 }
             }
             flush(&tx, &mut touched, &mut notices)?;

@@ -1,9 +1,10 @@
 //! Durable ticket storage in SQLite.
 //!
-//! One writer thread owns the only write connection. Requests hand it jobs
-//! over a bounded queue; it takes every job waiting (up to
-//! `group_commit_max`), runs each in its own savepoint, commits them in one
-//! transaction (one fsync with `synchronous=FULL`), and only then answers.
+//! One writer thread ([`GroupWriter`]) owns the only write connection.
+//! Requests hand it jobs over a bounded queue; it takes every job waiting (up
+//! to `group_commit_max`), applies them in one transaction (one fsync with
+//! `synchronous=FULL`; a job the domain refuses is refused before it writes
+//! anything), and only then answers.
 //! So a write is acknowledged only once it is durable, and a burst of writes
 //! costs one fsync, not one per request. Running every read-modify-write of a
 //! ticket document on this one thread also means no edit can lose another.
@@ -13,16 +14,16 @@
 //! document, so listing never parses Automerge.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use automerge::ActorId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use service_kit::sqlite::{self, ReadPool};
+use service_kit::writer::{GroupWriter, QueueError};
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument};
 use sync_protocol::ids::TicketId;
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 use crate::config::StorageConfig;
 
@@ -133,12 +134,6 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<Ticket>, StoreError>>,
 }
 
-enum Command {
-    Write(Job),
-    /// Commit what came before, then stop.
-    Shutdown,
-}
-
 /// Filters and paging of the ticket list.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -187,11 +182,10 @@ pub struct OutboxCounts {
 }
 
 pub struct Store {
-    jobs: mpsc::Sender<Command>,
+    writer: GroupWriter<Job>,
     readers: Arc<ReadPool>,
     events: broadcast::Sender<TicketEvent>,
     replica: ActorId,
-    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -208,19 +202,17 @@ impl Store {
         sqlite::configure_writer(&writer)?;
         sqlite::migrate(&mut writer, MIGRATIONS)?;
         let readers = ReadPool::open(path, config.readers)?;
-        let (jobs, queue) = mpsc::channel(config.write_queue_max);
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
-        let context = WriterContext {
-            replica: replica.clone(),
-            limits,
-            events: events.clone(),
-            group_commit_max: config.group_commit_max,
-        };
-        let thread = std::thread::Builder::new()
-            .name("sqlite-writer".into())
-            .spawn(move || context.run(writer, queue))
-            .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { jobs, readers: Arc::new(readers), events, replica, writer: Mutex::new(Some(thread)) })
+        let context = WriterContext { replica: replica.clone(), limits, events: events.clone() };
+        let writer = GroupWriter::spawn(
+            "sqlite-writer",
+            writer,
+            config.write_queue_max,
+            config.group_commit_max,
+            move |conn, batch| context.commit(conn, batch),
+        )
+        .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
+        Ok(Self { writer, readers: Arc::new(readers), events, replica })
     }
 
     /// The Automerge actor id of this process; unique per process run.
@@ -239,11 +231,11 @@ impl Store {
     /// Queues any write and waits until it is durable; returns the tickets it changed.
     pub async fn write_all(&self, write: Write, now: UnixMillis) -> Result<Vec<Ticket>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.try_send(Command::Write(Job { write, now, reply })).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+        self.writer.try_send(Job { write, now, reply }).map_err(|e| match e {
+            QueueError::Full => StoreError::Overloaded,
+            QueueError::Closed => StoreError::Closed,
         })?;
-        metrics::gauge!("edge_write_queue_depth").set((self.jobs.max_capacity() - self.jobs.capacity()) as f64);
+        metrics::gauge!("edge_write_queue_depth").set(self.writer.queued() as f64);
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -264,11 +256,7 @@ impl Store {
     /// and waits for it. Writes queued after this are answered `Closed`.
     /// Idempotent.
     pub async fn close(&self) {
-        let thread = self.writer.lock().ok().and_then(|mut guard| guard.take());
-        if let Some(thread) = thread {
-            let _ = self.jobs.send(Command::Shutdown).await;
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        self.writer.close().await;
     }
 }
 
@@ -276,44 +264,16 @@ struct WriterContext {
     replica: ActorId,
     limits: Limits,
     events: broadcast::Sender<TicketEvent>,
-    group_commit_max: usize,
 }
 
 impl WriterContext {
-    fn run(self, mut conn: Connection, mut queue: mpsc::Receiver<Command>) {
-        let mut stopping = false;
-        while !stopping {
-            let Some(Command::Write(first)) = queue.blocking_recv() else { break };
-            let mut batch = vec![first];
-            while batch.len() < self.group_commit_max {
-                match queue.try_recv() {
-                    Ok(Command::Write(job)) => batch.push(job),
-                    Ok(Command::Shutdown) => {
-                        stopping = true;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            metrics::histogram!("edge_group_commit_size").record(batch.len() as f64);
-            self.commit(&mut conn, batch);
-        }
-        // Jobs still queued are dropped with the queue: their callers get
-        // `Closed`, and nothing unwritten was acknowledged.
-        drop(queue);
-        // Fold the WAL back into the database so a backup of the main file
-        // alone is complete after a clean shutdown.
-        if let Err(error) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
-            tracing::warn!(%error, "wal checkpoint at shutdown failed");
-        }
-    }
-
     /// Commits a batch in one transaction. A job refused by the domain (or
     /// not found, or a duplicate) is refused before it writes anything, so
     /// it needs no savepoint and does not affect the others. An SQLite error
     /// fails the whole batch: nothing of it was durable, so nothing of it is
     /// acknowledged.
     fn commit(&self, conn: &mut Connection, batch: Vec<Job>) {
+        metrics::histogram!("edge_group_commit_size").record(batch.len() as f64);
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut jobs = batch.into_iter();
         let result = (|| -> Result<(), rusqlite::Error> {

@@ -9,3 +9,4 @@ pub mod keys;
 pub mod logging;
 pub mod shutdown;
 pub mod sqlite;
+pub mod writer;
