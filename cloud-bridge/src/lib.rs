@@ -68,21 +68,8 @@ pub async fn run(
     let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
     let address = listener.local_addr()?;
     tracing::info!(%address, bridge = %state.config.bridge.id, "cloud bridge serving");
-    let stopping = state.shutdown.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stopping.cancel();
-    });
-    let drained = state.shutdown.clone();
-    let server = axum::serve(listener, api::router(state.clone()))
-        .with_graceful_shutdown(async move { drained.cancelled().await });
-    let server = tokio::spawn(async move { server.await });
-    state.shutdown.cancelled().await;
-    match tokio::time::timeout(grace, server).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(join)) => tracing::error!(%join, "http server task failed"),
-        Err(_) => tracing::warn!("requests still running after the grace period were cut off"),
-    }
+    service_kit::shutdown::cancel_when(state.shutdown.clone(), shutdown);
+    service_kit::shutdown::serve_until(listener, api::router(state.clone()), state.shutdown.clone(), grace).await?;
     state.store.close().await;
     tracing::info!("cloud bridge stopped");
     Ok(())

@@ -84,25 +84,11 @@ pub async fn run(
     let listener = listener::LimitedListener::new(listener, state.config.http.connections_max);
     let address = axum::serve::Listener::local_addr(&listener)?;
     tracing::info!(%address, node = %state.config.node.id, ward = %state.config.node.ward, "edge node serving");
-    let stopping = state.shutdown.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stopping.cancel();
-    });
+    service_kit::shutdown::cancel_when(state.shutdown.clone(), shutdown);
     let sync_task = state.config.sync.clone().map(|sync_config| {
         tokio::spawn(sync::run(state.clone(), sync_config, Arc::clone(&state.link), state.shutdown.clone()))
     });
-    let drained = state.shutdown.clone();
-    let server = axum::serve(listener, api::router(state.clone()))
-        .with_graceful_shutdown(async move { drained.cancelled().await });
-    let server = tokio::spawn(async move { server.await });
-    state.shutdown.cancelled().await;
-    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining requests");
-    match tokio::time::timeout(grace, server).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(join)) => tracing::error!(%join, "http server task failed"),
-        Err(_) => tracing::warn!("requests still running after the grace period were cut off"),
-    }
+    service_kit::shutdown::serve_until(listener, api::router(state.clone()), state.shutdown.clone(), grace).await?;
     if let Some(task) = sync_task {
         let _ = task.await;
     }
