@@ -311,22 +311,8 @@ impl WriterContext {
         match write {
             Write::Create { ticket, document, change } => {
                 let json = ticket_json(&ticket)?;
-                let inserted = conn.execute(
-                    "INSERT INTO tickets (id, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
-                    params![
-                        ticket.id.to_string(),
-                        ticket.status.as_str(),
-                        ticket.priority.as_str(),
-                        ticket.priority as i64,
-                        ticket.created_at,
-                        ticket.updated_at,
-                        ticket.conflicts.len() as i64,
-                        &*json,
-                        document
-                    ],
-                )?;
-                if inserted == 0 {
+                let inserted = write_ticket_row(conn, &ticket, &json, &document, OnConflict::Refuse)?;
+                if !inserted {
                     return Err(StoreError::Duplicate(ticket.id));
                 }
                 append_outbox(conn, ticket.id, &change, now)?;
@@ -335,7 +321,7 @@ impl WriterContext {
             Write::Mutate { id, mutation } => {
                 let mut document = self.load(conn, id)?.ok_or(StoreError::NotFound(id))?;
                 let change = mutation(&mut document)?;
-                let changed = save_ticket(conn, id, &mut document)?;
+                let changed = save_ticket(conn, &mut document)?;
                 append_outbox(conn, id, &change, now)?;
                 Ok(vec![changed])
             }
@@ -387,8 +373,8 @@ impl WriterContext {
                     }
                 }
                 let mut changed = Vec::with_capacity(touched.len());
-                for (id, mut document) in touched {
-                    changed.push(save_ticket(conn, id, &mut document)?);
+                for (_, mut document) in touched {
+                    changed.push(save_ticket(conn, &mut document)?);
                 }
                 set_sync_state(conn, "cursor", &cursor)?;
                 set_sync_state(conn, "last_sync_at", &now.to_be_bytes())?;
@@ -405,31 +391,54 @@ impl WriterContext {
     }
 }
 
-/// Stores a ticket's document and its materialized columns.
-fn save_ticket(
+/// What to do when a ticket row with the same id exists.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnConflict {
+    /// Keep the stored row (a new ticket's id is never reused).
+    Refuse,
+    Replace,
+}
+
+/// Writes a ticket's row: its document and materialized columns. Returns
+/// whether the row was written.
+fn write_ticket_row(
     conn: &Connection,
-    id: TicketId,
-    document: &mut TicketDocument,
-) -> Result<(Ticket, Arc<str>), StoreError> {
-    let ticket = document.ticket()?;
-    let json = ticket_json(&ticket)?;
-    conn.execute(
-        "INSERT INTO tickets (id, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (id) DO UPDATE SET status = ?2, priority = ?3, priority_rank = ?4, updated_at = ?6,
-           conflicts = ?7, ticket = ?8, document = ?9",
+    ticket: &Ticket,
+    json: &str,
+    document: &[u8],
+    on_conflict: OnConflict,
+) -> Result<bool, StoreError> {
+    let conflict = match on_conflict {
+        OnConflict::Refuse => "DO NOTHING",
+        OnConflict::Replace => {
+            "DO UPDATE SET status = ?2, priority = ?3, priority_rank = ?4, updated_at = ?6, conflicts = ?7, ticket = ?8, document = ?9"
+        }
+    };
+    let written = conn.execute(
+        &format!(
+            "INSERT INTO tickets (id, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) {conflict}"
+        ),
         params![
-            id.to_string(),
+            ticket.id.to_string(),
             ticket.status.as_str(),
             ticket.priority.as_str(),
             ticket.priority as i64,
             ticket.created_at,
             ticket.updated_at,
             ticket.conflicts.len() as i64,
-            &*json,
-            document.save()
+            json,
+            document
         ],
     )?;
+    Ok(written > 0)
+}
+
+/// Stores a ticket's document and its materialized columns, replacing the row.
+fn save_ticket(conn: &Connection, document: &mut TicketDocument) -> Result<(Ticket, Arc<str>), StoreError> {
+    let ticket = document.ticket()?;
+    let json = ticket_json(&ticket)?;
+    write_ticket_row(conn, &ticket, &json, &document.save(), OnConflict::Replace)?;
     Ok((ticket, json))
 }
 
