@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use service_kit::config::Source;
+use service_kit::keys::AuthConfig;
 use service_kit::logging::LogConfig;
 use sync_protocol::ids::NodeId;
 use sync_protocol::session::SessionConfig;
 use sync_protocol::ticket::Limits;
-use sync_protocol::token::TokenPolicy;
 
 pub const CONFIG_VERSION: u32 = 1;
 pub const ENV_PREFIX: &str = "CLOUD_BRIDGE__";
@@ -57,20 +57,6 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    #[serde(flatten)]
-    pub policy: TokenPolicy,
-    /// The auth service's JWKS; relative paths are inside `bridge.data_dir`.
-    #[serde(default = "default_jwks_file")]
-    pub jwks_file: PathBuf,
-}
-
-fn default_jwks_file() -> PathBuf {
-    PathBuf::from("jwks.json")
-}
-
 impl Config {
     /// Reads `path`, applies environment overrides, and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -101,7 +87,7 @@ impl Config {
     }
 
     pub fn jwks_path(&self) -> PathBuf {
-        self.bridge.data_dir.join(&self.auth.jwks_file)
+        self.auth.jwks_path(&self.bridge.data_dir)
     }
 
     pub fn database_path(&self) -> PathBuf {

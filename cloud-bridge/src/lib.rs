@@ -47,7 +47,7 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
     let data_dir = &config.bridge.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
-    let verifier = service_kit::keys::load_verifier(&config.auth.policy, &config.jwks_path())?;
+    let verifier = config.auth.verifier(&config.bridge.data_dir)?;
     let store = Store::open(&config.database_path(), config.limits.clone(), ActorId::random(), WRITE_QUEUE_MAX)?;
     Ok(AppState {
         config: Arc::new(config),

@@ -24,7 +24,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_bytes::ByteBuf;
 use service_kit::sqlite::{self, ReadPool};
 use service_kit::writer::GroupWriter;
-use sync_protocol::document::{self, DocumentError, HistoryEntry, TicketDocument};
+use sync_protocol::document::{self, DocumentError, HistoryEntry, Mutation, TicketDocument};
 use sync_protocol::ids::{NodeId, Role, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
@@ -102,9 +102,6 @@ pub struct WardNotice {
     /// The ticket that changed, materialized, for live pharmacy views.
     pub ticket_json: Arc<str>,
 }
-
-/// A pharmacy edit run on the writer thread, returning the new change.
-pub type Mutation = Box<dyn FnOnce(&mut TicketDocument) -> Result<Vec<u8>, DocumentError> + Send>;
 
 enum Job {
     Upstream {

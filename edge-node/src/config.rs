@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use service_kit::config::Source;
+use service_kit::keys::AuthConfig;
 use service_kit::logging::LogConfig;
 use sync_protocol::ids::{NodeId, WardId};
 use sync_protocol::ticket::Limits;
-use sync_protocol::token::TokenPolicy;
 
 /// The configuration format this build reads.
 pub const CONFIG_VERSION: u32 = 1;
@@ -106,20 +106,6 @@ impl Default for HttpConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    #[serde(flatten)]
-    pub policy: TokenPolicy,
-    /// The JWKS cached on disk; relative paths are inside `node.data_dir`.
-    #[serde(default = "default_jwks_file")]
-    pub jwks_file: PathBuf,
-}
-
-fn default_jwks_file() -> PathBuf {
-    PathBuf::from("jwks.json")
-}
-
-#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Most writes committed in one transaction (one fsync).
@@ -190,7 +176,7 @@ impl Config {
     }
 
     pub fn jwks_path(&self) -> PathBuf {
-        self.node.data_dir.join(&self.auth.jwks_file)
+        self.auth.jwks_path(&self.node.data_dir)
     }
 
     pub fn database_path(&self) -> PathBuf {

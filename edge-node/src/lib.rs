@@ -58,7 +58,7 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
     let data_dir = &config.node.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
-    let verifier = service_kit::keys::load_verifier(&config.auth.policy, &config.jwks_path())?;
+    let verifier = config.auth.verifier(&config.node.data_dir)?;
     // A fresh actor id per process: see ARCHITECTURE.md, "actor ids".
     let store = Store::open(&config.database_path(), &config.storage, config.limits.clone(), ActorId::random())?;
     Ok(AppState {

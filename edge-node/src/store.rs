@@ -20,7 +20,7 @@ use automerge::ActorId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use service_kit::sqlite::{self, ReadPool};
 use service_kit::writer::{GroupWriter, QueueError};
-use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument};
+use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TicketDocument};
 use sync_protocol::ids::TicketId;
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
 use tokio::sync::{broadcast, oneshot};
@@ -95,9 +95,6 @@ pub struct TicketEvent {
     /// The materialized ticket as JSON, shared by every subscriber.
     pub ticket_json: Arc<str>,
 }
-
-/// A document edit run on the writer thread, returning the new change.
-pub type Mutation = Box<dyn FnOnce(&mut TicketDocument) -> Result<Vec<u8>, DocumentError> + Send>;
 
 /// What the writer can do.
 pub enum Write {

@@ -113,6 +113,10 @@ pub enum NotesEdit {
     Replace(String),
 }
 
+/// An edit of a document run where the document is stored (a store's
+/// writer thread), returning the new change.
+pub type Mutation = Box<dyn FnOnce(&mut TicketDocument) -> Result<Vec<u8>, DocumentError> + Send>;
+
 /// A request to move a ticket's status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
