@@ -405,29 +405,30 @@ fn write_ticket_row(
     document: &[u8],
     on_conflict: OnConflict,
 ) -> Result<bool, StoreError> {
-    let conflict = match on_conflict {
-        OnConflict::Refuse => "DO NOTHING",
+    // Two fixed statements rather than one built per call, so each is
+    // prepared once per connection and then taken from its cache.
+    let sql = match on_conflict {
+        OnConflict::Refuse => {
+            "INSERT INTO tickets (id, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING"
+        }
         OnConflict::Replace => {
-            "DO UPDATE SET status = ?2, priority = ?3, priority_rank = ?4, updated_at = ?6, conflicts = ?7, ticket = ?8, document = ?9"
+            "INSERT INTO tickets (id, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO UPDATE SET status = ?2, priority = ?3,
+             priority_rank = ?4, updated_at = ?6, conflicts = ?7, ticket = ?8, document = ?9"
         }
     };
-    let written = conn.execute(
-        &format!(
-            "INSERT INTO tickets (id, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) {conflict}"
-        ),
-        params![
-            ticket.id.to_string(),
-            ticket.status.as_str(),
-            ticket.priority.as_str(),
-            ticket.priority as i64,
-            ticket.created_at,
-            ticket.updated_at,
-            ticket.conflicts.len() as i64,
-            json,
-            document
-        ],
-    )?;
+    let written = conn.prepare_cached(sql)?.execute(params![
+        ticket.id.to_string(),
+        ticket.status.as_str(),
+        ticket.priority.as_str(),
+        ticket.priority as i64,
+        ticket.created_at,
+        ticket.updated_at,
+        ticket.conflicts.len() as i64,
+        json,
+        document
+    ])?;
     Ok(written > 0)
 }
 
@@ -492,10 +493,11 @@ fn ticket_json(ticket: &Ticket) -> Result<Arc<str>, StoreError> {
 }
 
 fn append_outbox(conn: &Connection, id: TicketId, change: &[u8], now: UnixMillis) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO outbox (ticket_id, change, created_at) VALUES (?1, ?2, ?3)",
-        params![id.to_string(), change, now],
-    )?;
+    conn.prepare_cached("INSERT INTO outbox (ticket_id, change, created_at) VALUES (?1, ?2, ?3)")?.execute(params![
+        id.to_string(),
+        change,
+        now
+    ])?;
     Ok(())
 }
 
