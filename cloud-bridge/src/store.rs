@@ -20,11 +20,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use automerge::ActorId;
+use rayon::prelude::*;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_bytes::ByteBuf;
 use service_kit::sqlite::{self, ReadPool};
 use service_kit::writer::GroupWriter;
-use sync_protocol::document::{self, DocumentError, HistoryEntry, Mutation, TicketDocument};
+use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, ReceivedChange, TicketDocument};
 use sync_protocol::ids::{NodeId, Role, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
@@ -107,7 +108,7 @@ enum Job {
     Upstream {
         node: NodeId,
         ward: WardId,
-        changes: Vec<UpstreamChange>,
+        changes: Vec<Staged>,
         reply: oneshot::Sender<Result<Vec<Rejection>, StoreError>>,
     },
     Pharmacy {
@@ -149,6 +150,7 @@ pub struct Store {
     readers: Arc<ReadPool>,
     notices: broadcast::Sender<WardNotice>,
     replica: ActorId,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Store {
@@ -173,13 +175,13 @@ impl Store {
         sqlite::migrate(&mut writer, MIGRATIONS)?;
         let readers = ReadPool::open(path, 4)?;
         let (notices, _) = broadcast::channel(NOTICES_CAPACITY);
-        let writer_state = Writer { replica: replica.clone(), limits, notices: notices.clone() };
+        let writer_state = Writer { replica: replica.clone(), limits: limits.clone(), notices: notices.clone() };
         let writer =
             GroupWriter::spawn("bridge-writer", writer, write_queue_max, WRITE_BATCH_MAX, move |conn, batch| {
                 writer_state.commit(conn, batch)
             })
             .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { writer, readers: Arc::new(readers), notices, replica })
+        Ok(Self { writer, readers: Arc::new(readers), notices, replica, limits })
     }
 
     pub fn replica(&self) -> &ActorId {
@@ -198,6 +200,18 @@ impl Store {
         ward: WardId,
         changes: Vec<UpstreamChange>,
     ) -> Result<Vec<Rejection>, StoreError> {
+        // Decoding and checking a change needs no database: it runs on every
+        // core here, so the single writer thread only loads, merges and writes.
+        let (limits, replica, staging_node, staging_ward) =
+            (self.limits.clone(), self.replica.clone(), node.clone(), ward.clone());
+        let changes = tokio::task::spawn_blocking(move || {
+            changes
+                .into_par_iter()
+                .map(|change| Staged::new(change, &staging_node, &staging_ward, &limits, &replica))
+                .collect()
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("staging task failed: {e}")))?;
         let (reply, answer) = oneshot::channel();
         self.writer.send(Job::Upstream { node, ward, changes, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -237,8 +251,66 @@ struct Writer {
     notices: broadcast::Sender<WardNotice>,
 }
 
-/// Documents touched by a transaction, saved once at its end.
-type Touched = HashMap<TicketId, TicketDocument>;
+/// An upstream change with the work that needs no database done before it
+/// reaches the writer: decoded, its audit record checked against the node
+/// that sent it, and, for a ticket's first change, the document it creates.
+struct Staged {
+    seq: u64,
+    ticket: TicketId,
+    /// The change, or why it was refused whatever the database holds.
+    checked: Result<Checked, String>,
+}
+
+struct Checked {
+    bytes: Vec<u8>,
+    received: ReceivedChange,
+    /// For a root change: the new ticket's row, or why it is refused.
+    /// Used only if the ticket does not exist yet.
+    created: Option<Result<TicketRow, String>>,
+}
+
+impl Staged {
+    fn new(change: UpstreamChange, node: &NodeId, ward: &WardId, limits: &Limits, replica: &ActorId) -> Self {
+        let UpstreamChange { seq, ticket, change } = change;
+        let bytes = change.into_vec();
+        let checked = ReceivedChange::decode(&bytes).map_err(|e| e.to_string()).and_then(|received| {
+            let actor = &received.audit().actor;
+            // The node speaks for its ward's people: the change must say it
+            // came through this node, from a role that works at a ward.
+            if actor.device != *node {
+                return Err(format!("change claims device {}, but came from {node}", actor.device));
+            }
+            if !matches!(actor.role, Role::Nurse | Role::Admin) {
+                return Err(format!("a {} may not make changes at a ward", actor.role));
+            }
+            let created = received.is_root().then(|| create_ticket(&received, ticket, ward, limits, replica));
+            Ok(Checked { bytes, received, created })
+        });
+        Self { seq, ticket, checked }
+    }
+}
+
+/// The row of the ticket a ticket's first change creates, if it is a valid
+/// ticket of this id and ward. Saved here, not kept as a document: staging
+/// a whole batch of live documents would cost far more memory.
+fn create_ticket(
+    received: &ReceivedChange,
+    id: TicketId,
+    ward: &WardId,
+    limits: &Limits,
+    replica: &ActorId,
+) -> Result<TicketRow, String> {
+    let (mut document, _) = TicketDocument::from_received(std::slice::from_ref(received), limits, replica.clone())
+        .map_err(|e| e.to_string())?;
+    let row = TicketRow::of(&mut document).map_err(|e| e.to_string())?;
+    if row.ticket.ward != *ward || row.ticket.id != id {
+        return Err(format!(
+            "the change creates a ticket of another ward or id ({} in {})",
+            row.ticket.id, row.ticket.ward
+        ));
+    }
+    Ok(row)
+}
 
 /// A reply held until its batch commits: sent as computed if the commit
 /// succeeded, as the failure if not, so nothing uncommitted is acknowledged.
@@ -253,33 +325,65 @@ fn hold<T: 'static>(reply: oneshot::Sender<Result<T, StoreError>>, outcome: Resu
     })
 }
 
-/// Writes the touched documents and their materialized columns, and notes
-/// the wards to notify after the commit.
-fn flush(conn: &Connection, touched: &mut Touched, notices: &mut Vec<WardNotice>) -> Result<(), rusqlite::Error> {
-    for (id, mut document) in touched.drain() {
-        let ticket = document.ticket().map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let json: Arc<str> = serde_json::to_string(&ticket).map(Arc::from).unwrap_or_else(|_| Arc::from("{}"));
-        conn.execute(
+/// A ticket's row: its saved document and materialized columns.
+struct TicketRow {
+    ticket: Ticket,
+    json: Arc<str>,
+    document: Vec<u8>,
+}
+
+impl TicketRow {
+    fn of(document: &mut TicketDocument) -> Result<Self, DocumentError> {
+        let ticket = document.ticket()?;
+        let json = serde_json::to_string(&ticket).map(Arc::from).unwrap_or_else(|_| Arc::from("{}"));
+        Ok(Self { ticket, json, document: document.save() })
+    }
+}
+
+/// What a transaction changed beyond the change log: the documents it
+/// merged into (saved at the end of each job), and the notices to send
+/// once it commits.
+#[derive(Default)]
+struct Pending {
+    documents: HashMap<TicketId, TicketDocument>,
+    notices: Vec<WardNotice>,
+}
+
+impl Pending {
+    /// Writes a ticket's row and notes its ward for a notice.
+    fn write(&mut self, conn: &Connection, row: TicketRow) -> Result<(), rusqlite::Error> {
+        let TicketRow { ticket, json, document } = row;
+        conn.prepare_cached(
             "INSERT INTO tickets (id, ward, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (id) DO UPDATE SET status = ?3, priority = ?4, priority_rank = ?5, updated_at = ?7,
                conflicts = ?8, ticket = ?9, document = ?10",
-            params![
-                id.to_string(),
-                ticket.ward.as_str(),
-                ticket.status.as_str(),
-                ticket.priority.as_str(),
-                ticket.priority as i64,
-                ticket.created_at,
-                ticket.updated_at,
-                ticket.conflicts.len() as i64,
-                &*json,
-                document.save()
-            ],
-        )?;
-        notices.push(WardNotice { ward: ticket.ward.clone(), ticket_json: json });
+        )?
+        .execute(params![
+            ticket.id.to_string(),
+            ticket.ward.as_str(),
+            ticket.status.as_str(),
+            ticket.priority.as_str(),
+            ticket.priority as i64,
+            ticket.created_at,
+            ticket.updated_at,
+            ticket.conflicts.len() as i64,
+            &*json,
+            document
+        ])?;
+        self.notices.push(WardNotice { ward: ticket.ward, ticket_json: json });
+        Ok(())
     }
-    Ok(())
+
+    /// Writes every document merged into since the last flush.
+    fn flush(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        let documents = std::mem::take(&mut self.documents);
+        for (_, mut document) in documents {
+            let row = TicketRow::of(&mut document).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            self.write(conn, row)?;
+        }
+        Ok(())
+    }
 }
 
 /// Lets an SQLite error abort the whole batch; any other error belongs to its job.
@@ -292,36 +396,33 @@ fn raise<T>(outcome: Result<T, StoreError>) -> Result<Result<T, StoreError>, rus
 
 impl Writer {
     fn commit(&self, conn: &mut Connection, batch: Vec<Job>) {
-        let mut touched = Touched::new();
-        let mut notices = Vec::new();
+        let mut pending = Pending::default();
         let mut replies: Vec<HeldReply> = Vec::new();
         let result = (|| -> Result<(), rusqlite::Error> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for job in batch {
                 match job {
                     Job::Upstream { node, ward, changes, reply } => {
-                        let outcome = raise(self.upstream(&tx, &mut touched, &node, &ward, changes))?;
+                        let outcome = raise(self.upstream(&tx, &mut pending, &node, &ward, changes))?;
                         // Written per job, not per batch: a batch of many
                         // large upstream jobs would otherwise hold every
                         // document it touched in memory until the commit.
-                        flush(&tx, &mut touched, &mut notices)?;
+                        pending.flush(&tx)?;
                         replies.push(hold(reply, outcome));
                     }
                     Job::Pharmacy { id, mutation, reply } => {
-                        let outcome = raise(self.pharmacy(&tx, &mut touched, id, mutation))?;
+                        let outcome = raise(self.pharmacy(&tx, &mut pending, id, mutation))?;
                         replies.push(hold(reply, outcome));
                     }
                     Job::Cursor { node, seq } => {
-                        tx.execute(
-                            "UPDATE nodes SET cursor = max(coalesce(cursor, 0), ?2) WHERE node = ?1",
-                            params![node.as_str(), seq as i64],
-                        )?;
+                        tx.prepare_cached("UPDATE nodes SET cursor = max(coalesce(cursor, 0), ?2) WHERE node = ?1")?
+                            .execute(params![node.as_str(), seq as i64])?;
                     }
                 }
             }
-            flush(&tx, &mut touched, &mut notices)?;
+            pending.flush(&tx)?;
             tx.commit()?;
-            for notice in notices {
+            for notice in pending.notices {
                 let _ = self.notices.send(notice);
             }
             Ok(())
@@ -338,12 +439,13 @@ impl Writer {
     fn load<'t>(
         &self,
         conn: &Connection,
-        touched: &'t mut Touched,
+        pending: &'t mut Pending,
         id: TicketId,
     ) -> Result<Option<&'t mut TicketDocument>, StoreError> {
-        if let std::collections::hash_map::Entry::Vacant(slot) = touched.entry(id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = pending.documents.entry(id) {
             let bytes: Option<Vec<u8>> = conn
-                .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |r| r.get(0))
+                .prepare_cached("SELECT document FROM tickets WHERE id = ?1")?
+                .query_row([id.to_string()], |r| r.get(0))
                 .optional()?;
             match bytes {
                 Some(bytes) => {
@@ -352,22 +454,23 @@ impl Writer {
                 None => return Ok(None),
             }
         }
-        Ok(touched.get_mut(&id))
+        Ok(pending.documents.get_mut(&id))
     }
 
     fn upstream(
         &self,
         conn: &Connection,
-        touched: &mut Touched,
+        pending: &mut Pending,
         node: &NodeId,
         ward: &WardId,
-        changes: Vec<UpstreamChange>,
+        changes: Vec<Staged>,
     ) -> Result<Vec<Rejection>, StoreError> {
         let mut rejections = Vec::new();
         let mut highest = 0;
-        for UpstreamChange { seq, ticket, change } in changes {
+        for staged in changes {
+            let (seq, ticket) = (staged.seq, staged.ticket);
             highest = highest.max(seq);
-            if let Err(message) = self.accept_one(conn, touched, node, ward, ticket, change.into_vec())? {
+            if let Err(message) = self.accept_one(conn, pending, node, ward, staged)? {
                 rejections.push(Rejection { seq, ticket, message });
             }
         }
@@ -378,76 +481,59 @@ impl Writer {
                 params![node.as_str(), rejection.seq as i64, rejection.ticket.to_string(), rejection.message, now],
             )?;
         }
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO nodes (node, ward, acked_up_to, last_seen, rejected) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (node) DO UPDATE SET acked_up_to = max(acked_up_to, ?3), last_seen = ?4, rejected = rejected + ?5, ward = ?2",
-            params![node.as_str(), ward.as_str(), highest as i64, now, rejections.len() as i64],
-        )?;
+        )?
+        .execute(params![node.as_str(), ward.as_str(), highest as i64, now, rejections.len() as i64])?;
         Ok(rejections)
     }
 
-    /// Validates one change from a node and logs it. The inner `Err` is the
-    /// reason the change was refused; the outer one a storage failure.
+    /// Merges one staged change from a node and logs it. The inner `Err` is
+    /// the reason the change was refused; the outer one a storage failure.
     fn accept_one(
         &self,
         conn: &Connection,
-        touched: &mut Touched,
+        pending: &mut Pending,
         node: &NodeId,
         ward: &WardId,
-        id: TicketId,
-        bytes: Vec<u8>,
+        staged: Staged,
     ) -> Result<Result<(), String>, StoreError> {
         let refuse = |reason: String| Ok(Err(reason));
-        let (hash, audit) = match document::inspect_change(&bytes) {
-            Ok(inspected) => inspected,
-            Err(e) => return refuse(e.to_string()),
+        let id = staged.ticket;
+        let Checked { bytes, received, created } = match staged.checked {
+            Ok(checked) => checked,
+            Err(reason) => return refuse(reason),
         };
-        // The node speaks for its ward's people: the change must say it came
-        // through this node, from a role that works at a ward.
-        if audit.actor.device != *node {
-            return refuse(format!("change claims device {}, but came from {node}", audit.actor.device));
-        }
-        if !matches!(audit.actor.role, Role::Nurse | Role::Admin) {
-            return refuse(format!("a {} may not make changes at a ward", audit.actor.role));
-        }
         // A document that cannot be loaded is a storage fault, not the
         // change's: it fails the batch, unacknowledged, and the edge resends.
-        let applied = match self.load(conn, touched, id)? {
+        let is_new = match self.load(conn, pending, id)? {
             Some(document) => {
                 if document.ticket()?.ward != *ward {
                     return refuse(format!("ticket {id} belongs to another ward"));
                 }
-                match document.apply_untrusted(std::slice::from_ref(&bytes), &self.limits) {
-                    Ok(applied) => applied,
+                match document.apply_received(std::slice::from_ref(&received), &self.limits) {
+                    Ok(applied) => !applied.is_empty(),
                     Err(e) => return refuse(e.to_string()),
                 }
             }
             None => {
-                let created = TicketDocument::from_untrusted_changes(
-                    std::slice::from_ref(&bytes),
-                    &self.limits,
-                    self.replica.clone(),
-                );
-                let (document, audits) = match created {
-                    Ok(created) => created,
-                    Err(e) => return refuse(e.to_string()),
-                };
-                let ticket = document.ticket()?;
-                if ticket.ward != *ward || ticket.id != id {
-                    return refuse(format!(
-                        "the change creates a ticket of another ward or id ({} in {})",
-                        ticket.id, ticket.ward
-                    ));
+                let created =
+                    created.unwrap_or_else(|| create_ticket(&received, id, ward, &self.limits, &self.replica));
+                match created {
+                    Ok(row) => {
+                        pending.write(conn, row)?;
+                        true
+                    }
+                    Err(reason) => return refuse(reason),
                 }
-                touched.insert(id, document);
-                audits
             }
         };
-        if !applied.is_empty() {
-            conn.execute(
+        if is_new {
+            conn.prepare_cached(
                 "INSERT INTO changes (hash, ward, ticket_id, origin, change) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (hash) DO NOTHING",
-                params![hash, ward.as_str(), id.to_string(), node.as_str(), bytes],
-            )?;
+            )?
+            .execute(params![received.hash(), ward.as_str(), id.to_string(), node.as_str(), bytes])?;
         }
         Ok(Ok(()))
     }
@@ -455,20 +541,20 @@ impl Writer {
     fn pharmacy(
         &self,
         conn: &Connection,
-        touched: &mut Touched,
+        pending: &mut Pending,
         id: TicketId,
         mutation: Mutation,
     ) -> Result<Ticket, StoreError> {
-        let document = self.load(conn, touched, id)?.ok_or(StoreError::NotFound(id))?;
+        let document = self.load(conn, pending, id)?.ok_or(StoreError::NotFound(id))?;
         // Work on a copy so a refused mutation leaves the batch's document untouched.
         let mut candidate = document.clone();
         let change = mutation(&mut candidate)?;
         let ticket = candidate.ticket()?;
-        let (hash, _) = document::inspect_change(&change)?;
-        conn.execute(
+        let hash = ReceivedChange::decode(&change)?.hash().to_owned();
+        conn.prepare_cached(
             "INSERT INTO changes (hash, ward, ticket_id, origin, change) VALUES (?1, ?2, ?3, 'pharmacy', ?4)",
-            params![hash, ticket.ward.as_str(), id.to_string(), change],
-        )?;
+        )?
+        .execute(params![hash, ticket.ward.as_str(), id.to_string(), change])?;
         *document = candidate;
         Ok(ticket)
     }

@@ -257,8 +257,17 @@ impl TicketDocument {
         limits: &Limits,
         replica: ActorId,
     ) -> Result<(Self, Vec<ChangeAudit>), DocumentError> {
+        Self::from_received(&ReceivedChange::decode_all(changes)?, limits, replica)
+    }
+
+    /// [`Self::from_untrusted_changes`] for changes already decoded.
+    pub fn from_received(
+        changes: &[ReceivedChange],
+        limits: &Limits,
+        replica: ActorId,
+    ) -> Result<(Self, Vec<ChangeAudit>), DocumentError> {
         let mut document = TicketDocument { doc: AutoCommit::new().with_actor(replica), materialized: None };
-        let audits = document.apply_untrusted(changes, limits)?;
+        let audits = document.apply_received(changes, limits)?;
         Ok((document, audits))
     }
 
@@ -286,15 +295,24 @@ impl TicketDocument {
     /// Changes already present are skipped, so applying twice is harmless.
     /// Returns the audit records of the changes that were new.
     pub fn apply_untrusted(&mut self, changes: &[Vec<u8>], limits: &Limits) -> Result<Vec<ChangeAudit>, DocumentError> {
+        self.apply_received(&ReceivedChange::decode_all(changes)?, limits)
+    }
+
+    /// [`Self::apply_untrusted`] for changes already decoded, so a caller
+    /// that inspected them first does not parse them twice.
+    pub fn apply_received(
+        &mut self,
+        changes: &[ReceivedChange],
+        limits: &Limits,
+    ) -> Result<Vec<ChangeAudit>, DocumentError> {
         let mut decoded = Vec::with_capacity(changes.len());
         let mut audits = Vec::new();
-        for bytes in changes {
-            let change = Change::from_bytes(bytes.clone())?;
-            if self.doc.get_change_by_hash(&change.hash()).is_some() {
+        for received in changes {
+            if self.doc.get_change_by_hash(&received.change.hash()).is_some() {
                 continue;
             }
-            audits.push((change.hash().to_string(), parse_audit(&change)?));
-            decoded.push(change);
+            audits.push((received.hash.clone(), received.audit.clone()));
+            decoded.push(received.change.clone());
         }
         if decoded.is_empty() {
             return Ok(Vec::new());
@@ -672,12 +690,42 @@ where
     value.parse().map_err(|e| DocumentError::malformed(format!("{field}: {e}")))
 }
 
-/// The ticket-independent facts of an encoded change, read without applying
-/// it: its hash and audit record. A bridge checks these (which device sent
-/// it, in which role) before letting the change near a document.
-pub fn inspect_change(bytes: &[u8]) -> Result<(String, ChangeAudit), DocumentError> {
-    let change = Change::from_bytes(bytes.to_vec())?;
-    Ok((change.hash().to_string(), parse_audit(&change)?))
+/// A change from a peer, decoded once, with the ticket-independent facts
+/// read without applying it: its hash and audit record. A bridge checks
+/// these (which device sent it, in which role) before letting the change
+/// near a document.
+#[derive(Debug, Clone)]
+pub struct ReceivedChange {
+    change: Change,
+    hash: String,
+    audit: ChangeAudit,
+}
+
+impl ReceivedChange {
+    /// Decodes a change and its audit record; a change without a valid one is refused.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DocumentError> {
+        let change = Change::from_bytes(bytes.to_vec())?;
+        let audit = parse_audit(&change)?;
+        Ok(Self { hash: change.hash().to_string(), change, audit })
+    }
+
+    fn decode_all(changes: &[Vec<u8>]) -> Result<Vec<Self>, DocumentError> {
+        changes.iter().map(|bytes| Self::decode(bytes)).collect()
+    }
+
+    /// The change's hash, hex encoded: its identity in every replica.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    pub fn audit(&self) -> &ChangeAudit {
+        &self.audit
+    }
+
+    /// Whether the change depends on no other: only a ticket's first change does.
+    pub fn is_root(&self) -> bool {
+        self.change.deps().is_empty()
+    }
 }
 
 fn parse_audit(change: &Change) -> Result<ChangeAudit, DocumentError> {
