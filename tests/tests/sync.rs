@@ -97,11 +97,20 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
         ids.extend(lane.await.unwrap());
     }
     eprintln!("{count} tickets created offline in {:?}", created.elapsed());
+    // Some are edited while still offline: the bridge then receives a
+    // ticket's creation and its later edits in one batch.
+    let edited: Vec<&String> = ids.iter().step_by(50).collect();
+    for id in &edited {
+        let edit = json!({ "notes": { "append": "ALLERGY: PENICILLIN" }, "priority": "asap" });
+        let url = site.edge.url(&format!("/api/v1/tickets/{id}"));
+        let response = client.patch(&url).bearer_auth(&nurse).json(&edit).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
     let status: Value =
         client.get(site.edge.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
     assert_eq!(
         (status["connected"].as_bool(), status["outbox"]["pending"].as_u64()),
-        (Some(false), Some(count as u64)),
+        (Some(false), Some((count + edited.len()) as u64)),
         "{status}"
     );
 
@@ -125,8 +134,9 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
     let nodes: Value =
         client.get(bridge.url("/api/v1/nodes")).bearer_auth(&pharmacist).send().await.unwrap().json().await.unwrap();
     assert_eq!(nodes[0]["rejected"], 0, "{nodes}");
-    // The same tickets on both sides, field for field (a sample: every 97th).
-    for id in ids.iter().step_by(97) {
+    // The same tickets on both sides, field for field: a sample (every
+    // 97th) and every ticket edited offline.
+    for id in ids.iter().step_by(97).chain(edited.iter().copied()) {
         let at_edge: Value = client
             .get(site.edge.url(&format!("/api/v1/tickets/{id}")))
             .bearer_auth(&nurse)
