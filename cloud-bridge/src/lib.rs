@@ -2,6 +2,7 @@
 //! over embedded storage. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod store;
 pub mod sync;

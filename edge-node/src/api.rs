@@ -98,7 +98,12 @@ impl FromRequestParts<AppState> for Caller {
         let role = principal.acting_role(DEVICE_ROLES).ok_or_else(|| {
             ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "this API serves ward nurses and admins")
         })?;
-        Ok(Caller(Actor { user: principal.user, role, device: state.config.node.id.clone(), offline_login: false }))
+        Ok(Caller(Actor {
+            user: principal.user,
+            role,
+            device: state.config.node.id.clone(),
+            offline_login: principal.offline_login,
+        }))
     }
 }
 

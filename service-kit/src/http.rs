@@ -63,6 +63,7 @@ impl From<AuthError> for ApiError {
         let message = match error {
             AuthError::Missing => "send an Authorization: Bearer token",
             AuthError::Expired => "the token has expired; log in again",
+            AuthError::Revoked => "the token has been revoked; log in again",
             _ => "the token is not valid here",
         };
         ApiError::new(StatusCode::UNAUTHORIZED, error.code(), message)

@@ -7,6 +7,7 @@ pub mod config;
 pub mod http;
 pub mod keys;
 pub mod logging;
+pub mod secrets;
 pub mod shutdown;
 pub mod sqlite;
 pub mod writer;

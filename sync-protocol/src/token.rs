@@ -11,7 +11,7 @@
 //! expressed (the header does not parse), and an HMAC token signed with the
 //! public key as secret is refused because HMAC is never configured.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, RwLock};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -80,6 +80,8 @@ pub enum AuthError {
     BadSignature,
     #[error("token has expired")]
     Expired,
+    #[error("token has been revoked")]
+    Revoked,
     #[error("token is not valid yet")]
     NotYetValid,
     #[error("token is for another audience")]
@@ -99,6 +101,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing_token",
             AuthError::Expired => "token_expired",
+            AuthError::Revoked => "token_revoked",
             _ => "invalid_token",
         }
     }
@@ -115,6 +118,9 @@ struct Claims {
     #[serde(default)]
     jti: Option<String>,
     exp: i64,
+    /// Set only by an edge node's offline login (see [`Principal::offline_login`]).
+    #[serde(default)]
+    offline: bool,
 }
 
 /// Who a verified token speaks for.
@@ -125,6 +131,9 @@ pub struct Principal {
     pub wards: Vec<WardId>,
     pub jti: Option<String>,
     pub expires_at: i64,
+    /// The token came from an edge node's offline login, not the auth
+    /// service: changes made with it are marked so in the audit trail.
+    pub offline_login: bool,
 }
 
 impl Principal {
@@ -152,6 +161,8 @@ pub struct Verifier {
     /// Exact token text -> what it verified to. Entries are only ever made
     /// by a full verification with the current keys.
     verified: Mutex<HashMap<String, Principal>>,
+    /// Token ids revoked before their expiry, from the auth service.
+    revoked: RwLock<HashSet<String>>,
     algorithms: Vec<Algorithm>,
     issuer: String,
     audience: String,
@@ -170,6 +181,7 @@ impl Verifier {
         let verifier = Self {
             keys: RwLock::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
+            revoked: RwLock::new(HashSet::new()),
             algorithms: config.algorithms.clone(),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
@@ -201,16 +213,35 @@ impl Verifier {
         Ok(count)
     }
 
+    /// Replaces the set of revoked token ids (`jti`).
+    pub fn replace_revoked(&self, revoked: impl IntoIterator<Item = String>) {
+        if let Ok(mut set) = self.revoked.write() {
+            *set = revoked.into_iter().collect();
+        }
+    }
+
+    fn check_not_revoked(&self, principal: &Principal) -> Result<(), AuthError> {
+        let revoked = self.revoked.read().map_err(|_| AuthError::Jwks("revocation list poisoned".into()))?;
+        match &principal.jti {
+            Some(jti) if revoked.contains(jti) => Err(AuthError::Revoked),
+            _ => Ok(()),
+        }
+    }
+
     /// Verifies `token` at time `now_s` (seconds since the epoch).
     pub fn verify(&self, token: &str, now_s: i64) -> Result<Principal, AuthError> {
         let cached = self.verified.lock().ok().and_then(|verified| verified.get(token).cloned());
         if let Some(principal) = cached {
+            // Checked on every use, not only the first: a revocation must
+            // reach tokens already verified.
+            self.check_not_revoked(&principal)?;
             if principal.expires_at.saturating_add(self.leeway_s as i64) > now_s {
                 return Ok(principal);
             }
             return Err(AuthError::Expired);
         }
         let principal = self.verify_signed(token)?;
+        self.check_not_revoked(&principal)?;
         if let Ok(mut verified) = self.verified.lock() {
             if verified.len() >= VERIFIED_TOKENS_MAX {
                 verified.clear();
@@ -256,6 +287,7 @@ impl Verifier {
             wards: claims.wards,
             jti: claims.jti,
             expires_at: claims.exp,
+            offline_login: claims.offline,
         })
     }
 }

@@ -1,0 +1,130 @@
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use cloud_bridge::auth::store::{self, Account, AccountKind};
+use cloud_bridge::auth::{self, AuthServiceConfig};
+use service_kit::secrets;
+use sync_protocol::ids::{NodeId, Role, UserId, WardId};
+
+/// The auth service: OAuth2 tokens for staff, edge nodes and integrations,
+/// and the admin commands that manage them.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[arg(long, env = "AUTH_SERVICE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the token, revocation, introspection and key endpoints.
+    Serve,
+    /// Check the configuration file (with environment overrides) and exit.
+    CheckConfig,
+    /// Create a staff account; the password is read from the first line of stdin.
+    AddUser {
+        #[arg(long)]
+        username: UserId,
+        #[arg(long = "role", required = true)]
+        roles: Vec<Role>,
+        #[arg(long = "ward")]
+        wards: Vec<WardId>,
+    },
+    /// Enrol an edge node: creates its client and prints its credentials, once.
+    AddEdgeNode {
+        #[arg(long)]
+        node: NodeId,
+        #[arg(long)]
+        ward: WardId,
+    },
+    /// Create a client for an integration and print its credentials, once.
+    AddClient {
+        #[arg(long)]
+        client_id: UserId,
+        #[arg(long = "role", required = true)]
+        roles: Vec<Role>,
+        #[arg(long = "ward")]
+        wards: Vec<WardId>,
+    },
+    /// Add a signing key; it is published now and signs after `key_publish_ahead_s`.
+    RotateKey,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let path = cli.config.context("--config (or AUTH_SERVICE_CONFIG) is required")?;
+    let config = AuthServiceConfig::load(&path)?;
+    match cli.command {
+        Command::Serve => serve(config),
+        Command::CheckConfig => {
+            println!("configuration is valid: issuer {}", config.issuer);
+            Ok(())
+        }
+        Command::AddUser { username, roles, wards } => {
+            let mut password = String::new();
+            std::io::stdin().lock().read_line(&mut password).context("cannot read the password from stdin")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.chars().count() < 12 {
+                bail!("the password must have at least 12 characters");
+            }
+            add_account(&config, username.as_str(), AccountKind::User, password, roles, wards)?;
+            println!("user {username} created");
+            Ok(())
+        }
+        Command::AddEdgeNode { node, ward } => {
+            let secret = secrets::generate_secret();
+            add_account(&config, node.as_str(), AccountKind::Client, &secret, vec![Role::EdgeNode], vec![ward])?;
+            print_credentials(node.as_str(), &secret);
+            Ok(())
+        }
+        Command::AddClient { client_id, roles, wards } => {
+            let secret = secrets::generate_secret();
+            add_account(&config, client_id.as_str(), AccountKind::Client, &secret, roles, wards)?;
+            print_credentials(client_id.as_str(), &secret);
+            Ok(())
+        }
+        Command::RotateKey => {
+            let store = auth::open_store(&config)?;
+            let (kid, activates_at) =
+                store.run_now(|conn| store::add_key(conn, auth::now_s() + config.tokens.key_publish_ahead_s))?;
+            println!("key {kid} published; it signs from {activates_at} (unix seconds)");
+            Ok(())
+        }
+    }
+}
+
+fn add_account(
+    config: &AuthServiceConfig,
+    name: &str,
+    kind: AccountKind,
+    secret: &str,
+    roles: Vec<Role>,
+    wards: Vec<WardId>,
+) -> anyhow::Result<()> {
+    let store = auth::open_store(config)?;
+    let secret_hash = secrets::hash_secret(secret).map_err(anyhow::Error::msg)?;
+    let account = Account { name: name.to_owned(), kind, secret_hash, roles, wards };
+    store.run_now(|conn| store::add_account(conn, &account, auth::now_s()))?;
+    Ok(())
+}
+
+/// Printed once: only the hash is kept.
+fn print_credentials(client_id: &str, secret: &str) {
+    println!("{}", serde_json::json!({ "client_id": client_id, "client_secret": secret }));
+}
+
+fn serve(config: AuthServiceConfig) -> anyhow::Result<()> {
+    service_kit::logging::init(&config.log).map_err(anyhow::Error::msg)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        auth::run(config, listener, service_kit::shutdown::signal()).await.context("auth service failed")
+    })
+}
