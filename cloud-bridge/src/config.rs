@@ -82,7 +82,7 @@ impl Config {
         if config.session.batches_in_flight_max == 0 || config.session.heartbeat_interval_ms == 0 {
             return invalid("session.batches_in_flight_max and session.heartbeat_interval_ms must be positive".into());
         }
-        config.auth.policy.validate().map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
+        config.auth.validate().map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
         Ok(config)
     }
 

@@ -70,6 +70,7 @@ pub async fn run(
     let address = listener.local_addr()?;
     tracing::info!(%address, bridge = %state.config.bridge.id, "cloud bridge serving");
     service_kit::shutdown::cancel_when(state.shutdown.clone(), shutdown);
+    state.config.auth.spawn_refresh(&state.config.bridge.data_dir, Arc::clone(&state.verifier), state.shutdown.clone());
     service_kit::shutdown::serve_until(listener, api::router(state.clone()), state.shutdown.clone(), grace).await?;
     state.store.close().await;
     tracing::info!("cloud bridge stopped");

@@ -1,9 +1,20 @@
-//! The token checks a service makes, from its configuration.
+//! The token checks a service makes, from its configuration: the auth
+//! service's key set (JWKS) and revocation list, kept on disk so a service
+//! verifies tokens with no network, and refreshed from the auth service
+//! while it is reachable.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use sync_protocol::token::{self, AuthError, TokenPolicy, Verifier};
+use tokio_util::sync::CancellationToken;
+
+/// The revocation list as last fetched, beside the key set.
+const REVOCATIONS_FILE: &str = "revocations.json";
+/// How long one fetch from the auth service may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `[auth]` section of a service's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -14,21 +25,131 @@ pub struct AuthConfig {
     /// The auth service's JWKS; a relative path is inside the data directory.
     #[serde(default = "default_jwks_file")]
     pub jwks_file: PathBuf,
+    /// The auth service's base URL. When set, the key set and the revocation
+    /// list are refreshed from it every `refresh_interval_s`; when not, the
+    /// key set on disk is all there is and no token can be revoked early.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_refresh_interval_s")]
+    pub refresh_interval_s: u64,
 }
 
 fn default_jwks_file() -> PathBuf {
     PathBuf::from("jwks.json")
 }
 
+fn default_refresh_interval_s() -> u64 {
+    60
+}
+
+/// The revocation list as the auth service serves it.
+#[derive(Debug, Deserialize)]
+struct Revocations {
+    revoked: Vec<Revoked>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Revoked {
+    jti: String,
+}
+
 impl AuthConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.policy.validate()?;
+        if self.url.as_deref().is_some_and(|url| !url.starts_with("http://") && !url.starts_with("https://")) {
+            return Err("url must start with http:// or https://".into());
+        }
+        if self.refresh_interval_s == 0 {
+            return Err("refresh_interval_s must be positive".into());
+        }
+        Ok(())
+    }
+
     pub fn jwks_path(&self, data_dir: &Path) -> PathBuf {
         data_dir.join(&self.jwks_file)
     }
 
-    /// A verifier with the key set found under `data_dir`.
+    /// A verifier with the key set and revocation list found under `data_dir`.
     pub fn verifier(&self, data_dir: &Path) -> Result<Verifier, AuthError> {
         let path = self.jwks_path(data_dir);
         let text = std::fs::read_to_string(&path).map_err(|e| AuthError::Jwks(format!("{}: {e}", path.display())))?;
-        Verifier::new(&self.policy, &token::parse_jwks(&text)?)
+        let verifier = Verifier::new(&self.policy, &token::parse_jwks(&text)?)?;
+        if let Ok(text) = std::fs::read_to_string(data_dir.join(REVOCATIONS_FILE)) {
+            let revocations: Revocations =
+                serde_json::from_str(&text).map_err(|e| AuthError::Jwks(format!("{REVOCATIONS_FILE}: {e}")))?;
+            verifier.replace_revoked(revocations.revoked.into_iter().map(|r| r.jti));
+        }
+        Ok(verifier)
     }
+
+    /// Refreshes the key set and revocation list from the auth service
+    /// every `refresh_interval_s` until `stop`, if a URL is configured. A
+    /// failed refresh keeps what was last fetched.
+    pub fn spawn_refresh(&self, data_dir: &Path, verifier: Arc<Verifier>, stop: CancellationToken) {
+        let Some(url) = self.url.clone() else { return };
+        let (jwks_path, data_dir) = (self.jwks_path(data_dir), data_dir.to_path_buf());
+        let interval = Duration::from_secs(self.refresh_interval_s);
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build().unwrap_or_default();
+            let base = url.trim_end_matches('/');
+            let mut ticks = tokio::time::interval(interval);
+            let mut healthy = true;
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let refreshed = refresh_once(&client, base, &jwks_path, &data_dir, &verifier).await;
+                match (&refreshed, healthy) {
+                    (Err(error), true) => {
+                        tracing::warn!(%error, "cannot refresh the auth service's keys; keeping the last ones")
+                    }
+                    (Ok(()), false) => tracing::info!("auth service keys refreshed again"),
+                    _ => {}
+                }
+                healthy = refreshed.is_ok();
+            }
+        });
+    }
+}
+
+async fn refresh_once(
+    client: &reqwest::Client,
+    base: &str,
+    jwks_path: &Path,
+    data_dir: &Path,
+    verifier: &Verifier,
+) -> Result<(), String> {
+    let jwks = fetch(client, &format!("{base}/.well-known/jwks.json")).await?;
+    verifier.replace_keys(&token::parse_jwks(&jwks).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    write_atomically(jwks_path, &jwks)?;
+    let revocations = fetch(client, &format!("{base}/oauth/revocations")).await?;
+    let parsed: Revocations = serde_json::from_str(&revocations).map_err(|e| format!("revocation list: {e}"))?;
+    verifier.replace_revoked(parsed.revoked.into_iter().map(|r| r.jti));
+    write_atomically(&data_dir.join(REVOCATIONS_FILE), &revocations)
+}
+
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<String, String> {
+    let response = client.get(url).send().await.map_err(|e| format!("{url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("{url}: {}", response.status()));
+    }
+    response.text().await.map_err(|e| format!("{url}: {e}"))
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename, so a
+/// crash leaves the old file or the new one, never half of one. Readable by
+/// the owner only: these files hold credentials and password hashes.
+pub fn write_atomically(path: &Path, contents: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("tmp");
+    let written = (|| {
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    written.map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -9,5 +9,6 @@ pub mod keys;
 pub mod logging;
 pub mod secrets;
 pub mod shutdown;
+pub mod signing;
 pub mod sqlite;
 pub mod writer;

@@ -158,6 +158,9 @@ const VERIFIED_TOKENS_MAX: usize = 4_096;
 
 pub struct Verifier {
     keys: RwLock<HashMap<String, Key>>,
+    /// Keys that stay when the key set is replaced: an edge node's own
+    /// offline-login key, which the auth service never publishes.
+    pinned: RwLock<HashMap<String, Key>>,
     /// Exact token text -> what it verified to. Entries are only ever made
     /// by a full verification with the current keys.
     verified: Mutex<HashMap<String, Principal>>,
@@ -180,6 +183,7 @@ impl Verifier {
     pub fn new(config: &TokenPolicy, jwks: &JwkSet) -> Result<Self, AuthError> {
         let verifier = Self {
             keys: RwLock::new(HashMap::new()),
+            pinned: RwLock::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
             revoked: RwLock::new(HashSet::new()),
             algorithms: config.algorithms.clone(),
@@ -194,13 +198,7 @@ impl Verifier {
     /// Swaps in a new key set (after a refresh from the auth service).
     /// Keys without a `kid` are skipped: a token could not name them.
     pub fn replace_keys(&self, jwks: &JwkSet) -> Result<usize, AuthError> {
-        let mut keys = HashMap::new();
-        for jwk in &jwks.keys {
-            let Some(kid) = jwk.common.key_id.clone() else { continue };
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::Jwks(format!("key {kid:?}: {e}")))?;
-            let algorithm = jwk.common.key_algorithm.and_then(|a| Algorithm::try_from(a).ok());
-            keys.insert(kid, Key { key, algorithm });
-        }
+        let keys = decode_keys(jwks)?;
         if keys.is_empty() {
             return Err(AuthError::Jwks("the key set has no key with a key id".into()));
         }
@@ -211,6 +209,13 @@ impl Verifier {
             verified.clear();
         }
         Ok(count)
+    }
+
+    /// Adds keys that [`Self::replace_keys`] keeps.
+    pub fn pin_keys(&self, jwks: &JwkSet) -> Result<(), AuthError> {
+        let keys = decode_keys(jwks)?;
+        self.pinned.write().map_err(|_| AuthError::Jwks("key store poisoned".into()))?.extend(keys);
+        Ok(())
     }
 
     /// Replaces the set of revoked token ids (`jti`).
@@ -258,7 +263,8 @@ impl Verifier {
         }
         let kid = header.kid.ok_or(AuthError::MissingKeyId)?;
         let keys = self.keys.read().map_err(|_| AuthError::Jwks("key store poisoned".into()))?;
-        let key = keys.get(&kid).ok_or_else(|| AuthError::UnknownKey(kid.clone()))?;
+        let pinned = self.pinned.read().map_err(|_| AuthError::Jwks("key store poisoned".into()))?;
+        let key = keys.get(&kid).or_else(|| pinned.get(&kid)).ok_or_else(|| AuthError::UnknownKey(kid.clone()))?;
         if key.algorithm.is_some_and(|alg| alg != header.alg) {
             return Err(AuthError::AlgorithmNotAllowed(header.alg));
         }
@@ -290,6 +296,18 @@ impl Verifier {
             offline_login: claims.offline,
         })
     }
+}
+
+/// The keys of a key set that name a key id.
+fn decode_keys(jwks: &JwkSet) -> Result<HashMap<String, Key>, AuthError> {
+    let mut keys = HashMap::new();
+    for jwk in &jwks.keys {
+        let Some(kid) = jwk.common.key_id.clone() else { continue };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::Jwks(format!("key {kid:?}: {e}")))?;
+        let algorithm = jwk.common.key_algorithm.and_then(|a| Algorithm::try_from(a).ok());
+        keys.insert(kid, Key { key, algorithm });
+    }
+    Ok(keys)
 }
 
 /// Parses a JWKS document.

@@ -4,12 +4,8 @@
 //! before they meet it; a retired key stays published until the last token
 //! it signed has expired.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::SigningKey;
-use ed25519_dalek::pkcs8::EncodePrivateKey;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use service_kit::signing::SigningKey;
 
 /// One key as stored.
 #[derive(Clone)]
@@ -38,43 +34,13 @@ impl StoredKey {
         Self { kid, seed: rand::random(), activates_at, retired_at: None }
     }
 
-    pub fn public_jwk(&self) -> Value {
-        let public = SigningKey::from_bytes(&self.seed).verifying_key().to_bytes();
-        json!({ "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": self.kid, "x": URL_SAFE_NO_PAD.encode(public) })
+    pub fn signing_key(&self) -> Result<SigningKey, String> {
+        SigningKey::from_seed(self.kid.clone(), &self.seed)
     }
 
     /// Whether resource servers still need this key at `now`.
     pub fn is_published(&self, now: i64, access_token_ttl_s: i64) -> bool {
         self.retired_at.is_none_or(|retired| retired + access_token_ttl_s > now)
-    }
-}
-
-/// Signs tokens with the key active now.
-pub struct Signer {
-    kid: String,
-    key: EncodingKey,
-}
-
-impl std::fmt::Debug for Signer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer").field("kid", &self.kid).finish_non_exhaustive()
-    }
-}
-
-impl Signer {
-    pub fn new(key: &StoredKey) -> Result<Self, String> {
-        let der = SigningKey::from_bytes(&key.seed).to_pkcs8_der().map_err(|e| e.to_string())?;
-        Ok(Self { kid: key.kid.clone(), key: EncodingKey::from_ed_der(der.as_bytes()) })
-    }
-
-    pub fn kid(&self) -> &str {
-        &self.kid
-    }
-
-    pub fn sign(&self, claims: &Value) -> Result<String, String> {
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| e.to_string())
     }
 }
 
@@ -85,8 +51,11 @@ pub fn active(keys: &[StoredKey], now: i64) -> Option<&StoredKey> {
 
 /// The JWKS document: every key that is published at `now`.
 pub fn jwks(keys: &[StoredKey], now: i64, access_token_ttl_s: i64) -> Value {
-    let published: Vec<Value> =
-        keys.iter().filter(|key| key.is_published(now, access_token_ttl_s)).map(StoredKey::public_jwk).collect();
+    let published: Vec<Value> = keys
+        .iter()
+        .filter(|key| key.is_published(now, access_token_ttl_s))
+        .filter_map(|key| key.signing_key().ok().map(|key| key.public_jwk()))
+        .collect();
     json!({ "keys": published })
 }
 

@@ -394,7 +394,7 @@ impl AuthState {
         let now = now_s();
         let keys = self.store.run(|conn| store::keys(conn)).await?;
         let key = keys::active(&keys, now).ok_or_else(|| OAuthError::internal("no active signing key"))?;
-        let signer = keys::Signer::new(key).map_err(OAuthError::internal)?;
+        let signer = key.signing_key().map_err(OAuthError::internal)?;
         let jti = uuid::Uuid::now_v7().to_string();
         let claims = json!({
             "iss": self.config.issuer, "aud": self.config.audience, "sub": account.name,

@@ -1,0 +1,45 @@
+//! Ed25519 token signing: the auth service's keys, and an edge node's own
+//! key for offline logins. Verification is `sync_protocol::token`.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ed25519_dalek::pkcs8::EncodePrivateKey;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+pub struct SigningKey {
+    kid: String,
+    key: ed25519_dalek::SigningKey,
+    encoding: EncodingKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    pub fn from_seed(kid: impl Into<String>, seed: &[u8; 32]) -> Result<Self, String> {
+        let key = ed25519_dalek::SigningKey::from_bytes(seed);
+        let der = key.to_pkcs8_der().map_err(|e| format!("cannot encode the signing key: {e}"))?;
+        Ok(Self { kid: kid.into(), encoding: EncodingKey::from_ed_der(der.as_bytes()), key })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public half as a JWK, for a JWKS.
+    pub fn public_jwk(&self) -> Value {
+        let x = URL_SAFE_NO_PAD.encode(self.key.verifying_key().to_bytes());
+        json!({ "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": self.kid, "x": x })
+    }
+
+    /// A JWT of `claims`, with this key's id in the header.
+    pub fn sign(&self, claims: &Value) -> Result<String, String> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| e.to_string())
+    }
+}
