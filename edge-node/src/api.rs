@@ -10,6 +10,7 @@
 //! | POST   | /api/v1/tickets/{id}/transitions       | nurse, admin        | cancel, confirm receipt (`delivered`), resolve a conflict |
 //! | GET    | /api/v1/events                         | nurse, admin        | live ticket changes (Server-Sent Events) |
 //! | GET    | /api/v1/sync                           | nurse, admin        | sync state |
+//! | POST   | /api/v1/login                          | ward staff          | offline login while the cloud is unreachable: `{username, password}` -> token |
 //! | GET    | /healthz, /readyz, /metrics            | anyone on the port  | liveness, readiness, Prometheus |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with: 400 for
@@ -41,6 +42,7 @@ use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use crate::cloud_auth::LoginError;
 use crate::store::{self, ListQuery, QueuePosition, StoreError, Write};
 use crate::{AppState, now_ms};
 
@@ -113,7 +115,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tickets/{id}", get(get_ticket).patch(edit_ticket))
         .route("/tickets/{id}/transitions", post(transition_ticket))
         .route("/events", get(live_events))
-        .route("/sync", get(sync_status));
+        .route("/sync", get(sync_status))
+        .route("/login", post(offline_login));
     let body_bytes_max = state.config.http.body_bytes_max;
     let timeout = Duration::from_millis(state.config.http.request_timeout_ms);
     Router::new()
@@ -307,6 +310,41 @@ async fn sync_status(State(state): State<AppState>, _caller: Caller) -> Result<J
         .await?;
     let link = state.link.lock().map(|link| link.clone()).unwrap_or_default();
     Ok(Json(SyncStatus { bridge_configured: state.config.sync.is_some(), link, last_sync_at, outbox }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+/// Logs a ward's staff member in at the edge while the cloud is out of
+/// reach, against the password hash cached while it was reachable. While
+/// the node is linked, staff log in at the auth service instead.
+async fn offline_login(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<LoginRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let linked = state.link.lock().map(|link| link.connected).unwrap_or(false);
+    if linked {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cloud_reachable",
+            "the cloud is reachable: log in at the auth service",
+        ));
+    }
+    let (token, expires_in) =
+        state.cloud_auth.offline_login(&request.username, request.password).await.map_err(|error| match error {
+            LoginError::Invalid => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", error.to_string()),
+            LoginError::Throttled => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", error.to_string())
+            }
+            LoginError::Internal(detail) => ApiError::internal(detail),
+        })?;
+    Ok(Json(serde_json::json!({
+        "access_token": token, "token_type": "Bearer", "expires_in": expires_in, "offline": true,
+    })))
 }
 
 async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {

@@ -59,7 +59,7 @@ pub struct SyncConfig {
     pub session: sync_protocol::session::SessionConfig,
 }
 
-fn default_token_file() -> PathBuf {
+pub fn default_token_file() -> PathBuf {
     PathBuf::from("node-token")
 }
 
@@ -147,7 +147,7 @@ impl Config {
         if !self.node.data_dir.is_absolute() {
             return invalid(format!("node.data_dir must be an absolute path, got {}", self.node.data_dir.display()));
         }
-        self.auth.policy.validate().map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
+        self.auth.validate().map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
         let positive = [
             ("http.body_bytes_max", self.http.body_bytes_max),
             ("http.connections_max", self.http.connections_max),

@@ -2,6 +2,7 @@
 //! devices. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod cloud_auth;
 pub mod config;
 pub mod listener;
 pub mod store;
@@ -45,6 +46,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The state of the link to the bridge, kept by the sync task.
     pub link: sync::SharedLinkStatus,
+    pub cloud_auth: Arc<cloud_auth::CloudAuth>,
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.
@@ -59,6 +61,7 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
     std::fs::create_dir_all(data_dir)
         .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
     let verifier = config.auth.verifier(&config.node.data_dir)?;
+    let cloud_auth = cloud_auth::CloudAuth::open(&config, &verifier)?;
     // A fresh actor id per process: see ARCHITECTURE.md, "actor ids".
     let store = Store::open(&config.database_path(), &config.storage, config.limits.clone(), ActorId::random())?;
     Ok(AppState {
@@ -68,6 +71,7 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
         metrics: telemetry::prometheus(),
         shutdown: CancellationToken::new(),
         link: sync::SharedLinkStatus::default(),
+        cloud_auth: Arc::new(cloud_auth),
     })
 }
 
@@ -85,6 +89,10 @@ pub async fn run(
     let address = axum::serve::Listener::local_addr(&listener)?;
     tracing::info!(%address, node = %state.config.node.id, ward = %state.config.node.ward, "edge node serving");
     service_kit::shutdown::cancel_when(state.shutdown.clone(), shutdown);
+    let auth = &state.config.auth;
+    auth.spawn_refresh(&state.config.node.data_dir, Arc::clone(&state.verifier), state.shutdown.clone());
+    let token_file = state.config.sync.as_ref().map_or_else(config::default_token_file, |s| s.token_file.clone());
+    state.cloud_auth.spawn_refresh(token_file, Duration::from_secs(auth.refresh_interval_s), state.shutdown.clone());
     let sync_task = state.config.sync.clone().map(|sync_config| {
         tokio::spawn(sync::run(state.clone(), sync_config, Arc::clone(&state.link), state.shutdown.clone()))
     });

@@ -94,10 +94,9 @@ async fn connect_once(
     shutdown: &CancellationToken,
 ) -> Ended {
     let failed = |reason: String| Ended { reason, retryable: true, established: false };
-    let token_path = state.config.node.data_dir.join(&config.token_file);
-    let token = match std::fs::read_to_string(&token_path) {
-        Ok(token) => token.trim().to_owned(),
-        Err(e) => return failed(format!("cannot read the node token {}: {e}", token_path.display())),
+    let token = match state.cloud_auth.node_token(&config.token_file).await {
+        Ok(token) => token,
+        Err(reason) => return failed(reason),
     };
     let cursor = match state.store.read(|conn| store::sync_state(conn, "cursor")).await {
         Ok(cursor) => cursor.map(Cursor::new),
