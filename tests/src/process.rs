@@ -42,6 +42,11 @@ pub type BridgeProcess = ServiceProcess;
 
 /// The configuration of a test bridge in `data_dir` listening on `listen`.
 pub fn bridge_config(data_dir: &Path, listen: &str, extra: &str) -> String {
+    bridge_config_with_auth(data_dir, listen, "", extra)
+}
+
+/// Like [`bridge_config`], with `auth_extra` added to the `[auth]` section.
+pub fn bridge_config_with_auth(data_dir: &Path, listen: &str, auth_extra: &str, extra: &str) -> String {
     format!(
         r#"
 version = 1
@@ -53,6 +58,7 @@ listen = "{listen}"
 [auth]
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
+{auth_extra}
 [log]
 format = "json"
 filter = "info"
@@ -69,6 +75,18 @@ pub fn edge_config(data_dir: &Path, node: &str, ward: &str, extra: &str) -> Stri
 
 /// The configuration of a node in `data_dir` listening on `listen`.
 pub fn edge_config_on(data_dir: &Path, node: &str, ward: &str, listen: &str, extra: &str) -> String {
+    edge_config_with_auth(data_dir, node, ward, listen, "", extra)
+}
+
+/// Like [`edge_config_on`], with `auth_extra` added to the `[auth]` section.
+pub fn edge_config_with_auth(
+    data_dir: &Path,
+    node: &str,
+    ward: &str,
+    listen: &str,
+    auth_extra: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 version = 1
@@ -81,6 +99,7 @@ listen = "{listen}"
 [auth]
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
+{auth_extra}
 [log]
 format = "json"
 filter = "info"
@@ -90,7 +109,55 @@ filter = "info"
     )
 }
 
+/// The configuration of a test auth service in `data_dir` listening on `listen`.
+pub fn auth_config(data_dir: &Path, listen: &str) -> String {
+    format!(
+        r#"
+version = 1
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+data_dir = "{data_dir}"
+listen = "{listen}"
+[log]
+format = "json"
+filter = "info"
+"#,
+        data_dir = data_dir.display()
+    )
+}
+
+/// Runs an `auth-service` admin command on `config` with `stdin`; returns its stdout.
+pub fn auth_admin(config: &Path, args: &[&str], stdin: &str) -> String {
+    let mut child = Command::new(binary("auth-service"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start auth-service");
+    child.stdin.take().expect("stdin is piped").write_all(stdin.as_bytes()).expect("write stdin");
+    let output = child.wait_with_output().expect("auth-service ran");
+    assert!(output.status.success(), "auth-service {args:?} failed");
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
 impl ServiceProcess {
+    /// Starts an auth service with the configuration at `config_path`.
+    pub fn start_auth(data_dir: &Path, config_path: &Path) -> Self {
+        Self::start_with("auth-service", "auth service serving", data_dir, config_path)
+    }
+
+    /// Writes `config` and the JWKS into `data_dir` and starts `binary` there.
+    pub fn launch_with_config(binary: &'static str, data_dir: &Path, jwks: &Value, config: &str) -> Self {
+        let ready_message = match binary {
+            "edge-node" => "edge node serving",
+            _ => "cloud bridge serving",
+        };
+        Self::launch(binary, ready_message, data_dir, jwks, config)
+    }
+
     /// Writes a config and the JWKS into `data_dir` and starts an edge node there.
     pub fn start(data_dir: &Path, node: &str, ward: &str, jwks: &Value, extra: &str) -> Self {
         Self::start_on(data_dir, node, ward, "127.0.0.1:0", jwks, extra)

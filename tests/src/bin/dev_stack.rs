@@ -1,59 +1,87 @@
-//! The development stack: a cloud bridge and one ward's edge node on
-//! loopback, with a token for a nurse and one for a pharmacist, so a newcomer
-//! can create a ticket at the ward and watch it reach the pharmacy queue.
-//! Until the auth service exists, a development issuer signs the tokens
-//! (real Ed25519 keys, published to both processes as their JWKS).
+//! The development stack: the auth service, a cloud bridge and one ward's
+//! edge node on loopback, with a bootstrap nurse and pharmacist, so a
+//! newcomer can log in, create a ticket at the ward and watch it reach the
+//! pharmacy queue. The edge node is enrolled as IT would enrol it (client
+//! credentials from the auth service). Accounts and data persist in
+//! `target/dev-stack` between runs.
 //!
 //! scripts/run   (builds, then runs target/release/dev-stack)
 
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
 
-use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer};
-use serde_json::json;
+use e2e::process::{ServiceProcess, auth_admin, bridge_config_with_auth, edge_config_with_auth};
+use serde_json::Value;
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";
+const AUTH_LISTEN: &str = "127.0.0.1:8590";
 const BRIDGE_LISTEN: &str = "127.0.0.1:8580";
 const EDGE_LISTEN: &str = "127.0.0.1:8480";
-/// Development tokens last a working day.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 3_600);
+const USERS: [(&str, &str, &[&str]); 2] =
+    [("n.okafor", "nurse", &["--ward", WARD]), ("p.lindqvist", "pharmacist", &[])];
+
+fn write(path: &Path, contents: &str) -> Result<(), String> {
+    std::fs::write(path, contents).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Creates the auth service's accounts on the first run; later runs reuse them.
+fn bootstrap(root: &Path, auth_config: &Path) -> Result<(), String> {
+    let enrolled = root.join("edge").join("client.json");
+    if enrolled.exists() {
+        return Ok(());
+    }
+    for (user, role, wards) in USERS {
+        let password = service_kit::secrets::generate_secret();
+        let mut args = vec!["add-user", "--username", user, "--role", role];
+        args.extend_from_slice(wards);
+        auth_admin(auth_config, &args, &password);
+        service_kit::keys::write_atomically(&root.join(format!("{role}.password")), &password)?;
+    }
+    let credentials = auth_admin(auth_config, &["add-edge-node", "--node", NODE, "--ward", WARD], "");
+    service_kit::keys::write_atomically(&enrolled, credentials.trim())
+}
 
 fn main() -> Result<(), String> {
     let root =
         std::env::var_os("DEV_STACK_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/dev-stack"));
     let root = std::path::absolute(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-    let issuer = TestIssuer::new("dev-key");
-    let token = |user: &str, roles: &[&str], wards: &[&str]| {
-        let mut claims = issuer.claims(user, roles, wards);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        claims["exp"] = json!(now + TOKEN_LIFETIME.as_secs());
-        issuer.sign(&claims)
-    };
-    let nurse = token("n.okafor", &["nurse"], &[WARD]);
-    let pharmacist = token("p.lindqvist", &["pharmacist"], &[]);
-    let edge_dir = root.join("edge");
-    std::fs::create_dir_all(&edge_dir).map_err(|e| format!("{}: {e}", edge_dir.display()))?;
-    std::fs::write(edge_dir.join("node-token"), token(NODE, &["edge-node"], &[WARD])).map_err(|e| e.to_string())?;
-    for (name, value) in [("nurse.token", &nurse), ("pharmacist.token", &pharmacist)] {
-        std::fs::write(root.join(name), value).map_err(|e| e.to_string())?;
+    let (auth_dir, bridge_dir, edge_dir) = (root.join("auth"), root.join("bridge"), root.join("edge"));
+    for dir in [&auth_dir, &bridge_dir, &edge_dir] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
+    let auth_config = auth_dir.join("auth-service.toml");
+    // Development tokens last an hour rather than five minutes.
+    let config = e2e::process::auth_config(&auth_dir, AUTH_LISTEN) + "[tokens]\naccess_token_ttl_s = 3600\n";
+    write(&auth_config, &config)?;
+    bootstrap(&root, &auth_config)?;
 
-    let bridge = BridgeProcess::start_bridge(&root.join("bridge"), BRIDGE_LISTEN, &issuer.jwks(), "");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let auth = ServiceProcess::start_auth(&auth_dir, &auth_config);
+    let jwks: Value = runtime.block_on(async {
+        let response = reqwest::get(auth.url("/.well-known/jwks.json")).await.map_err(|e| e.to_string())?;
+        response.json().await.map_err(|e| e.to_string())
+    })?;
+    let auth_section = format!("url = \"{}\"", auth.url(""));
+    let bridge_config = bridge_config_with_auth(&bridge_dir, BRIDGE_LISTEN, &auth_section, "");
+    let bridge = ServiceProcess::launch_with_config("cloud-bridge", &bridge_dir, &jwks, &bridge_config);
     let sync = format!("[sync]\nbridge_url = \"ws://{BRIDGE_LISTEN}/sync\"\n");
-    let edge = EdgeNodeProcess::start_on(&edge_dir, NODE, WARD, EDGE_LISTEN, &issuer.jwks(), &sync);
+    let edge_config = edge_config_with_auth(&edge_dir, NODE, WARD, EDGE_LISTEN, &auth_section, &sync);
+    let edge = ServiceProcess::launch_with_config("edge-node", &edge_dir, &jwks, &edge_config);
 
     let ticket = r#"{"items":[{"medication_code":"AMOX-500","description":"Amoxicillin 500 mg","quantity":20,"unit":"capsule"}],"priority":"urgent","notes":"Bed 12"}"#;
     println!(
         r#"
 medsync development stack (data in {root})
 
+  auth service          {auth}      POST /oauth/token, /.well-known/jwks.json
   edge node of {WARD}   {edge}      ward devices: /api/v1/tickets, /api/v1/events, /api/v1/sync
   cloud bridge          {bridge}      pharmacy: /api/v1/queue, /api/v1/tickets/ID/transitions; edges: /sync
 
-Tokens (valid 12 hours), also in {root}/nurse.token and pharmacist.token:
-  export NURSE=$(cat {root}/nurse.token)
-  export PHARMACIST=$(cat {root}/pharmacist.token)
+Log in (password grant; tokens last an hour). The bootstrap users are the
+nurse n.okafor of {WARD} and the pharmacist p.lindqvist; their passwords are
+in {root}/nurse.password and pharmacist.password:
+  export NURSE=$(scripts/token nurse)
+  export PHARMACIST=$(scripts/token pharmacist)
 
 Create a ticket at the ward:
   curl -s -X POST {edge}/api/v1/tickets -H "authorization: Bearer $NURSE" -H 'content-type: application/json' -d '{ticket}'
@@ -63,20 +91,20 @@ Acknowledge it from the pharmacy (ID from the queue), and watch the ward's live 
   curl -s -N {edge}/api/v1/events -H "authorization: Bearer $NURSE" &
   curl -s -X POST {bridge}/api/v1/tickets/ID/transitions -H "authorization: Bearer $PHARMACIST" -H 'content-type: application/json' -d '{{"to":"acknowledged"}}'
 
-Logs: {root}/edge/edge-node.log, {root}/bridge/cloud-bridge.log. Ctrl-C stops both.
+Logs: {root}/{{auth,edge,bridge}}/*.log. Ctrl-C stops all three.
 "#,
         root = root.display(),
+        auth = auth.url(""),
         edge = edge.url(""),
         bridge = bridge.url(""),
     );
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async {
         let _ = tokio::signal::ctrl_c().await;
     });
     println!("stopping");
-    // SIGTERM: both drain and close their databases cleanly.
-    let (mut edge, mut bridge) = (edge, bridge);
-    edge.terminate();
-    bridge.terminate();
+    // SIGTERM: each drains and closes its database cleanly.
+    for mut process in [edge, bridge, auth] {
+        process.terminate();
+    }
     Ok(())
 }
