@@ -246,3 +246,30 @@ async fn bad_requests_are_refused_with_their_code_and_change_nothing() {
     }
     assert_eq!(bridge.counts().await, before, "a refused request changed the store");
 }
+
+#[tokio::test]
+async fn forged_expired_and_foreign_tokens_are_refused() {
+    use e2e::issuer::{hs256_with_public_key, tampered, unsigned_token};
+    let bridge = Bridge::new();
+    let claims = bridge.issuer.claims("p.lindqvist", &["pharmacist"], &[]);
+    let mut expired = claims.clone();
+    expired["exp"] = json!(1_700_000_000);
+    let mut wrong_audience = claims.clone();
+    wrong_audience["aud"] = json!("another-service");
+    let valid = bridge.issuer.sign(&claims);
+    let cases = [
+        ("expired", bridge.issuer.sign(&expired), "token_expired"),
+        ("alg=none", unsigned_token(&claims), "invalid_token"),
+        ("hs256 keyed with the public key", hs256_with_public_key(&bridge.issuer, &claims), "invalid_token"),
+        ("tampered payload", tampered(&valid), "invalid_token"),
+        ("unknown kid", TestIssuer::new("key-2").sign(&claims), "invalid_token"),
+        ("same kid, another key", TestIssuer::new("key-1").sign(&claims), "invalid_token"),
+        ("wrong audience", bridge.issuer.sign(&wrong_audience), "invalid_token"),
+    ];
+    for (case, token, code) in cases {
+        let (status, body) = bridge.call("GET", "/api/v1/queue", Some(&token), None).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some(code)), "{case}: {body}");
+    }
+    let (status, _) = bridge.call("GET", "/api/v1/queue", Some(&valid), None).await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -87,12 +87,15 @@ pub fn hs256_with_public_key(issuer: &TestIssuer, claims: &Value) -> String {
     jsonwebtoken::encode(&header, claims, &key).expect("hmac signing succeeds")
 }
 
-/// A valid token with one payload byte changed.
+/// A valid token whose payload was edited after signing: it claims the
+/// admin role and another subject.
 pub fn tampered(token: &str) -> String {
     let mut parts: Vec<String> = token.split('.').map(String::from).collect();
-    let mut payload = URL_SAFE_NO_PAD.decode(&parts[1]).unwrap_or_default();
-    let text = String::from_utf8_lossy(&payload).replace("\"nurse\"", "\"admin\"");
-    payload = text.into_bytes();
-    parts[1] = URL_SAFE_NO_PAD.encode(payload);
+    let payload = URL_SAFE_NO_PAD.decode(&parts[1]).unwrap_or_default();
+    let mut claims: Value = serde_json::from_slice(&payload).unwrap_or_default();
+    claims["roles"] = json!(["admin"]);
+    claims["sub"] = json!("mallory");
+    parts[1] = URL_SAFE_NO_PAD.encode(claims.to_string());
+    assert_ne!(parts[1], URL_SAFE_NO_PAD.encode(&payload), "the payload changed");
     parts.join(".")
 }
