@@ -565,13 +565,14 @@ pub fn now_ms() -> i64 {
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The next changes of `ward` after `after` (exclusive), skipping those that
-/// came from `node` itself, at most `limit` and about `bytes_max` bytes.
-/// Returns the changes and the cursor after the last row read.
+/// The next changes of `ward` after `after` (exclusive) for `reader`, at
+/// most `limit` and about `bytes_max` bytes. The reader's own changes are
+/// skipped (it has them) except those logged up to the position given with
+/// it. Returns the changes and the cursor after the last row read.
 pub fn feed(
     conn: &Connection,
     ward: &WardId,
-    node: &NodeId,
+    (reader, own_until): (&NodeId, u64),
     after: u64,
     limit: usize,
     bytes_max: usize,
@@ -589,7 +590,7 @@ pub fn feed(
         }
         cursor = row.get::<_, i64>(0)? as u64;
         let origin: String = row.get(2)?;
-        if origin != node.as_str() {
+        if origin != reader.as_str() || cursor <= own_until {
             bytes += change.len();
             let ticket: String = row.get(1)?;
             let ticket = ticket.parse().map_err(|e| StoreError::Corrupt(format!("ticket id in log: {e}")))?;
@@ -597,6 +598,11 @@ pub fn feed(
         }
     }
     Ok((changes, cursor))
+}
+
+/// The position of the last change in the log.
+pub fn log_end(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get::<_, i64>(0))? as u64)
 }
 
 pub fn acked_up_to(conn: &Connection, node: &NodeId) -> Result<u64, StoreError> {

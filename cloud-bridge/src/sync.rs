@@ -83,6 +83,8 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
     // The feed position once started: the last log sequence sent.
     let mut feed: Option<u64> = None;
     let mut feed_wanted = false;
+    // The node's own changes up to this log position are sent back to it.
+    let mut own_until = 0;
     let mut actions = Vec::new();
     loop {
         while let Some(action) = (!actions.is_empty()).then(|| actions.remove(0)) {
@@ -102,6 +104,14 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                     actions.extend(session.stored(rejections, now_ms()));
                 }
                 BridgeAction::StartFeed { cursor } => {
+                    // A node without a cursor may hold none of its own past
+                    // changes (restored from a backup, or new hardware under
+                    // the same name): it gets back those logged before this
+                    // session. What it sends from now on it already has.
+                    own_until = match cursor {
+                        Some(_) => 0,
+                        None => state.store.read(store::log_end).await?,
+                    };
                     feed = Some(cursor.as_ref().and_then(seq_of).unwrap_or(0));
                     feed_wanted = true;
                 }
@@ -125,7 +135,8 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
             let (changes, cursor) = state
                 .store
                 .read(move |conn| {
-                    store::feed(conn, &ward, &node, after, limits.changes_per_batch_max, limits.frame_bytes_max / 2)
+                    let (changes_max, bytes_max) = (limits.changes_per_batch_max, limits.frame_bytes_max / 2);
+                    store::feed(conn, &ward, (&node, own_until), after, changes_max, bytes_max)
                 })
                 .await?;
             feed = Some(cursor);
