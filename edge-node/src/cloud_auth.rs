@@ -146,22 +146,7 @@ impl CloudAuth {
         let credentials: ClientCredentials =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", client_path.display()))?;
         let url = self.url.as_ref().ok_or("the node has client credentials but [auth] url is not set")?;
-        let response = self
-            .http
-            .post(format!("{url}/oauth/token"))
-            .basic_auth(&credentials.client_id, Some(&credentials.client_secret))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body("grant_type=client_credentials")
-            .send()
-            .await
-            .map_err(|e| format!("auth service: {e}"))?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.map_err(|e| format!("auth service: {e}"))?;
-        if !status.is_success() {
-            return Err(format!("auth service refused the node's credentials: {status} {}", body["error"]));
-        }
-        let token = body["access_token"].as_str().ok_or("auth service answered without a token")?.to_owned();
-        let expires_in = body["expires_in"].as_i64().unwrap_or(0);
+        let (token, expires_in) = client_token(&self.http, url, &credentials).await?;
         *cached = Some((token.clone(), now_s() + expires_in));
         Ok(token)
     }
@@ -237,6 +222,53 @@ impl CloudAuth {
         tracing::info!(user = %staff.username, node = %self.node, "offline login");
         Ok((token, OFFLINE_TOKEN_TTL_S))
     }
+}
+
+/// An access token for the node from its client credentials, and its lifetime in seconds.
+async fn client_token(
+    http: &reqwest::Client,
+    url: &str,
+    credentials: &ClientCredentials,
+) -> Result<(String, i64), String> {
+    let response = http
+        .post(format!("{url}/oauth/token"))
+        .basic_auth(&credentials.client_id, Some(&credentials.client_secret))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .map_err(|e| format!("auth service: {e}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.map_err(|e| format!("auth service: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("auth service refused the node's credentials: {status} {}", body["error"]));
+    }
+    let token = body["access_token"].as_str().ok_or("auth service answered without a token")?.to_owned();
+    Ok((token, body["expires_in"].as_i64().unwrap_or(0)))
+}
+
+/// Enrols the node: checks its client credentials with the auth service,
+/// and stores them and the auth service's key set in the data directory.
+/// From then on the node serves and syncs with no manual step. Returns the
+/// number of keys stored.
+pub async fn enrol(config: &Config, credentials: &ClientCredentials) -> Result<usize, String> {
+    let url = config.auth.url.as_deref().ok_or("set [auth] url to the auth service before enrolling")?;
+    let url = url.trim_end_matches('/');
+    if credentials.client_id != config.node.id.as_str() {
+        return Err(format!("the credentials are for {}, but this node is {}", credentials.client_id, config.node.id));
+    }
+    let http = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build().map_err(|e| e.to_string())?;
+    client_token(&http, url, credentials).await?;
+    let jwks_url = format!("{url}/.well-known/jwks.json");
+    let jwks =
+        http.get(&jwks_url).send().await.and_then(|r| r.error_for_status()).map_err(|e| format!("{jwks_url}: {e}"))?;
+    let jwks = jwks.text().await.map_err(|e| format!("{jwks_url}: {e}"))?;
+    let keys = token::parse_jwks(&jwks).map_err(|e| e.to_string())?.keys.len();
+    std::fs::create_dir_all(&config.node.data_dir).map_err(|e| format!("{}: {e}", config.node.data_dir.display()))?;
+    write_atomically(&config.auth.jwks_path(&config.node.data_dir), &jwks)?;
+    let credentials = serde_json::to_string(credentials).map_err(|e| e.to_string())?;
+    write_atomically(&config.node.data_dir.join(CLIENT_FILE), &credentials)?;
+    Ok(keys)
 }
 
 fn load_or_create_key(path: &Path, node: &NodeId) -> Result<SigningKey, AuthError> {

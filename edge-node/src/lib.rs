@@ -2,6 +2,7 @@
 //! devices. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod backup;
 pub mod cloud_auth;
 pub mod config;
 pub mod listener;
@@ -33,6 +34,8 @@ pub enum ServeError {
     Keys(#[from] AuthError),
     #[error("http server failed: {0}")]
     Http(#[from] std::io::Error),
+    #[error("cannot lock the data directory: {0}")]
+    Locked(backup::BackupError),
 }
 
 /// Shared by every request handler.
@@ -83,6 +86,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Held while serving: a restore refuses to run under a live node.
+    let _lock = backup::lock_data_dir(&config.node.data_dir).map_err(ServeError::Locked)?;
     let state = open_state(config)?;
     let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
     let listener = listener::LimitedListener::new(listener, state.config.http.connections_max);

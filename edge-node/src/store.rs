@@ -25,6 +25,8 @@ use sync_protocol::ids::TicketId;
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
 use tokio::sync::{broadcast, oneshot};
 
+use crate::backup::RESTORED_KEY;
+
 use crate::config::StorageConfig;
 
 /// Schema migrations, applied in order at start; `PRAGMA user_version` holds
@@ -109,6 +111,10 @@ pub enum Write {
     /// Changes from the cloud, applied with the feed cursor after them in
     /// one transaction, so a crash can neither lose nor repeat them.
     ApplyRemote { changes: Vec<(TicketId, Vec<u8>)>, cursor: Vec<u8> },
+    /// The bridge has acknowledged this node's changes up to `acked_up_to`.
+    /// If the database was restored from a backup, its outbox is moved
+    /// above that (see `backup`); otherwise nothing happens.
+    ReconcileRestoredOutbox { acked_up_to: u64 },
 }
 
 impl std::fmt::Debug for Write {
@@ -120,6 +126,9 @@ impl std::fmt::Debug for Write {
             Write::Stuck { seq, .. } => f.debug_struct("Stuck").field("seq", seq).finish_non_exhaustive(),
             Write::ApplyRemote { changes, .. } => {
                 f.debug_struct("ApplyRemote").field("changes", &changes.len()).finish_non_exhaustive()
+            }
+            Write::ReconcileRestoredOutbox { acked_up_to } => {
+                f.debug_struct("ReconcileRestoredOutbox").field("acked_up_to", acked_up_to).finish()
             }
         }
     }
@@ -325,6 +334,23 @@ impl WriterContext {
             Write::Acked { up_to_seq } => {
                 conn.execute("DELETE FROM outbox WHERE seq <= ?1 AND stuck_code IS NULL", [up_to_seq as i64])?;
                 set_sync_state(conn, "last_sync_at", &now.to_be_bytes())?;
+                Ok(Vec::new())
+            }
+            Write::ReconcileRestoredOutbox { acked_up_to } => {
+                if sync_state(conn, RESTORED_KEY)?.is_none() {
+                    return Ok(Vec::new());
+                }
+                // Two steps, so no row's new number collides with another's old one.
+                let shift = acked_up_to as i64;
+                conn.execute("UPDATE outbox SET seq = -seq", [])?;
+                conn.execute("UPDATE outbox SET seq = -seq + ?1", [shift])?;
+                conn.execute(
+                    "UPDATE sqlite_sequence SET seq = (SELECT coalesce(max(seq), 0) FROM outbox) + ?1
+                     WHERE name = 'outbox'",
+                    [shift],
+                )?;
+                conn.execute("DELETE FROM sync_state WHERE key = ?1", [RESTORED_KEY])?;
+                tracing::info!(acked_up_to, "restored database: outbox renumbered above the bridge's acknowledgement");
                 Ok(Vec::new())
             }
             Write::Stuck { seq, code, message } => {

@@ -16,7 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 use sync_protocol::session::{EdgeAction, EdgePhase, EdgeSession, reconnect_delay_ms};
-use sync_protocol::wire::{self, Cursor, Hello, PROTOCOL_VERSION, UpstreamChange};
+use sync_protocol::wire::{self, Cursor, Hello, Message, PROTOCOL_VERSION, UpstreamChange};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -245,7 +245,15 @@ async fn connect_once(
         tokio::select! {
             frame = stream.next() => match frame {
                 Some(Ok(WsMessage::Binary(bytes))) => match wire::decode(&bytes, &limits) {
-                    Ok(message) => queue.extend(session.on_message(message, now_ms())),
+                    Ok(message) => {
+                        if let Message::Welcome(welcome) = &message {
+                            let reconcile = Write::ReconcileRestoredOutbox { acked_up_to: welcome.acked_up_to };
+                            if let Err(e) = state.store.write_all(reconcile, now_ms()).await {
+                                return ended(format!("cannot reconcile the outbox: {e}"), true, established);
+                            }
+                        }
+                        queue.extend(session.on_message(message, now_ms()))
+                    }
                     Err(error) => queue.extend(session.on_frame_error(&error)),
                 },
                 Some(Ok(WsMessage::Close(_))) | None => return ended("the bridge closed the connection".into(), true, established),
