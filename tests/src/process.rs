@@ -183,8 +183,26 @@ impl ServiceProcess {
         Self::start_with(binary, ready_message, data_dir, &config_path)
     }
 
+    /// Starts an installed edge node (`program`) with `config` and
+    /// environment overrides.
+    pub fn start_installed(program: &Path, config_path: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(program);
+        command.envs(env.iter().copied());
+        Self::spawn(command, "edge-node", "edge node serving", data_dir, config_path)
+    }
+
     fn start_with(binary_name: &'static str, ready_message: &'static str, data_dir: &Path, config_path: &Path) -> Self {
-        let mut child = Command::new(binary(binary_name))
+        Self::spawn(Command::new(binary(binary_name)), binary_name, ready_message, data_dir, config_path)
+    }
+
+    fn spawn(
+        mut command: Command,
+        binary_name: &'static str,
+        ready_message: &'static str,
+        data_dir: &Path,
+        config_path: &Path,
+    ) -> Self {
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(config_path)
