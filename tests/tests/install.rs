@@ -1,0 +1,90 @@
+//! The edge node's installer, run into a temporary root as IT runs it on
+//! ward hardware: the installed binary starts from the installed
+//! configuration and serves; the systemd unit passes `systemd-analyze
+//! verify`; a second run keeps what the first one set up.
+#![allow(clippy::unwrap_used)] // test code: a failure is the test failing
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use e2e::TestIssuer;
+use e2e::process::{ServiceProcess, binary};
+use serde_json::json;
+
+const WARD: &str = "ward-4b";
+
+fn install(root: &Path) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install-edge-node.sh");
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+    let output = Command::new("bash")
+        .arg(script)
+        .args(["--binary", binary("edge-node").to_str().unwrap(), "--node", "edge-ward-4b", "--ward", WARD])
+        .env("ROOT", root)
+        .env("SERVICE_USER", user.trim())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "install failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn the_installed_node_starts_from_its_installed_configuration_and_serves() {
+    let root = tempfile::tempdir().unwrap();
+    install(root.path());
+    let (program, config, data_dir, unit) = (
+        root.path().join("usr/local/bin/edge-node"),
+        root.path().join("etc/edge-node/edge-node.toml"),
+        root.path().join("var/lib/edge-node"),
+        root.path().join("etc/systemd/system/edge-node.service"),
+    );
+    assert_eq!(mode(&program), 0o755);
+    assert_eq!(mode(&data_dir), 0o750, "the data directory is the service user's alone");
+    assert_eq!(mode(&config), 0o640);
+    let unit_text = std::fs::read_to_string(&unit).unwrap();
+    for expected in [
+        format!("ExecStart={} --config {} serve", program.display(), config.display()),
+        format!("ReadWritePaths={}", data_dir.display()),
+        "NoNewPrivileges=yes".into(),
+        "ProtectSystem=strict".into(),
+        "PrivateTmp=yes".into(),
+        "Restart=on-failure".into(),
+    ] {
+        assert!(unit_text.contains(&expected), "the unit lacks {expected}:\n{unit_text}");
+    }
+    if Command::new("systemd-analyze").arg("--version").output().is_ok() {
+        let verify = Command::new("systemd-analyze").arg("verify").arg(&unit).output().unwrap();
+        let complaints = String::from_utf8_lossy(&verify.stderr);
+        assert!(verify.status.success() && complaints.trim().is_empty(), "systemd-analyze verify: {complaints}");
+    }
+
+    // IT enrols the node (here: the key set placed by hand) and starts it.
+    let issuer = TestIssuer::new("key-1");
+    std::fs::write(data_dir.join("jwks.json"), issuer.jwks().to_string()).unwrap();
+    let node = ServiceProcess::start_installed(
+        &program,
+        &config,
+        &data_dir,
+        &[("EDGE_NODE__HTTP__LISTEN", "127.0.0.1:0"), ("EDGE_NODE__AUTH__ISSUER", e2e::issuer::ISSUER)],
+    );
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(node.url("/healthz")).send().await.unwrap().text().await.unwrap(), "ok");
+    let ticket = json!({ "items": [{ "medication_code": "AMOX-500", "quantity": 20, "unit": "capsule" }], "priority": "urgent" });
+    let created =
+        client.post(node.url("/api/v1/tickets")).bearer_auth(issuer.nurse(WARD)).json(&ticket).send().await.unwrap();
+    assert_eq!(created.status(), 201);
+    assert!(data_dir.join("edge-node.sqlite3").exists(), "the database lives in the data directory");
+    drop(node);
+
+    // Installing again keeps the configuration and the data.
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap() + "\n# edited by IT\n").unwrap();
+    let again = install(root.path());
+    assert!(again.contains("kept the existing configuration"), "{again}");
+    assert!(std::fs::read_to_string(&config).unwrap().contains("# edited by IT"));
+    assert!(data_dir.join("edge-node.sqlite3").exists());
+}
