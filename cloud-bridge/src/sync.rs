@@ -141,7 +141,11 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                 .await?;
             feed = Some(cursor);
             feed_wanted = cursor != after;
-            if !changes.is_empty() {
+            // Sent even when every change read was the node's own (none to
+            // apply): the node then keeps the position, and its next session
+            // starts from it instead of without a cursor, which would send
+            // its own changes back (see `StartFeed`).
+            if cursor != after {
                 actions.extend(
                     session.send_downstream(Message::Downstream { changes, cursor: cursor_of(cursor) }, now_ms()),
                 );
