@@ -369,7 +369,9 @@ async fn cut_links_and_a_killed_bridge_lose_and_duplicate_nothing() {
         proxy.port
     );
     let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
-    let client = reqwest::Client::new();
+    // No pooled connections: the bridge is killed and restarted on the same
+    // port, and a request on a connection to the dead process would fail.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     let nurse = issuer.nurse(WARD);
     let pharmacist = issuer.token("p.lindqvist", &["pharmacist"], &[]);
     let count = offline_tickets().min(3_000);
