@@ -65,6 +65,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    config
+        .auth
+        .fetch_jwks_if_missing(&config.bridge.data_dir)
+        .await
+        .map_err(|e| ServeError::Keys(AuthError::Jwks(e)))?;
     let state = open_state(config)?;
     let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
     let address = listener.local_addr()?;

@@ -8,6 +8,8 @@ use cloud_bridge::config::Config;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    #[arg(long, env = "CLOUD_BRIDGE_CONFIG", global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -15,30 +17,25 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve edge nodes and the pharmacy.
-    Serve {
-        #[arg(long, env = "CLOUD_BRIDGE_CONFIG")]
-        config: PathBuf,
-    },
-    /// Check a configuration file (with environment overrides) and exit.
-    CheckConfig {
-        #[arg(long, env = "CLOUD_BRIDGE_CONFIG")]
-        config: PathBuf,
-    },
+    Serve,
+    /// Check the configuration file (with environment overrides) and exit.
+    CheckConfig,
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Serve { config } => serve(config),
-        Command::CheckConfig { config } => {
-            let config = Config::load(&config)?;
+    let cli = Cli::parse();
+    let path = cli.config.context("--config (or CLOUD_BRIDGE_CONFIG) is required")?;
+    let config = Config::load(&path)?;
+    match cli.command {
+        Command::Serve => serve(config),
+        Command::CheckConfig => {
             println!("configuration is valid: bridge {}", config.bridge.id);
             Ok(())
         }
     }
 }
 
-fn serve(path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&path)?;
+fn serve(config: Config) -> anyhow::Result<()> {
     service_kit::logging::init(&config.log).map_err(anyhow::Error::msg)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;

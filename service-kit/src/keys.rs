@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The revocation list as last fetched, beside the key set.
 const REVOCATIONS_FILE: &str = "revocations.json";
+/// A first start without a key set waits this long for the auth service.
+const FIRST_FETCH_ATTEMPTS_MAX: u32 = 30;
+const FIRST_FETCH_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// How long one fetch from the auth service may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -80,6 +83,33 @@ impl AuthConfig {
             verifier.replace_revoked(revocations.revoked.into_iter().map(|r| r.jti));
         }
         Ok(verifier)
+    }
+
+    /// Fetches the key set from the auth service if none is on disk yet (a
+    /// cloud service's first start), retrying while the auth service starts.
+    pub async fn fetch_jwks_if_missing(&self, data_dir: &Path) -> Result<(), String> {
+        let (path, Some(url)) = (self.jwks_path(data_dir), self.url.as_deref()) else { return Ok(()) };
+        if path.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        let client = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build().map_err(|e| e.to_string())?;
+        let url = format!("{}/.well-known/jwks.json", url.trim_end_matches('/'));
+        let mut attempt = 0;
+        loop {
+            match fetch(&client, &url).await.and_then(|jwks| {
+                token::parse_jwks(&jwks).map_err(|e| e.to_string())?;
+                Ok(jwks)
+            }) {
+                Ok(jwks) => return write_atomically(&path, &jwks),
+                Err(error) if attempt < FIRST_FETCH_ATTEMPTS_MAX => {
+                    tracing::warn!(%error, attempt, "no key set on disk yet and the auth service did not answer; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(FIRST_FETCH_RETRY_DELAY).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Refreshes the key set and revocation list from the auth service
