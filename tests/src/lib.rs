@@ -6,3 +6,20 @@ pub mod process;
 
 pub use issuer::TestIssuer;
 pub use process::{BridgeProcess, EdgeNodeProcess};
+
+use std::time::{Duration, Instant};
+
+/// A free port on loopback for a process that will start later.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port on loopback");
+    listener.local_addr().expect("a bound socket has an address").port()
+}
+
+/// Polls `check` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

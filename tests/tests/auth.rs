@@ -8,24 +8,13 @@
 use std::time::Duration;
 
 use e2e::process::{ServiceProcess, auth_admin, auth_config, binary, bridge_config_with_auth, edge_config_with_auth};
+use e2e::{free_port, wait_for};
 use serde_json::{Value, json};
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";
 const NURSE_PASSWORD: &str = "night shift on 4b, bay three";
 const PHARMACIST_PASSWORD: &str = "central pharmacy early shift";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn password_login(client: &reqwest::Client, auth: &ServiceProcess, user: &str, password: &str) -> String {
     let form = [("grant_type", "password"), ("username", user), ("password", password)];
@@ -98,7 +87,7 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
     assert_eq!(created.status(), 201);
     let id = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
     // The node syncs with the token its client credentials bought.
-    eventually("the ticket at the bridge", async || {
+    wait_for("the ticket at the bridge", Duration::from_secs(30), async || {
         let response =
             client.get(bridge.url(&format!("/api/v1/tickets/{id}"))).bearer_auth(&pharmacist).send().await.unwrap();
         response.status() == 200
@@ -117,11 +106,11 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
         let revoked = client.post(auth.url("/oauth/revoke")).form(&[("token", token.as_str())]).send().await.unwrap();
         assert_eq!(revoked.status(), 200);
     }
-    eventually("the revocation at the edge", async || {
+    wait_for("the revocation at the edge", Duration::from_secs(30), async || {
         error_code(create_ticket(&client, &edge, &nurse).await).await == (401, "token_revoked".into())
     })
     .await;
-    eventually("the revocation at the bridge", async || {
+    wait_for("the revocation at the bridge", Duration::from_secs(30), async || {
         let response = client.get(bridge.url("/api/v1/queue")).bearer_auth(&pharmacist).send().await.unwrap();
         error_code(response).await == (401, "token_revoked".into())
     })
@@ -129,13 +118,13 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
 
     // The cloud goes away. The edge keeps verifying the tokens it knows...
     let nurse = password_login(&client, &auth, "n.okafor", NURSE_PASSWORD).await;
-    eventually("staff credentials cached at the edge", async || {
+    wait_for("staff credentials cached at the edge", Duration::from_secs(30), async || {
         edge_dir.path().join("staff-credentials.json").exists()
     })
     .await;
     auth.kill9();
     bridge.kill9();
-    eventually("the edge to notice the bridge is gone", async || {
+    wait_for("the edge to notice the bridge is gone", Duration::from_secs(30), async || {
         let status: Value =
             client.get(edge.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
         status["connected"] == false
@@ -188,7 +177,7 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
         auth.restart();
         password_login(&client, &auth, "p.lindqvist", PHARMACIST_PASSWORD).await
     };
-    eventually("the offline ticket at the bridge", async || {
+    wait_for("the offline ticket at the bridge", Duration::from_secs(30), async || {
         let response = client
             .get(bridge.url(&format!("/api/v1/tickets/{offline_id}")))
             .bearer_auth(&pharmacist_again)

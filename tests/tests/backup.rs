@@ -12,15 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e::process::{ServiceProcess, binary, edge_config};
-use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer};
+use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, wait_for};
 use serde_json::{Value, json};
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn ticket(n: usize) -> Value {
     json!({ "items": [{ "medication_code": format!("MED-{}", n % 300), "quantity": 2, "unit": "vial" }], "priority": "routine", "notes": format!("load {n}") })
@@ -80,14 +76,6 @@ async fn bridge_holds(
     true
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_under_load_restores_and_converges_with_the_cloud_without_duplicates() {
     let issuer = TestIssuer::new("key-1");
@@ -142,7 +130,7 @@ async fn a_backup_under_load_restores_and_converges_with_the_cloud_without_dupli
     assert!(before_backup.len() > 50 && all_made.len() > before_backup.len() + 50, "load on both sides of the backup");
 
     // The cloud gets everything; then the node's disk dies.
-    eventually("the node's outbox to reach the cloud", async || {
+    wait_for("the node's outbox to reach the cloud", Duration::from_secs(60), async || {
         bridge_holds(&client, &bridge, &pharmacist, &all_made).await
     })
     .await;
@@ -186,7 +174,7 @@ async fn a_backup_under_load_restores_and_converges_with_the_cloud_without_dupli
         &edge_config(restored_dir.path(), NODE, WARD, &sync),
     );
     let expected: BTreeSet<String> = all_made.union(&made_after_restore).cloned().collect();
-    eventually("the restored node and the cloud to converge", async || {
+    wait_for("the restored node and the cloud to converge", Duration::from_secs(60), async || {
         let at_edge = ids(&client, &restored.url("/api/v1/tickets"), &nurse).await;
         at_edge.len() == expected.len()
             && at_edge.iter().cloned().collect::<BTreeSet<_>>() == expected

@@ -3,17 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer};
+use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, wait_for};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";
-
-/// A free port on loopback for a process that will start later.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn offline_tickets() -> usize {
     std::env::var("E2E_OFFLINE_TICKETS").ok().and_then(|n| n.parse().ok()).unwrap_or(10_000)
@@ -25,14 +20,6 @@ fn ticket(n: usize) -> Value {
         "priority": if n.is_multiple_of(10) { "stat" } else { "routine" },
         "notes": format!("offline ticket {n}"),
     })
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 struct Site {
