@@ -133,6 +133,7 @@ async fn connect_once(
         ward: state.config.node.ward.clone(),
         token,
         cursor,
+        limits,
     };
     let (mut session, actions) = EdgeSession::start(hello, config.session, now_ms());
     let (mut sink, mut stream) = socket.split();

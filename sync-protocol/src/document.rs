@@ -46,6 +46,10 @@ pub enum DocumentError {
     Unaudited { hash: String, problem: String },
     #[error("change {hash} is not allowed: {problem}")]
     Forbidden { hash: String, problem: String },
+    /// The changes build on changes this replica does not hold (yet): a
+    /// peer may hold them, so this is not proof of a bad change.
+    #[error("changes depend on changes this replica does not have")]
+    MissingDependencies,
     #[error("change bytes are not an automerge change: {0}")]
     ChangeEncoding(#[from] automerge::LoadChangeError),
     #[error("automerge: {0}")]
@@ -271,6 +275,12 @@ impl TicketDocument {
         Ok((document, audits))
     }
 
+    /// A document with no change yet, for a projection to merge accepted
+    /// changes into ([`Self::merge_accepted`]).
+    pub fn empty(replica: ActorId) -> Self {
+        TicketDocument { doc: AutoCommit::new().with_actor(replica), materialized: None }
+    }
+
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save()
     }
@@ -326,7 +336,7 @@ impl TicketDocument {
         candidate.doc.set_actor(self.doc.get_actor().clone());
         candidate.doc.apply_changes(decoded)?;
         if !candidate.doc.get_missing_deps(&[]).is_empty() {
-            return Err(DocumentError::malformed("changes depend on changes this replica does not have"));
+            return Err(DocumentError::MissingDependencies);
         }
         candidate.check_schema()?;
         let ticket = candidate.ticket()?;
@@ -343,6 +353,46 @@ impl TicketDocument {
         candidate.materialized = Some(ticket);
         *self = candidate;
         Ok(audits.into_iter().map(|(_, audit)| audit).collect())
+    }
+
+    /// Merges changes that a bridge already accepted (checked there by
+    /// [`Self::apply_received`]) without checking them again. A second check
+    /// against this replica's state, which may hold other concurrent changes,
+    /// could refuse what was accepted against the first; an accepted change
+    /// must never be dropped, so a projection of accepted changes uses this.
+    ///
+    /// Changes already present are skipped. A change whose dependencies are
+    /// missing is not applied but returned in [`Merged::held`], so the caller
+    /// can keep it until they arrive.
+    pub fn merge_accepted(&mut self, changes: Vec<ReceivedChange>) -> Result<Merged, DocumentError> {
+        let mut merged = Merged::default();
+        let fresh: Vec<ReceivedChange> =
+            changes.into_iter().filter(|c| self.doc.get_change_by_hash(&c.change.hash()).is_none()).collect();
+        if fresh.is_empty() {
+            return Ok(merged);
+        }
+        self.materialized = None;
+        self.doc.apply_changes(fresh.iter().map(|c| c.change.clone()))?;
+        let mut any_held = false;
+        for received in fresh {
+            if self.doc.get_change_by_hash(&received.change.hash()).is_some() {
+                merged.new.push(received.hash);
+            } else {
+                any_held = true;
+                merged.held.push(received);
+            }
+        }
+        if any_held {
+            // Automerge queues a change whose dependencies are missing inside
+            // the document; a round trip through its saved form drops that
+            // queue, so what is held lives only with the caller.
+            let actor = self.doc.get_actor().clone();
+            self.doc = AutoCommit::load(&self.doc.save())?.with_actor(actor);
+        }
+        if !merged.new.is_empty() {
+            self.check_schema()?;
+        }
+        Ok(merged)
     }
 
     /// Edits the items, priority, notes or assignee. Returns the new change.
@@ -690,6 +740,15 @@ where
     value.parse().map_err(|e| DocumentError::malformed(format!("{field}: {e}")))
 }
 
+/// What [`TicketDocument::merge_accepted`] did.
+#[derive(Debug, Default)]
+pub struct Merged {
+    /// Hashes of the changes that were new to the document, in the order given.
+    pub new: Vec<String>,
+    /// Changes not applied because changes they depend on are missing.
+    pub held: Vec<ReceivedChange>,
+}
+
 /// A change from a peer, decoded once, with the ticket-independent facts
 /// read without applying it: its hash and audit record. A bridge checks
 /// these (which device sent it, in which role) before letting the change
@@ -720,6 +779,11 @@ impl ReceivedChange {
 
     pub fn audit(&self) -> &ChangeAudit {
         &self.audit
+    }
+
+    /// The change as it travels: what a peer decodes.
+    pub fn bytes(&self) -> &[u8] {
+        self.change.raw_bytes()
     }
 
     /// Whether the change depends on no other: only a ticket's first change does.

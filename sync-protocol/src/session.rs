@@ -331,6 +331,17 @@ fn tighter(ours: WireLimits, theirs: WireLimits) -> WireLimits {
     }
 }
 
+/// How much the next downstream batch may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownstreamDemand {
+    pub changes_max: usize,
+    /// Budget for the sum of the changes' sizes (leaves room for framing).
+    pub change_bytes_max: usize,
+}
+
+/// Framing overhead allowed per downstream change (ticket id, length prefix).
+const DOWNSTREAM_CHANGE_OVERHEAD_BYTES: usize = 64;
+
 /// What the bridge driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BridgeAction {
@@ -457,6 +468,9 @@ impl BridgeSession {
                         detail: format!("protocol version {} is not supported", hello.protocol_version),
                     });
                 }
+                if hello.limits.changes_per_batch_max == 0 || hello.limits.frame_bytes_max == 0 {
+                    return self.violation(ErrorCode::Malformed, "the hello's limits allow no downstream batch".into());
+                }
                 self.phase = BridgePhase::Authenticating;
                 let action = BridgeAction::Authenticate {
                     node: hello.node.clone(),
@@ -558,6 +572,20 @@ impl BridgeSession {
         self.phase == BridgePhase::Established && self.downstream_in_flight < self.config.batches_in_flight_max
     }
 
+    /// What the next downstream batch may carry, within the limits of both
+    /// sides (the edge's arrive in its hello); `None` while the window is
+    /// full or the session is not established.
+    pub fn downstream_demand(&self) -> Option<DownstreamDemand> {
+        let hello = self.hello.as_ref().filter(|_| self.downstream_window_open())?;
+        let limits = tighter(self.config.limits, hello.limits);
+        Some(DownstreamDemand {
+            changes_max: limits.changes_per_batch_max,
+            change_bytes_max: limits
+                .frame_bytes_max
+                .saturating_sub(limits.changes_per_batch_max * DOWNSTREAM_CHANGE_OVERHEAD_BYTES),
+        })
+    }
+
     /// Sends a downstream batch; call only while [`Self::downstream_window_open`].
     pub fn send_downstream(&mut self, message: Message, now: UnixMillis) -> Vec<BridgeAction> {
         assert!(matches!(message, Message::Downstream { .. } | Message::Snapshot { .. }), "not a downstream message");
@@ -591,6 +619,7 @@ mod tests {
             ward: "ward-4b".parse().unwrap(),
             token: "token".into(),
             cursor: None,
+            limits: WireLimits::default(),
         }
     }
 
@@ -620,6 +649,24 @@ mod tests {
         let welcome = bridge_sent(&actions)[0].clone();
         assert_eq!(edge.on_message(welcome, 3), vec![EdgeAction::Acked { up_to_seq: acked_up_to }]);
         (edge, bridge)
+    }
+
+    #[test]
+    fn downstream_batches_fit_the_tighter_of_both_sides_limits() {
+        let config = SessionConfig::default();
+        let mut bridge = BridgeSession::new(config, 0);
+        assert_eq!(bridge.downstream_demand(), None, "no demand before the hello");
+        let small = WireLimits { changes_per_batch_max: 50, ..WireLimits::default() };
+        bridge.on_message(Message::Hello(Hello { limits: small, ..hello() }), 1);
+        bridge.authenticated(Ok(0), 2);
+        let demand = bridge.downstream_demand().unwrap();
+        assert_eq!(demand.changes_max, 50);
+        assert!(demand.change_bytes_max < config.limits.frame_bytes_max);
+
+        let mut bridge = BridgeSession::new(config, 0);
+        let none = WireLimits { changes_per_batch_max: 0, ..WireLimits::default() };
+        let actions = bridge.on_message(Message::Hello(Hello { limits: none, ..hello() }), 1);
+        assert!(matches!(bridge_sent(&actions)[0], Message::Error { code: ErrorCode::Malformed, .. }), "{actions:?}");
     }
 
     #[test]

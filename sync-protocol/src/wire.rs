@@ -25,7 +25,7 @@ use crate::ids::{NodeId, TicketId, WardId};
 use crate::ticket::UnixMillis;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 const MAGIC: [u8; 2] = *b"MR";
 const HEADER_BYTES: usize = 4;
 
@@ -87,6 +87,9 @@ pub struct Hello {
     /// Where the downstream feed should resume; `None` asks for a snapshot
     /// first (a new node, or one restored from a backup without a cursor).
     pub cursor: Option<Cursor>,
+    /// The limits the edge decodes frames with; the bridge sends within
+    /// them (and its own). Since protocol version 2.
+    pub limits: WireLimits,
 }
 
 /// The bridge accepted the hello.
@@ -341,6 +344,7 @@ mod tests {
             ward: "ward-4b".parse().unwrap(),
             token: "eyJ...".into(),
             cursor: Some(Cursor::new(vec![0, 0, 0, 7])),
+            limits: WireLimits::default(),
         })
     }
 
@@ -367,7 +371,8 @@ mod tests {
         assert!(matches!(decode(&[0; 65], &limits), Err(WireError::FrameTooLarge { .. })));
         assert_eq!(decode(b"MR", &limits), Err(WireError::Truncated));
         assert_eq!(decode(b"XX\0\x01", &limits), Err(WireError::BadMagic));
-        assert!(matches!(decode(b"MR\0\x01\xff\xff", &limits), Err(WireError::Body(_))));
+        let [high, low] = PROTOCOL_VERSION.to_be_bytes();
+        assert!(matches!(decode(&[b'M', b'R', high, low, 0xff, 0xff], &limits), Err(WireError::Body(_))));
         let mut frame = encode(&Message::Ping { nonce: 1 }, &limits).unwrap();
         frame.push(0);
         assert_eq!(decode(&frame, &limits), Err(WireError::TrailingBytes(1)));

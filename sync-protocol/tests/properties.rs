@@ -301,17 +301,23 @@ fn message() -> impl Strategy<Value = Message> {
             last,
         },
     );
-    let hello = ("[a-z0-9-]{1,20}", "[a-z0-9-]{1,20}", "[ -~]{0,100}", prop::option::of(cursor())).prop_map(
-        |(node, ward, token, cursor)| {
+    let hello = (
+        "[a-z0-9-]{1,20}",
+        "[a-z0-9-]{1,20}",
+        "[ -~]{0,100}",
+        prop::option::of(cursor()),
+        (1..=4_194_304usize, 1..=2_048usize),
+    )
+        .prop_map(|(node, ward, token, cursor, (frame_bytes_max, changes_per_batch_max))| {
             Message::Hello(Hello {
                 protocol_version: wire::PROTOCOL_VERSION,
                 node: node.parse().unwrap(),
                 ward: ward.parse().unwrap(),
                 token,
                 cursor,
+                limits: WireLimits { frame_bytes_max, changes_per_batch_max, ..WireLimits::default() },
             })
-        },
-    );
+        });
     let code = prop::sample::select(vec![
         ErrorCode::Malformed,
         ErrorCode::UnexpectedMessage,

@@ -222,6 +222,7 @@ async fn raw_session(
         ward: ward.parse().unwrap(),
         token: token.into(),
         cursor: None,
+        limits: WireLimits::default(),
     };
     let frame = wire::encode(&Message::Hello(hello), &WireLimits::default()).unwrap();
     sink.send(tokio_tungstenite::tungstenite::Message::Binary(frame.into())).await.unwrap();
