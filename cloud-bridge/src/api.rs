@@ -5,11 +5,11 @@
 //! | GET    | /api/v1/queue                     | pharmacist, admin  | all wards' tickets, priority then age; `ward`, `status`, `priority` (comma lists), `limit` (1-500) |
 //! | GET    | /api/v1/tickets/{id}              | pharmacist, admin  | one ticket with its history |
 //! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle of SupplyRequests |
-//! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict |
+//! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict; 200 once reads show it, 202 if stored but not yet shown (distributed backend) |
 //! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
 //! | GET    | /api/v1/events                    | pharmacist, admin  | live ticket changes (Server-Sent Events); `ward` filter |
 //! | GET    | /sync                             | edge nodes         | WebSocket sync |
-//! | GET    | /healthz, /readyz                 | anyone             | liveness, readiness |
+//! | GET    | /healthz, /readyz, /metrics       | anyone on the port | liveness, readiness (names the service that is down), Prometheus |
 //!
 //! Errors are `{"error": {"code", "message"}}` with the statuses of the edge
 //! node's API.
@@ -30,14 +30,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 pub use service_kit::http::ApiError;
 use service_kit::http::{ApiJson, bearer_token, parse_list};
-use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TransitionRequest};
+use sync_protocol::document::{DocumentError, TicketDocument, TransitionRequest};
 use sync_protocol::ids::{Role, TicketId, WardId};
 use sync_protocol::ticket::{Actor, Priority, Status, Ticket};
 use sync_protocol::token::Principal;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::store::{self, NodeDiagnostics, QueueQuery, StoreError};
+use crate::store::{NodeDiagnostics, QueueQuery, StoreError, TicketView};
 use crate::{AppState, now_ms};
 
 const QUEUE_LIMIT_DEFAULT: usize = 100;
@@ -51,6 +51,14 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Document(DocumentError::Ticket(error)) => error.into(),
             StoreError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", error.to_string()),
+            StoreError::Unavailable(_) => {
+                tracing::warn!(%error, "a request failed: storage unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "storage is unavailable; retry later",
+                )
+            }
             other => ApiError::internal(other),
         }
     }
@@ -95,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sync", get(crate::sync::upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(|State(state): State<AppState>| std::future::ready(state.metrics.render())))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(state.config.http.body_bytes_max))
         .with_state(state)
@@ -140,26 +149,18 @@ async fn queue(
         priorities: parse_list(params.priority.as_deref(), Priority::parse, "invalid_priority")?,
         limit,
     };
-    let (rows, total) = state.store.read(move |conn| store::queue(conn, &query)).await?;
-    let tickets = rows.into_iter().map(RawValue::from_string).collect::<Result<_, _>>().map_err(ApiError::internal)?;
-    Ok(Json(QueuePage { tickets, total }))
-}
-
-#[derive(Serialize)]
-struct TicketWithHistory {
-    ticket: Ticket,
-    history: Vec<HistoryEntry>,
+    let page = state.store.queue(query).await?;
+    let tickets =
+        page.tickets.into_iter().map(RawValue::from_string).collect::<Result<_, _>>().map_err(ApiError::internal)?;
+    Ok(Json(QueuePage { tickets, total: page.total }))
 }
 
 async fn ticket(
     State(state): State<AppState>,
     _caller: PharmacyCaller,
     Path(id): Path<String>,
-) -> Result<Json<TicketWithHistory>, ApiError> {
-    let id = ticket_id(&id)?;
-    let replica = state.store.replica().clone();
-    let (ticket, history) = state.store.read(move |conn| store::ticket_with_history(conn, id, &replica)).await?;
-    Ok(Json(TicketWithHistory { ticket, history }))
+) -> Result<Json<TicketView>, ApiError> {
+    Ok(Json(state.store.ticket(ticket_id(&id)?).await?))
 }
 
 async fn fhir(
@@ -167,9 +168,7 @@ async fn fhir(
     _caller: PharmacyCaller,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = ticket_id(&id)?;
-    let replica = state.store.replica().clone();
-    let (ticket, _) = state.store.read(move |conn| store::ticket_with_history(conn, id, &replica)).await?;
+    let TicketView { ticket, .. } = state.store.ticket(ticket_id(&id)?).await?;
     Ok(([(header::CONTENT_TYPE, "application/fhir+json")], Json(sync_protocol::fhir::supply_request_bundle(&ticket))))
 }
 
@@ -178,12 +177,15 @@ async fn transition(
     PharmacyCaller(actor): PharmacyCaller,
     Path(id): Path<String>,
     ApiJson(request): ApiJson<TransitionRequest>,
-) -> Result<Json<Ticket>, ApiError> {
+) -> Result<(StatusCode, Json<Ticket>), ApiError> {
     let id = ticket_id(&id)?;
     let now = now_ms();
     let limits = state.config.limits.clone();
     let mutation = Box::new(move |doc: &mut TicketDocument| doc.transition(&request, &actor, now, &limits));
-    Ok(Json(state.store.pharmacy_write(id, mutation).await?))
+    let outcome = state.store.pharmacy_write(id, mutation).await?;
+    // Stored either way; 202 says the queue and the wards will show it shortly.
+    let status = if outcome.visible { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok((status, Json(outcome.ticket)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,14 +223,14 @@ async fn live_events(
 }
 
 async fn nodes(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<NodeDiagnostics>>, ApiError> {
-    Ok(Json(state.store.read(store::diagnostics).await?))
+    Ok(Json(state.store.diagnostics().await?))
 }
 
 async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     state
         .store
-        .read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+        .ready()
         .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the database is not reachable"))?;
+        .map_err(|error| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {error}")))?;
     Ok("ready")
 }

@@ -23,7 +23,7 @@ use sync_protocol::wire::{self, Message, RefusalReason, Refused};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{ApiError, bearer_principal};
-use crate::store::{self, cursor_of, seq_of};
+use crate::store::{self, Feed, FeedLimits};
 use crate::{AppState, now_ms};
 
 /// How often a feed looks for changes when no notice arrived.
@@ -80,11 +80,9 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
     let mut notices = state.store.subscribe();
     let mut ticks = tokio::time::interval(TICK_INTERVAL);
     let mut poll = tokio::time::interval(FEED_POLL_INTERVAL);
-    // The feed position once started: the last log sequence sent.
-    let mut feed: Option<u64> = None;
+    // The feed once started, and whether it may have more to read.
+    let mut feed: Option<Feed> = None;
     let mut feed_wanted = false;
-    // The node's own changes up to this log position are sent back to it.
-    let mut own_until = 0;
     let mut actions = Vec::new();
     loop {
         while let Some(action) = (!actions.is_empty()).then(|| actions.remove(0)) {
@@ -104,20 +102,14 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                     actions.extend(session.stored(rejections, now_ms()));
                 }
                 BridgeAction::StartFeed { cursor } => {
-                    // A node without a cursor may hold none of its own past
-                    // changes (restored from a backup, or new hardware under
-                    // the same name): it gets back those logged before this
-                    // session. What it sends from now on it already has.
-                    own_until = match cursor {
-                        Some(_) => 0,
-                        None => state.store.read(store::log_end).await?,
-                    };
-                    feed = Some(cursor.as_ref().and_then(seq_of).unwrap_or(0));
+                    let (node, ward) =
+                        session.peer().map(|(n, w)| (n.clone(), w.clone())).expect("the feed starts after hello");
+                    feed = Some(state.store.open_feed(node, ward, cursor.as_ref()).await?);
                     feed_wanted = true;
                 }
                 BridgeAction::DownstreamAcked { cursor } => {
-                    if let (Some(seq), Some((node, _))) = (seq_of(&cursor), session.peer()) {
-                        state.store.note_cursor(node.clone(), seq);
+                    if let Some((node, _)) = session.peer() {
+                        state.store.note_cursor(node.clone(), &cursor);
                     }
                 }
                 BridgeAction::Close(reason) => {
@@ -127,29 +119,18 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                 }
             }
         }
-        if let (Some(after), true, Some((node, ward))) =
-            (feed, feed_wanted && session.downstream_window_open(), session.peer())
-        {
-            let (node, ward) = (node.clone(), ward.clone());
-            let limits = config.limits;
-            let (changes, cursor) = state
-                .store
-                .read(move |conn| {
-                    let (changes_max, bytes_max) = (limits.changes_per_batch_max, limits.frame_bytes_max / 2);
-                    store::feed(conn, &ward, (&node, own_until), after, changes_max, bytes_max)
-                })
-                .await?;
-            feed = Some(cursor);
-            feed_wanted = cursor != after;
-            // Sent even when every change read was the node's own (none to
-            // apply): the node then keeps the position, and its next session
-            // starts from it instead of without a cursor, which would send
-            // its own changes back (see `StartFeed`).
-            if cursor != after {
-                actions.extend(
-                    session.send_downstream(Message::Downstream { changes, cursor: cursor_of(cursor) }, now_ms()),
-                );
-                continue;
+        if let (Some(open), true, Some(demand)) = (feed.as_mut(), feed_wanted, session.downstream_demand()) {
+            let limits = FeedLimits { changes_max: demand.changes_max, bytes_max: demand.change_bytes_max };
+            match state.store.read_feed(open, limits).await? {
+                // Sent even when every change read was the node's own (none
+                // to apply): the node then keeps the position, and its next
+                // session starts from it instead of without a cursor, which
+                // would send its own changes back (see `Store::open_feed`).
+                Some((changes, cursor)) => {
+                    actions.extend(session.send_downstream(Message::Downstream { changes, cursor }, now_ms()));
+                    continue;
+                }
+                None => feed_wanted = false,
             }
         }
         if session.phase() == BridgePhase::Closed {
@@ -201,10 +182,9 @@ async fn authenticate(
     if !principal.wards.contains(ward) {
         return Err(refuse(RefusalReason::Forbidden, format!("the token does not cover {ward}")));
     }
-    let node = node.clone();
     state
         .store
-        .read(move |conn| store::acked_up_to(conn, &node))
+        .acked_up_to(node)
         .await
         .map_err(|e| refuse(RefusalReason::Unavailable, format!("bridge storage unavailable: {e}")))
 }

@@ -8,7 +8,6 @@ pub mod config;
 pub mod listener;
 pub mod store;
 pub mod sync;
-pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -71,7 +70,7 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
         config: Arc::new(config),
         store: Arc::new(store),
         verifier: Arc::new(verifier),
-        metrics: telemetry::prometheus(),
+        metrics: service_kit::telemetry::prometheus(),
         shutdown: CancellationToken::new(),
         link: sync::SharedLinkStatus::default(),
         cloud_auth: Arc::new(cloud_auth),

@@ -1,4 +1,4 @@
-//! Metrics.
+//! Metrics: the process-wide Prometheus recorder every service renders at `/metrics`.
 
 use std::sync::OnceLock;
 

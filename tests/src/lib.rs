@@ -1,11 +1,14 @@
 //! Fixtures for tests that talk to real processes: a token issuer with real
 //! Ed25519 keys, and launchers for the service binaries.
 
+pub mod cloud;
 pub mod issuer;
 pub mod process;
+pub mod services;
 
 pub use issuer::TestIssuer;
 pub use process::{BridgeProcess, EdgeNodeProcess};
+pub use services::Services;
 
 use std::time::{Duration, Instant};
 

@@ -26,11 +26,38 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// What to run and how to know it is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub binary: &'static str,
+    pub subcommand: &'static str,
+    /// The log message, with the listening `address`, that says it serves.
+    pub ready_message: &'static str,
+    /// Its log in the data directory: `<log_name>.log`.
+    pub log_name: &'static str,
+}
+
+pub const EDGE_NODE: Kind =
+    Kind { binary: "edge-node", subcommand: "serve", ready_message: "edge node serving", log_name: "edge-node" };
+pub const BRIDGE: Kind = Kind {
+    binary: "cloud-bridge",
+    subcommand: "serve",
+    ready_message: "cloud bridge serving",
+    log_name: "cloud-bridge",
+};
+pub const PROJECTOR: Kind =
+    Kind { binary: "cloud-bridge", subcommand: "project", ready_message: "projector serving", log_name: "projector" };
+pub const AUTH_SERVICE: Kind = Kind {
+    binary: "auth-service",
+    subcommand: "serve",
+    ready_message: "auth service serving",
+    log_name: "auth-service",
+};
+
 /// A running service binary (`edge-node serve`, `cloud-bridge serve`), killed when dropped.
 #[derive(Debug)]
 pub struct ServiceProcess {
-    binary: &'static str,
-    ready_message: &'static str,
+    kind: Kind,
     child: Option<Child>,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
@@ -47,11 +74,16 @@ pub fn bridge_config(data_dir: &Path, listen: &str, extra: &str) -> String {
 
 /// Like [`bridge_config`], with `auth_extra` added to the `[auth]` section.
 pub fn bridge_config_with_auth(data_dir: &Path, listen: &str, auth_extra: &str, extra: &str) -> String {
+    named_bridge_config("bridge-1", data_dir, listen, auth_extra, extra)
+}
+
+/// The configuration of bridge instance `id`.
+pub fn named_bridge_config(id: &str, data_dir: &Path, listen: &str, auth_extra: &str, extra: &str) -> String {
     format!(
         r#"
 version = 1
 [bridge]
-id = "bridge-1"
+id = "{id}"
 data_dir = "{data_dir}"
 [http]
 listen = "{listen}"
@@ -146,16 +178,13 @@ pub fn auth_admin(config: &Path, args: &[&str], stdin: &str) -> String {
 impl ServiceProcess {
     /// Starts an auth service with the configuration at `config_path`.
     pub fn start_auth(data_dir: &Path, config_path: &Path) -> Self {
-        Self::start_with("auth-service", "auth service serving", data_dir, config_path)
+        Self::start_kind(AUTH_SERVICE, data_dir, config_path)
     }
 
     /// Writes `config` and the JWKS into `data_dir` and starts `binary` there.
     pub fn launch_with_config(binary: &'static str, data_dir: &Path, jwks: &Value, config: &str) -> Self {
-        let ready_message = match binary {
-            "edge-node" => "edge node serving",
-            _ => "cloud bridge serving",
-        };
-        Self::launch(binary, ready_message, data_dir, jwks, config)
+        let kind = if binary == EDGE_NODE.binary { EDGE_NODE } else { BRIDGE };
+        Self::launch(kind, data_dir, jwks, config)
     }
 
     /// Writes a config and the JWKS into `data_dir` and starts an edge node there.
@@ -166,21 +195,22 @@ impl ServiceProcess {
     /// Like [`Self::start`], listening on `listen`.
     pub fn start_on(data_dir: &Path, node: &str, ward: &str, listen: &str, jwks: &Value, extra: &str) -> Self {
         let config = edge_config_on(data_dir, node, ward, listen, extra);
-        Self::launch("edge-node", "edge node serving", data_dir, jwks, &config)
+        Self::launch(EDGE_NODE, data_dir, jwks, &config)
     }
 
     /// Writes a config and the JWKS into `data_dir` and starts a bridge on `listen`.
     pub fn start_bridge(data_dir: &Path, listen: &str, jwks: &Value, extra: &str) -> Self {
         let config = bridge_config(data_dir, listen, extra);
-        Self::launch("cloud-bridge", "cloud bridge serving", data_dir, jwks, &config)
+        Self::launch(BRIDGE, data_dir, jwks, &config)
     }
 
-    fn launch(binary: &'static str, ready_message: &'static str, data_dir: &Path, jwks: &Value, config: &str) -> Self {
+    /// Writes `config` and the JWKS into `data_dir` and starts `kind` there.
+    pub fn launch(kind: Kind, data_dir: &Path, jwks: &Value, config: &str) -> Self {
         std::fs::create_dir_all(data_dir).expect("create the data directory");
         std::fs::write(data_dir.join("jwks.json"), jwks.to_string()).expect("write the jwks");
-        let config_path = data_dir.join(format!("{binary}.toml"));
+        let config_path = data_dir.join(format!("{}.toml", kind.log_name));
         std::fs::write(&config_path, config).expect("write the config");
-        Self::start_with(binary, ready_message, data_dir, &config_path)
+        Self::start_kind(kind, data_dir, &config_path)
     }
 
     /// Starts an installed edge node (`program`) with `config` and
@@ -188,33 +218,26 @@ impl ServiceProcess {
     pub fn start_installed(program: &Path, config_path: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(program);
         command.envs(env.iter().copied());
-        Self::spawn(command, "edge-node", "edge node serving", data_dir, config_path)
+        Self::spawn(command, EDGE_NODE, data_dir, config_path)
     }
 
-    fn start_with(binary_name: &'static str, ready_message: &'static str, data_dir: &Path, config_path: &Path) -> Self {
-        Self::spawn(Command::new(binary(binary_name)), binary_name, ready_message, data_dir, config_path)
+    fn start_kind(kind: Kind, data_dir: &Path, config_path: &Path) -> Self {
+        Self::spawn(Command::new(binary(kind.binary)), kind, data_dir, config_path)
     }
 
-    fn spawn(
-        mut command: Command,
-        binary_name: &'static str,
-        ready_message: &'static str,
-        data_dir: &Path,
-        config_path: &Path,
-    ) -> Self {
+    fn spawn(mut command: Command, kind: Kind, data_dir: &Path, config_path: &Path) -> Self {
         let mut child = command
-            .arg("serve")
+            .arg(kind.subcommand)
             .arg("--config")
             .arg(config_path)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {binary_name}: {e}"));
+            .unwrap_or_else(|e| panic!("start {}: {e}", kind.binary));
         let stdout = child.stdout.take().expect("stdout is piped");
-        let addr = follow_log(stdout, data_dir.join(format!("{binary_name}.log")), ready_message);
+        let addr = follow_log(stdout, data_dir.join(format!("{}.log", kind.log_name)), kind.ready_message);
         Self {
-            binary: binary_name,
-            ready_message,
+            kind,
             child: Some(child),
             addr,
             data_dir: data_dir.to_path_buf(),
@@ -244,7 +267,7 @@ impl ServiceProcess {
     /// Starts the process again on its data directory and configuration.
     pub fn restart(&mut self) {
         self.kill9();
-        *self = Self::start_with(self.binary, self.ready_message, &self.data_dir.clone(), &self.config_path.clone());
+        *self = Self::start_kind(self.kind, &self.data_dir.clone(), &self.config_path.clone());
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -252,9 +275,23 @@ impl ServiceProcess {
     }
 }
 
+/// Log lines of a process shown when a test fails while it runs.
+const FAILURE_LOG_LINES: usize = 40;
+
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test deletes its temporary directory, and the log with
+        // it: show the end of the log, which usually says why.
+        if std::thread::panicking() {
+            let path = self.data_dir.join(format!("{}.log", self.kind.log_name));
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- last lines of {} ({}):", self.kind.log_name, path.display());
+            for line in &lines[lines.len().saturating_sub(FAILURE_LOG_LINES)..] {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

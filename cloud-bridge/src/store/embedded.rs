@@ -1,6 +1,5 @@
 //! The bridge's embedded storage in SQLite: the default for a single-site
-//! install and for development. The Kafka/MongoDB backend of a later issue
-//! takes its place behind the same methods.
+//! install and for development.
 //!
 //! - `changes`: the change log. Every accepted Automerge change, once (its
 //!   hash is unique), numbered by a global sequence. An edge's downstream
@@ -20,17 +19,22 @@ use std::path::Path;
 use std::sync::Arc;
 
 use automerge::ActorId;
-use rayon::prelude::*;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_bytes::ByteBuf;
 use service_kit::sqlite::{self, ReadPool};
 use service_kit::writer::GroupWriter;
-use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, ReceivedChange, TicketDocument};
-use sync_protocol::ids::{NodeId, Role, TicketId, WardId};
+use sync_protocol::document::{Mutation, ReceivedChange, TicketDocument};
+use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
-use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
+use sync_protocol::ticket::{Limits, Ticket};
 use sync_protocol::wire::{Cursor, DownstreamChange, UpstreamChange};
 use tokio::sync::{broadcast, oneshot};
+
+use super::staging::{Outcome, Staged, Stager, TicketRow};
+use super::{
+    FeedLimits, FeedPosition, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery, StoreError, TicketView,
+    WardNotice, now_ms,
+};
 
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE changes (
@@ -77,32 +81,8 @@ const MIGRATIONS: &[&str] = &[r#"
 const NOTICES_CAPACITY: usize = 1_024;
 /// Writer jobs committed in one transaction (each upstream job is a whole batch).
 const WRITE_BATCH_MAX: usize = 64;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("ticket {0} not found")]
-    NotFound(TicketId),
-    #[error(transparent)]
-    Document(#[from] DocumentError),
-    #[error(transparent)]
-    Migrate(#[from] sqlite::MigrateError),
-    #[error(transparent)]
-    ReadTask(#[from] sqlite::ReadTaskFailed),
-    #[error("the store is shut down")]
-    Closed,
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("stored data is unreadable: {0}")]
-    Corrupt(String),
-}
-
-/// A ward has new changes in the log: feeds of that ward should read on.
-#[derive(Debug, Clone)]
-pub struct WardNotice {
-    pub ward: WardId,
-    /// The ticket that changed, materialized, for live pharmacy views.
-    pub ticket_json: Arc<str>,
-}
+/// Read-only connections for queries and feeds.
+const READERS: usize = 4;
 
 enum Job {
     Upstream {
@@ -123,65 +103,52 @@ enum Job {
     },
 }
 
-/// Filters of the pharmacy queue.
-#[derive(Debug, Clone, Default)]
-pub struct QueueQuery {
-    pub wards: Vec<WardId>,
-    pub statuses: Vec<Status>,
-    pub priorities: Vec<Priority>,
-    pub limit: usize,
-}
-
-/// Per-node sync diagnostics.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NodeDiagnostics {
-    pub node: String,
-    pub ward: String,
-    pub acked_up_to: u64,
-    pub last_seen: UnixMillis,
-    pub cursor: Option<u64>,
-    /// Changes of the node's ward in the log after its cursor.
-    pub backlog: u64,
-    pub rejected: u64,
-}
-
-pub struct Store {
+pub struct EmbeddedStore {
     writer: GroupWriter<Job>,
     readers: Arc<ReadPool>,
     notices: broadcast::Sender<WardNotice>,
     replica: ActorId,
-    limits: Limits,
+    stager: Stager,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("replica", &self.replica).finish_non_exhaustive()
+        f.debug_struct("EmbeddedStore").field("replica", &self.replica).finish_non_exhaustive()
     }
 }
 
+/// A session's feed: the last log position read, and the position up to
+/// which the node's own changes are sent back to it.
+#[derive(Debug, Clone)]
+pub struct FeedState {
+    after: u64,
+    own_until: u64,
+}
+
 /// Cursors are positions in the change log, eight bytes big-endian.
-pub fn cursor_of(seq: u64) -> Cursor {
+fn cursor_of(seq: u64) -> Cursor {
     Cursor::new(seq.to_be_bytes().to_vec())
 }
 
-pub fn seq_of(cursor: &Cursor) -> Option<u64> {
+fn seq_of(cursor: &Cursor) -> Option<u64> {
     <[u8; 8]>::try_from(cursor.as_bytes()).ok().map(u64::from_be_bytes)
 }
 
-impl Store {
+impl EmbeddedStore {
     pub fn open(path: &Path, limits: Limits, replica: ActorId, write_queue_max: usize) -> Result<Self, StoreError> {
         let mut writer = Connection::open(path)?;
         sqlite::configure_writer(&writer)?;
         sqlite::migrate(&mut writer, MIGRATIONS)?;
-        let readers = ReadPool::open(path, 4)?;
+        let readers = ReadPool::open(path, READERS)?;
         let (notices, _) = broadcast::channel(NOTICES_CAPACITY);
-        let writer_state = Writer { replica: replica.clone(), limits: limits.clone(), notices: notices.clone() };
+        let stager = Stager::new(limits.clone(), replica.clone())?;
+        let writer_state = Writer { replica: replica.clone(), limits, notices: notices.clone() };
         let writer =
             GroupWriter::spawn("bridge-writer", writer, write_queue_max, WRITE_BATCH_MAX, move |conn, batch| {
                 writer_state.commit(conn, batch)
             })
             .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { writer, readers: Arc::new(readers), notices, replica, limits })
+        Ok(Self { writer, readers: Arc::new(readers), notices, replica, stager })
     }
 
     pub fn replica(&self) -> &ActorId {
@@ -192,8 +159,6 @@ impl Store {
         self.notices.subscribe()
     }
 
-    /// Validates and durably stores a node's upstream batch. Returns the
-    /// changes refused by validation; every other one is stored (or was already).
     pub async fn store_upstream(
         &self,
         node: NodeId,
@@ -201,47 +166,101 @@ impl Store {
         changes: Vec<UpstreamChange>,
     ) -> Result<Vec<Rejection>, StoreError> {
         // Decoding and checking a change needs no database: it runs on every
-        // core here, so the single writer thread only loads, merges and writes.
-        let (limits, replica, staging_node, staging_ward) =
-            (self.limits.clone(), self.replica.clone(), node.clone(), ward.clone());
-        let changes = tokio::task::spawn_blocking(move || {
-            changes
-                .into_par_iter()
-                .map(|change| Staged::new(change, &staging_node, &staging_ward, &limits, &replica))
-                .collect()
-        })
-        .await
-        .map_err(|e| StoreError::Corrupt(format!("staging task failed: {e}")))?;
+        // core first, so the single writer thread only loads, merges and writes.
+        let changes = self.stager.stage(&node, &ward, changes).await?;
         let (reply, answer) = oneshot::channel();
         self.writer.send(Job::Upstream { node, ward, changes, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Runs a pharmacy edit or transition and stores the change.
-    pub async fn pharmacy_write(&self, id: TicketId, mutation: Mutation) -> Result<Ticket, StoreError> {
+    pub async fn pharmacy_write(&self, id: TicketId, mutation: Mutation) -> Result<PharmacyOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer.send(Job::Pharmacy { id, mutation, reply }).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let ticket = answer.await.map_err(|_| StoreError::Closed)??;
+        Ok(PharmacyOutcome { ticket, visible: true })
     }
 
-    /// Records how far a node has applied the feed. Diagnostics only: the
-    /// node's own cursor is the truth, so this is not waited for.
-    pub fn note_cursor(&self, node: NodeId, seq: u64) {
+    pub fn note_cursor(&self, node: NodeId, cursor: &Cursor) {
+        let Some(seq) = seq_of(cursor) else { return };
         if self.writer.try_send(Job::Cursor { node, seq }).is_err() {
             tracing::debug!("writer busy; a cursor note was skipped");
         }
     }
 
-    pub async fn read<R, F>(&self, read: F) -> Result<R, StoreError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
-    {
-        self.readers.read(read).await
+    pub async fn acked_up_to(&self, node: &NodeId) -> Result<u64, StoreError> {
+        let node = node.clone();
+        self.read(move |conn| {
+            let acked: Option<i64> = conn
+                .query_row("SELECT acked_up_to FROM nodes WHERE node = ?1", [node.as_str()], |r| r.get(0))
+                .optional()?;
+            Ok(acked.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    pub async fn open_feed(&self, cursor: Option<&Cursor>) -> Result<FeedState, StoreError> {
+        let own_until = match cursor {
+            Some(_) => 0,
+            None => {
+                self.read(|conn| {
+                    Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get::<_, i64>(0))? as u64)
+                })
+                .await?
+            }
+        };
+        Ok(FeedState { after: cursor.and_then(seq_of).unwrap_or(0), own_until })
+    }
+
+    pub async fn read_feed(
+        &self,
+        node: &NodeId,
+        ward: &WardId,
+        state: &mut FeedState,
+        limits: FeedLimits,
+    ) -> Result<Option<(Vec<DownstreamChange>, Cursor)>, StoreError> {
+        let (node, ward, read_state) = (node.clone(), ward.clone(), state.clone());
+        let (changes, after) = self.read(move |conn| feed(conn, &ward, &node, &read_state, limits)).await?;
+        if after == state.after {
+            return Ok(None);
+        }
+        state.after = after;
+        Ok(Some((changes, cursor_of(after))))
+    }
+
+    pub async fn queue(&self, query: QueueQuery) -> Result<QueuePage, StoreError> {
+        self.read(move |conn| queue(conn, &query)).await
+    }
+
+    pub async fn ticket(&self, id: TicketId) -> Result<TicketView, StoreError> {
+        let replica = self.replica.clone();
+        self.read(move |conn| {
+            let bytes: Vec<u8> = conn
+                .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |r| r.get(0))
+                .optional()?
+                .ok_or(StoreError::NotFound(id))?;
+            let mut document = TicketDocument::load(&bytes, replica)?;
+            Ok(TicketView { ticket: document.ticket()?, history: document.history()? })
+        })
+        .await
+    }
+
+    pub async fn diagnostics(&self) -> Result<Vec<NodeDiagnostics>, StoreError> {
+        self.read(diagnostics).await
+    }
+
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
     }
 
     pub async fn close(&self) {
         self.writer.close().await;
+    }
+
+    async fn read<R: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        self.readers.read(read).await
     }
 }
 
@@ -249,67 +268,6 @@ struct Writer {
     replica: ActorId,
     limits: Limits,
     notices: broadcast::Sender<WardNotice>,
-}
-
-/// An upstream change with the work that needs no database done before it
-/// reaches the writer: decoded, its audit record checked against the node
-/// that sent it, and, for a ticket's first change, the document it creates.
-struct Staged {
-    seq: u64,
-    ticket: TicketId,
-    /// The change, or why it was refused whatever the database holds.
-    checked: Result<Checked, String>,
-}
-
-struct Checked {
-    bytes: Vec<u8>,
-    received: ReceivedChange,
-    /// For a root change: the new ticket's row, or why it is refused.
-    /// Used only if the ticket does not exist yet.
-    created: Option<Result<TicketRow, String>>,
-}
-
-impl Staged {
-    fn new(change: UpstreamChange, node: &NodeId, ward: &WardId, limits: &Limits, replica: &ActorId) -> Self {
-        let UpstreamChange { seq, ticket, change } = change;
-        let bytes = change.into_vec();
-        let checked = ReceivedChange::decode(&bytes).map_err(|e| e.to_string()).and_then(|received| {
-            let actor = &received.audit().actor;
-            // The node speaks for its ward's people: the change must say it
-            // came through this node, from a role that works at a ward.
-            if actor.device != *node {
-                return Err(format!("change claims device {}, but came from {node}", actor.device));
-            }
-            if !matches!(actor.role, Role::Nurse | Role::Admin) {
-                return Err(format!("a {} may not make changes at a ward", actor.role));
-            }
-            let created = received.is_root().then(|| create_ticket(&received, ticket, ward, limits, replica));
-            Ok(Checked { bytes, received, created })
-        });
-        Self { seq, ticket, checked }
-    }
-}
-
-/// The row of the ticket a ticket's first change creates, if it is a valid
-/// ticket of this id and ward. Saved here, not kept as a document: staging
-/// a whole batch of live documents would cost far more memory.
-fn create_ticket(
-    received: &ReceivedChange,
-    id: TicketId,
-    ward: &WardId,
-    limits: &Limits,
-    replica: &ActorId,
-) -> Result<TicketRow, String> {
-    let (mut document, _) = TicketDocument::from_received(std::slice::from_ref(received), limits, replica.clone())
-        .map_err(|e| e.to_string())?;
-    let row = TicketRow::of(&mut document).map_err(|e| e.to_string())?;
-    if row.ticket.ward != *ward || row.ticket.id != id {
-        return Err(format!(
-            "the change creates a ticket of another ward or id ({} in {})",
-            row.ticket.id, row.ticket.ward
-        ));
-    }
-    Ok(row)
 }
 
 /// A reply held until its batch commits: sent as computed if the commit
@@ -323,21 +281,6 @@ fn hold<T: 'static>(reply: oneshot::Sender<Result<T, StoreError>>, outcome: Resu
             Some(failure) => Err(StoreError::Corrupt(failure.to_owned())),
         });
     })
-}
-
-/// A ticket's row: its saved document and materialized columns.
-struct TicketRow {
-    ticket: Ticket,
-    json: Arc<str>,
-    document: Vec<u8>,
-}
-
-impl TicketRow {
-    fn of(document: &mut TicketDocument) -> Result<Self, DocumentError> {
-        let ticket = document.ticket()?;
-        let json = serde_json::to_string(&ticket).map(Arc::from).unwrap_or_else(|_| Arc::from("{}"));
-        Ok(Self { ticket, json, document: document.save() })
-    }
 }
 
 /// What a transaction changed beyond the change log: the documents it
@@ -499,41 +442,32 @@ impl Writer {
         ward: &WardId,
         staged: Staged,
     ) -> Result<Result<(), String>, StoreError> {
-        let refuse = |reason: String| Ok(Err(reason));
         let id = staged.ticket;
-        let Checked { bytes, received, created } = match staged.checked {
+        let mut checked = match staged.checked {
             Ok(checked) => checked,
-            Err(reason) => return refuse(reason),
+            Err(reason) => return Ok(Err(reason)),
         };
         // A document that cannot be loaded is a storage fault, not the
         // change's: it fails the batch, unacknowledged, and the edge resends.
-        let is_new = match self.load(conn, pending, id)? {
-            Some(document) => {
-                if document.ticket()?.ward != *ward {
-                    return refuse(format!("ticket {id} belongs to another ward"));
-                }
-                match document.apply_received(std::slice::from_ref(&received), &self.limits) {
-                    Ok(applied) => !applied.is_empty(),
-                    Err(e) => return refuse(e.to_string()),
-                }
+        let document = self.load(conn, pending, id)?;
+        let is_new = match checked.merge_into(document, id, ward, &self.limits, &self.replica)? {
+            Outcome::Created(row) => {
+                pending.write(conn, *row)?;
+                true
             }
-            None => {
-                let created =
-                    created.unwrap_or_else(|| create_ticket(&received, id, ward, &self.limits, &self.replica));
-                match created {
-                    Ok(row) => {
-                        pending.write(conn, row)?;
-                        true
-                    }
-                    Err(reason) => return refuse(reason),
-                }
+            Outcome::Merged => true,
+            Outcome::AlreadyHad => false,
+            // This store holds every change it accepted.
+            Outcome::MissingDependencies => {
+                return Ok(Err("the change builds on changes the bridge never accepted".into()));
             }
+            Outcome::Refused(reason) => return Ok(Err(reason)),
         };
         if is_new {
             conn.prepare_cached(
                 "INSERT INTO changes (hash, ward, ticket_id, origin, change) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (hash) DO NOTHING",
             )?
-            .execute(params![received.hash(), ward.as_str(), id.to_string(), node.as_str(), bytes])?;
+            .execute(params![checked.received.hash(), ward.as_str(), id.to_string(), node.as_str(), checked.bytes])?;
         }
         Ok(Ok(()))
     }
@@ -560,60 +494,42 @@ impl Writer {
     }
 }
 
-pub fn now_ms() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// The next changes of `ward` after `after` (exclusive) for `reader`, at
-/// most `limit` and about `bytes_max` bytes. The reader's own changes are
-/// skipped (it has them) except those logged up to the position given with
-/// it. Returns the changes and the cursor after the last row read.
-pub fn feed(
+/// The next changes of `ward` after the feed's position for `reader`. The
+/// reader's own changes are skipped (it has them) except those logged up to
+/// `own_until`. Returns the changes and the position after the last row read.
+fn feed(
     conn: &Connection,
     ward: &WardId,
-    (reader, own_until): (&NodeId, u64),
-    after: u64,
-    limit: usize,
-    bytes_max: usize,
+    reader: &NodeId,
+    state: &FeedState,
+    limits: FeedLimits,
 ) -> Result<(Vec<DownstreamChange>, u64), StoreError> {
     let mut statement = conn.prepare_cached(
         "SELECT seq, ticket_id, origin, change FROM changes WHERE ward = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
     )?;
-    let mut rows = statement.query(params![ward.as_str(), after as i64, limit as i64])?;
+    let mut rows = statement.query(params![ward.as_str(), state.after as i64, limits.changes_max as i64])?;
     let mut changes = Vec::new();
-    let (mut cursor, mut bytes) = (after, 0usize);
+    let (mut position, mut bytes) = (state.after, 0usize);
     while let Some(row) = rows.next()? {
         let change: Vec<u8> = row.get(3)?;
-        if bytes + change.len() > bytes_max && !changes.is_empty() {
+        if bytes + change.len() > limits.bytes_max && !changes.is_empty() {
             break;
         }
-        cursor = row.get::<_, i64>(0)? as u64;
+        position = row.get::<_, i64>(0)? as u64;
         let origin: String = row.get(2)?;
-        if origin != reader.as_str() || cursor <= own_until {
+        if origin != reader.as_str() || position <= state.own_until {
             bytes += change.len();
             let ticket: String = row.get(1)?;
             let ticket = ticket.parse().map_err(|e| StoreError::Corrupt(format!("ticket id in log: {e}")))?;
             changes.push(DownstreamChange { ticket, change: ByteBuf::from(change) });
         }
     }
-    Ok((changes, cursor))
-}
-
-/// The position of the last change in the log.
-pub fn log_end(conn: &Connection) -> Result<u64, StoreError> {
-    Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get::<_, i64>(0))? as u64)
-}
-
-pub fn acked_up_to(conn: &Connection, node: &NodeId) -> Result<u64, StoreError> {
-    let acked: Option<i64> =
-        conn.query_row("SELECT acked_up_to FROM nodes WHERE node = ?1", [node.as_str()], |r| r.get(0)).optional()?;
-    Ok(acked.unwrap_or(0) as u64)
+    Ok((changes, position))
 }
 
 /// The pharmacy queue: priority first, then age; with the number of
 /// tickets matching the filters.
-pub fn queue(conn: &Connection, query: &QueueQuery) -> Result<(Vec<String>, u64), StoreError> {
+fn queue(conn: &Connection, query: &QueueQuery) -> Result<QueuePage, StoreError> {
     let mut filter = String::from(" WHERE 1 = 1");
     let mut args: Vec<String> = Vec::new();
     let mut in_list = |column: &str, values: Vec<String>| {
@@ -633,23 +549,10 @@ pub fn queue(conn: &Connection, query: &QueueQuery) -> Result<(Vec<String>, u64)
         format!("SELECT ticket FROM tickets{filter} ORDER BY priority_rank DESC, created_at, id LIMIT {}", query.limit);
     let mut statement = conn.prepare_cached(&sql)?;
     let rows = statement.query_map(rusqlite::params_from_iter(&args), |row| row.get(0))?;
-    Ok((rows.collect::<Result<_, _>>()?, total as u64))
+    Ok(QueuePage { tickets: rows.collect::<Result<_, _>>()?, total: total as u64 })
 }
 
-pub fn ticket_with_history(
-    conn: &Connection,
-    id: TicketId,
-    replica: &ActorId,
-) -> Result<(Ticket, Vec<HistoryEntry>), StoreError> {
-    let bytes: Vec<u8> = conn
-        .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |r| r.get(0))
-        .optional()?
-        .ok_or(StoreError::NotFound(id))?;
-    let mut document = TicketDocument::load(&bytes, replica.clone())?;
-    Ok((document.ticket()?, document.history()?))
-}
-
-pub fn diagnostics(conn: &Connection) -> Result<Vec<NodeDiagnostics>, StoreError> {
+fn diagnostics(conn: &Connection) -> Result<Vec<NodeDiagnostics>, StoreError> {
     let mut statement = conn.prepare_cached(
         "SELECT n.node, n.ward, n.acked_up_to, n.last_seen, n.cursor, n.rejected,
                 (SELECT count(*) FROM changes c WHERE c.ward = n.ward AND c.seq > coalesce(n.cursor, 0) AND c.origin != n.node)
@@ -661,7 +564,7 @@ pub fn diagnostics(conn: &Connection) -> Result<Vec<NodeDiagnostics>, StoreError
             ward: r.get(1)?,
             acked_up_to: r.get::<_, i64>(2)? as u64,
             last_seen: r.get(3)?,
-            cursor: r.get::<_, Option<i64>>(4)?.map(|c| c as u64),
+            cursor: r.get::<_, Option<i64>>(4)?.map(|c| FeedPosition::Log(c as u64)),
             rejected: r.get::<_, i64>(5)? as u64,
             backlog: r.get::<_, i64>(6)? as u64,
         })

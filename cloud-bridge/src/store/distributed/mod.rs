@@ -1,0 +1,669 @@
+//! The distributed store: Kafka, MongoDB and Redis behind the bridge's
+//! [`Store`](super::Store) interface, so any number of bridge instances
+//! serve any ward.
+//!
+//! ```text
+//!  edge ──upstream──> bridge ──append (idempotent, acks=all)──> change topic (keyed by ticket)
+//!                       │ validate against MongoDB                    │
+//!                       │ ack the edge after the brokers did          v
+//!  pharmacy API ──────> bridge ──append──────────────────────>   projector (consumer group)
+//!                                                                     │ merge, then write:
+//!  edge <──feed pages── bridge <──read── MongoDB <──pages, tickets, watermarks
+//!                         ^                                            │
+//!                         └──── Redis: "projected" notices, cache ─────┘
+//! ```
+//!
+//! - Upstream: a batch is validated against the tickets in MongoDB (a
+//!   change that builds on changes not projected yet waits for the
+//!   projection to catch up), appended to the topic, and the node's
+//!   position recorded in MongoDB; only then is the edge acknowledged.
+//! - The projector ([`projector`]) merges each round of records into the
+//!   tickets and writes, in this order: the round's feed pages (the changes
+//!   new to their tickets), the tickets, the partitions' watermarks. So a
+//!   change is in a ticket only if it is in a page first, and every page up
+//!   to a watermark is readable once the watermark is.
+//! - Downstream: a ward's feed is its pages up to the watermarks, read in
+//!   partition and offset order; an edge's cursor is the last page offset
+//!   per partition ([`record::PageCursor`]).
+//! - Redis carries the projector's notices to every bridge (feeds wake,
+//!   live views update) and caches queue pages and ticket views. Without
+//!   Redis, bridges poll the watermarks.
+
+pub mod cache;
+pub mod kafka;
+pub mod mongo;
+pub mod projector;
+pub mod record;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use automerge::ActorId;
+use futures_util::StreamExt;
+use serde_bytes::ByteBuf;
+use sync_protocol::document::{Mutation, TicketDocument};
+use sync_protocol::ids::{NodeId, TicketId, WardId};
+use sync_protocol::session::Rejection;
+use sync_protocol::ticket::Limits;
+use sync_protocol::wire::{Cursor, DownstreamChange, UpstreamChange};
+use tokio::sync::{Semaphore, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::cache::{Cache, Projected};
+use self::kafka::ChangeLog;
+use self::mongo::{Db, PageDoc};
+use self::record::{ChangeRecord, Origin, PageCursor, PartialPage};
+use super::staging::{Outcome, Staged, Stager, TicketRow};
+use super::{
+    FeedLimits, FeedPosition, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery, StoreError, TicketView,
+    WardNotice, now_ms,
+};
+use crate::config::Config;
+
+const NOTICES_CAPACITY: usize = 1_024;
+/// How often a bridge reads the watermarks when no notice came: the
+/// latency of everything a notice would have announced while Redis is down.
+const WATERMARK_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Pages read for one downstream batch.
+const PAGES_PER_READ: usize = 32;
+/// Pages counted for a node's backlog in the diagnostics.
+const BACKLOG_PAGES_MAX: usize = 1_000;
+/// Pages read to announce changes found by polling (Redis down).
+const POLLED_PAGES_MAX: usize = 256;
+/// Between attempts to create or check the topic and indexes at start.
+const SETUP_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// Cursor notes written at once; more are dropped (diagnostics only).
+const CURSOR_NOTES_IN_FLIGHT_MAX: usize = 8;
+/// Between attempts to resubscribe to the projector's notices.
+const SUBSCRIBE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A ticket's document while a batch is checked: as stored, or as created
+/// by a change earlier in the batch (kept saved until needed).
+enum Slot {
+    Stored(Box<TicketDocument>),
+    Created(Box<TicketRow>),
+}
+
+impl Slot {
+    fn document(&mut self, replica: &ActorId) -> Result<&mut TicketDocument, StoreError> {
+        if let Slot::Created(row) = self {
+            *self = Slot::Stored(Box::new(TicketDocument::load(&row.document, replica.clone())?));
+        }
+        match self {
+            Slot::Stored(document) => Ok(document),
+            Slot::Created(_) => unreachable!("converted above"),
+        }
+    }
+}
+
+/// What checking a batch against the stored tickets found.
+#[derive(Default)]
+struct Checked {
+    records: Vec<ChangeRecord>,
+    rejections: Vec<Rejection>,
+    /// Whether some change builds on changes not (yet) projected.
+    missing_dependencies: bool,
+}
+
+/// A session's feed position.
+#[derive(Debug, Clone)]
+pub struct FeedState {
+    cursor: PageCursor,
+    /// Per partition, the node's own changes in pages up to here are sent
+    /// back (a node without a cursor may not hold them); empty otherwise.
+    own_until: Vec<i64>,
+}
+
+pub struct DistributedStore {
+    shared: Arc<Shared>,
+    tasks: CancellationToken,
+}
+
+struct Shared {
+    replica: ActorId,
+    limits: Limits,
+    partitions: usize,
+    stager: Stager,
+    log: ChangeLog,
+    db: Db,
+    cache: Option<Cache>,
+    notices: broadcast::Sender<WardNotice>,
+    /// The watermarks this instance knows of, from notices and polling.
+    projected: watch::Sender<Vec<i64>>,
+    /// Set once the topic and the indexes are known to be in place.
+    set_up: AtomicBool,
+    visible_wait: Duration,
+    cursor_notes: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for DistributedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistributedStore").field("topic", &self.shared.log.topic()).finish_non_exhaustive()
+    }
+}
+
+impl DistributedStore {
+    /// Connects (lazily: services may come up later) and starts the
+    /// background work: topic and index setup, notices, watermark polling.
+    pub async fn open(config: &Config, replica: ActorId) -> Result<Self, StoreError> {
+        let (Some(kafka), Some(mongodb)) = (&config.kafka, &config.mongodb) else {
+            return Err(StoreError::Corrupt("the distributed store needs [kafka] and [mongodb]".into()));
+        };
+        let name = format!("cloud-bridge/{}", config.bridge.id);
+        let cache = match &config.redis {
+            Some(redis) => Some(Cache::new(redis).map_err(|e| StoreError::Corrupt(format!("redis.url: {e}")))?),
+            None => None,
+        };
+        let partitions = usize::try_from(kafka.partitions).unwrap_or(1);
+        let shared = Arc::new(Shared {
+            stager: Stager::new(config.limits.clone(), replica.clone())?,
+            replica,
+            limits: config.limits.clone(),
+            partitions,
+            log: ChangeLog::new(kafka, &name)?,
+            db: Db::connect(mongodb, &name).await?,
+            cache,
+            notices: broadcast::channel(NOTICES_CAPACITY).0,
+            projected: watch::channel(vec![-1; partitions]).0,
+            set_up: AtomicBool::new(false),
+            visible_wait: Duration::from_millis(config.projector.visible_wait_ms),
+            cursor_notes: Arc::new(Semaphore::new(CURSOR_NOTES_IN_FLIGHT_MAX)),
+        });
+        let tasks = CancellationToken::new();
+        tokio::spawn(Arc::clone(&shared).set_up(tasks.clone()));
+        tokio::spawn(Arc::clone(&shared).poll_watermarks(tasks.clone()));
+        if shared.cache.is_some() {
+            tokio::spawn(Arc::clone(&shared).follow_notices(tasks.clone()));
+        }
+        Ok(Self { shared, tasks })
+    }
+
+    pub fn replica(&self) -> &ActorId {
+        &self.shared.replica
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<WardNotice> {
+        self.shared.notices.subscribe()
+    }
+
+    pub async fn store_upstream(
+        &self,
+        node: NodeId,
+        ward: WardId,
+        changes: Vec<UpstreamChange>,
+    ) -> Result<Vec<Rejection>, StoreError> {
+        let shared = &self.shared;
+        shared.require_set_up()?;
+        let highest = changes.iter().map(|c| c.seq).max().unwrap_or(0);
+        let mut staged = shared.stager.stage(&node, &ward, changes).await?;
+        let mut checked = shared.check(&node, &ward, &mut staged, false).await?;
+        if checked.missing_dependencies {
+            // Changes this batch builds on were accepted (by this bridge or
+            // another) but not projected yet: wait until the projection
+            // holds everything acknowledged so far, then check again.
+            shared.wait_caught_up().await?;
+            checked = shared.check(&node, &ward, &mut staged, true).await?;
+        }
+        shared.log.append(&checked.records).await?;
+        let rejections: Vec<(u64, String, String)> =
+            checked.rejections.iter().map(|r| (r.seq, r.ticket.to_string(), r.message.clone())).collect();
+        shared.db.record_upstream(node.as_str(), ward.as_str(), highest, &rejections, now_ms()).await?;
+        Ok(checked.rejections)
+    }
+
+    pub async fn pharmacy_write(&self, id: TicketId, mutation: Mutation) -> Result<PharmacyOutcome, StoreError> {
+        let shared = &self.shared;
+        shared.require_set_up()?;
+        let stored = shared.db.ticket(&id.to_string()).await?.ok_or(StoreError::NotFound(id))?;
+        // A fresh actor for every pharmacy change: two bridge instances, or
+        // two requests on one, may edit a ticket from the same stored
+        // version, and one actor must never write two changes with the same
+        // sequence number.
+        let mut document = TicketDocument::load(&stored.document, ActorId::random())?;
+        let change = mutation(&mut document)?;
+        let ticket = document.ticket()?;
+        let record = ChangeRecord { ticket: id, ward: ticket.ward.clone(), origin: Origin::Pharmacy, change };
+        let positions = shared.log.append(std::slice::from_ref(&record)).await?;
+        let visible = shared.wait_projected(&positions, shared.visible_wait).await;
+        Ok(PharmacyOutcome { ticket, visible })
+    }
+
+    pub fn note_cursor(&self, node: NodeId, cursor: &Cursor) {
+        let Some(cursor) = PageCursor::decode(cursor) else { return };
+        let Ok(permit) = Arc::clone(&self.shared.cursor_notes).try_acquire_owned() else {
+            tracing::debug!("cursor notes busy; one was skipped");
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(error) = shared.db.note_cursor(node.as_str(), &cursor.partitions).await {
+                tracing::debug!(%error, "a cursor note was not written");
+            }
+        });
+    }
+
+    pub async fn acked_up_to(&self, node: &NodeId) -> Result<u64, StoreError> {
+        let stored = self.shared.db.node(node.as_str()).await?;
+        Ok(stored.map_or(0, |n| u64::try_from(n.acked_up_to).unwrap_or(0)))
+    }
+
+    pub async fn open_feed(&self, cursor: Option<&Cursor>) -> Result<FeedState, StoreError> {
+        let own_until = match cursor {
+            Some(_) => Vec::new(),
+            None => self.shared.db.watermarks(self.shared.partitions).await?,
+        };
+        let cursor = cursor.and_then(PageCursor::decode).unwrap_or_default();
+        Ok(FeedState { cursor, own_until })
+    }
+
+    pub async fn read_feed(
+        &self,
+        node: &NodeId,
+        ward: &WardId,
+        state: &mut FeedState,
+        limits: FeedLimits,
+    ) -> Result<Option<(Vec<DownstreamChange>, Cursor)>, StoreError> {
+        let marks = self.shared.db.watermarks(self.shared.partitions).await?;
+        let ranges: Vec<(usize, i64, i64)> = marks
+            .iter()
+            .enumerate()
+            .filter(|&(p, &mark)| mark > state.cursor.last(p))
+            .map(|(p, &mark)| (p, state.cursor.last(p), mark))
+            .collect();
+        if ranges.is_empty() {
+            return Ok(None);
+        }
+        let pages = self.shared.db.pages(Some(ward.as_str()), &ranges, PAGES_PER_READ).await?;
+        let exhausted = pages.len() < PAGES_PER_READ;
+        let before = state.cursor.clone();
+        let changes = take_pages(&pages, node, state, limits)?;
+        if exhausted && state.cursor.partial.is_none() {
+            // Every page up to the watermarks was read: the cursor may pass
+            // the offsets where this ward had nothing.
+            for &(p, _, mark) in &ranges {
+                state.cursor.set_last(p, mark);
+            }
+        }
+        if state.cursor == before {
+            return Ok(None);
+        }
+        Ok(Some((changes, state.cursor.encode())))
+    }
+
+    pub async fn queue(&self, query: QueueQuery) -> Result<QueuePage, StoreError> {
+        let names = |values: Vec<&str>| values.join(",");
+        let wards = query.wards.iter().map(|w| w.as_str().to_owned()).collect::<Vec<_>>();
+        let statuses = query.statuses.iter().map(|s| s.as_str().to_owned()).collect::<Vec<_>>();
+        let priorities = query.priorities.iter().map(|p| p.as_str().to_owned()).collect::<Vec<_>>();
+        let name = format!(
+            "w={};s={};p={};l={}",
+            names(wards.iter().map(String::as_str).collect()),
+            names(statuses.iter().map(String::as_str).collect()),
+            names(priorities.iter().map(String::as_str).collect()),
+            query.limit
+        );
+        let cache = self.shared.cache.as_ref();
+        let key = match cache {
+            Some(cache) => cache.queue_key(&name).await.inspect_err(|e| cache_failed("queue key", e)).ok(),
+            None => None,
+        };
+        if let (Some(cache), Some(key)) = (cache, &key)
+            && let Ok(Some(cached)) = cache.get(key).await.inspect_err(|e| cache_failed("queue read", e))
+            && let Ok(page) = serde_json::from_str::<QueuePage>(&cached)
+        {
+            return Ok(page);
+        }
+        let (tickets, total) = self.shared.db.queue(&wards, &statuses, &priorities, query.limit).await?;
+        let page = QueuePage { tickets, total };
+        if let (Some(cache), Some(key)) = (cache, &key) {
+            let _ = cache
+                .put(key, &serde_json::to_string(&page).unwrap_or_default())
+                .await
+                .inspect_err(|e| cache_failed("queue write", e));
+        }
+        Ok(page)
+    }
+
+    pub async fn ticket(&self, id: TicketId) -> Result<TicketView, StoreError> {
+        let id_text = id.to_string();
+        let cache = self.shared.cache.as_ref();
+        let key = match cache {
+            Some(cache) => cache.ticket_key(&id_text).await.inspect_err(|e| cache_failed("ticket key", e)).ok(),
+            None => None,
+        };
+        if let (Some(cache), Some(key)) = (cache, &key)
+            && let Ok(Some(cached)) = cache.get(key).await.inspect_err(|e| cache_failed("ticket read", e))
+            && let Ok(view) = serde_json::from_str::<TicketView>(&cached)
+        {
+            return Ok(view);
+        }
+        let stored = self.shared.db.ticket(&id_text).await?.ok_or(StoreError::NotFound(id))?;
+        let mut document = TicketDocument::load(&stored.document, self.shared.replica.clone())?;
+        let view = TicketView { ticket: document.ticket()?, history: document.history()? };
+        if let (Some(cache), Some(key)) = (cache, &key) {
+            let _ = cache
+                .put(key, &serde_json::to_string(&view).unwrap_or_default())
+                .await
+                .inspect_err(|e| cache_failed("ticket write", e));
+        }
+        Ok(view)
+    }
+
+    pub async fn diagnostics(&self) -> Result<Vec<NodeDiagnostics>, StoreError> {
+        let mut diagnostics = Vec::new();
+        for node in self.shared.db.nodes().await? {
+            let cursor = node.cursor.clone().unwrap_or_default();
+            let backlog = self.shared.db.backlog(&node.ward, &cursor, BACKLOG_PAGES_MAX).await?;
+            diagnostics.push(NodeDiagnostics {
+                node: node.node,
+                ward: node.ward,
+                acked_up_to: u64::try_from(node.acked_up_to).unwrap_or(0),
+                last_seen: node.last_seen,
+                cursor: node.cursor.map(FeedPosition::Partitions),
+                backlog,
+                rejected: u64::try_from(node.rejected).unwrap_or(0),
+            });
+        }
+        Ok(diagnostics)
+    }
+
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        self.shared.require_set_up()?;
+        self.shared.log.ready().await?;
+        self.shared.db.ping().await
+    }
+
+    pub async fn close(&self) {
+        self.tasks.cancel();
+        let shared = Arc::clone(&self.shared);
+        let _ = tokio::task::spawn_blocking(move || shared.log.flush(Duration::from_secs(5))).await;
+    }
+}
+
+fn cache_failed(what: &str, error: &cache::CacheError) {
+    tracing::debug!(%error, what, "redis cache skipped");
+}
+
+/// Takes the changes of `pages` (in order) that fit `limits`, moving the
+/// cursor past what it took. A page that does not fit whole is taken in
+/// part and remembered in the cursor.
+fn take_pages(
+    pages: &[PageDoc],
+    node: &NodeId,
+    state: &mut FeedState,
+    limits: FeedLimits,
+) -> Result<Vec<DownstreamChange>, StoreError> {
+    let mut changes = Vec::new();
+    let mut bytes = 0usize;
+    for page in pages {
+        let p = usize::try_from(page.p).map_err(|_| StoreError::Corrupt(format!("page partition {}", page.p)))?;
+        let page_id = page.id.bytes();
+        let already_sent = match &state.cursor.partial {
+            Some(partial) if partial.partition as usize == p && partial.page == page_id => partial.sent as usize,
+            _ => 0,
+        };
+        let echo_own = state.own_until.get(p).is_some_and(|&until| page.last <= until);
+        for (index, entry) in page.changes.iter().enumerate().skip(already_sent) {
+            let fits = changes.len() < limits.changes_max && bytes + entry.change.len() <= limits.bytes_max;
+            if !fits && !changes.is_empty() {
+                state.cursor.partial = Some(PartialPage {
+                    partition: p as u32,
+                    page: page_id,
+                    last: page.last,
+                    sent: u32::try_from(index).unwrap_or(u32::MAX),
+                });
+                return Ok(changes);
+            }
+            if entry.origin.as_deref() == Some(node.as_str()) && !echo_own {
+                continue;
+            }
+            bytes += entry.change.len();
+            let ticket = entry.ticket.parse().map_err(|e| StoreError::Corrupt(format!("ticket id in page: {e}")))?;
+            changes.push(DownstreamChange { ticket, change: ByteBuf::from(entry.change.clone()) });
+        }
+        if state.cursor.partial.as_ref().is_some_and(|q| q.partition as usize == p && q.page == page_id) {
+            state.cursor.partial = None;
+        }
+        // Another page of this partition with the same `last` may still be
+        // partly sent: the position must not pass it.
+        let blocked = state.cursor.partial.as_ref().is_some_and(|q| q.partition as usize == p && q.last <= page.last);
+        if !blocked && page.last > state.cursor.last(p) {
+            state.cursor.set_last(p, page.last);
+        }
+    }
+    Ok(changes)
+}
+
+impl Shared {
+    fn require_set_up(&self) -> Result<(), StoreError> {
+        match self.set_up.load(Ordering::Acquire) {
+            true => Ok(()),
+            false => Err(StoreError::Unavailable("the change topic and the database are not set up yet".into())),
+        }
+    }
+
+    /// Checks a batch against the tickets as MongoDB holds them. On the
+    /// second pass (`last_pass`) a change that still builds on missing
+    /// changes is refused: the cloud never accepted what it builds on.
+    async fn check(
+        &self,
+        node: &NodeId,
+        ward: &WardId,
+        staged: &mut [Staged],
+        last_pass: bool,
+    ) -> Result<Checked, StoreError> {
+        let mut ids: Vec<String> = staged.iter().map(|s| s.ticket.to_string()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut slots: HashMap<TicketId, Slot> = HashMap::new();
+        for stored in self.db.tickets(&ids).await? {
+            let id = stored.id.parse().map_err(|e| StoreError::Corrupt(format!("ticket id {}: {e}", stored.id)))?;
+            slots.insert(id, Slot::Stored(Box::new(TicketDocument::load(&stored.document, self.replica.clone())?)));
+        }
+        let mut checked = Checked::default();
+        for change in staged.iter_mut() {
+            let (seq, id) = (change.seq, change.ticket);
+            let staged_change = match &mut change.checked {
+                Ok(staged_change) => staged_change,
+                Err(reason) => {
+                    checked.rejections.push(Rejection { seq, ticket: id, message: reason.clone() });
+                    continue;
+                }
+            };
+            let document = match slots.get_mut(&id) {
+                Some(slot) => Some(slot.document(&self.replica)?),
+                None => None,
+            };
+            match staged_change.merge_into(document, id, ward, &self.limits, &self.replica)? {
+                Outcome::Created(row) => {
+                    slots.insert(id, Slot::Created(row));
+                }
+                Outcome::Merged => {}
+                Outcome::AlreadyHad => continue,
+                Outcome::MissingDependencies if last_pass => {
+                    let message = "the change builds on changes the cloud never accepted".to_owned();
+                    checked.rejections.push(Rejection { seq, ticket: id, message });
+                    continue;
+                }
+                Outcome::MissingDependencies => {
+                    checked.missing_dependencies = true;
+                    continue;
+                }
+                Outcome::Refused(message) => {
+                    checked.rejections.push(Rejection { seq, ticket: id, message });
+                    continue;
+                }
+            }
+            checked.records.push(ChangeRecord {
+                ticket: id,
+                ward: ward.clone(),
+                origin: Origin::Node(node.clone()),
+                change: staged_change.bytes.clone(),
+            });
+        }
+        Ok(checked)
+    }
+
+    /// Waits until this instance knows the projection reached `positions`;
+    /// returns whether it did within `timeout`.
+    async fn wait_projected(&self, positions: &[(i32, i64)], timeout: Duration) -> bool {
+        let reached = |marks: &Vec<i64>| {
+            positions.iter().all(|&(p, offset)| {
+                usize::try_from(p).ok().and_then(|p| marks.get(p)).is_some_and(|&mark| mark >= offset)
+            })
+        };
+        let mut marks = self.projected.subscribe();
+        tokio::time::timeout(timeout, marks.wait_for(reached)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits until the projection holds everything the brokers had
+    /// acknowledged when this was called.
+    async fn wait_caught_up(&self) -> Result<(), StoreError> {
+        let ends = self.log.end_offsets().await?;
+        let positions: Vec<(i32, i64)> = ends
+            .iter()
+            .enumerate()
+            .filter(|&(_, &end)| end > 0)
+            .map(|(p, &end)| (i32::try_from(p).unwrap_or(i32::MAX), end - 1))
+            .collect();
+        match self.wait_projected(&positions, self.visible_wait).await {
+            true => Ok(()),
+            false => Err(StoreError::Unavailable("the projection is behind; the batch will be sent again".into())),
+        }
+    }
+
+    /// Raises the known watermarks; returns the partitions that moved, with
+    /// their previous and new marks.
+    fn learn_watermarks(&self, marks: impl IntoIterator<Item = (usize, i64)>) -> Vec<(usize, i64, i64)> {
+        let mut moved = Vec::new();
+        self.projected.send_if_modified(|known| {
+            for (p, mark) in marks {
+                if let Some(slot) = known.get_mut(p)
+                    && mark > *slot
+                {
+                    moved.push((p, *slot, mark));
+                    *slot = mark;
+                }
+            }
+            !moved.is_empty()
+        });
+        moved
+    }
+
+    /// Creates the topic and the indexes, retrying until the services answer.
+    async fn set_up(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let outcome = async {
+                self.log.ensure_topic().await?;
+                self.db.ensure_indexes().await?;
+                let marks = self.db.watermarks(self.partitions).await?;
+                self.learn_watermarks(marks.into_iter().enumerate());
+                Ok::<(), StoreError>(())
+            }
+            .await;
+            match outcome {
+                Ok(()) => {
+                    self.set_up.store(true, Ordering::Release);
+                    tracing::info!(topic = self.log.topic(), "distributed store ready");
+                    return;
+                }
+                Err(StoreError::Corrupt(message)) => {
+                    tracing::error!(%message, "the distributed store cannot start; fix the configuration");
+                }
+                Err(error) => tracing::warn!(%error, "distributed store not set up yet; retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(SETUP_RETRY_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// Follows the projector's notices on Redis: wakes feeds, updates live
+    /// views, and learns the watermarks at once.
+    async fn follow_notices(self: Arc<Self>, stop: CancellationToken) {
+        let Some(cache) = self.cache.clone() else { return };
+        loop {
+            match cache.subscribe().await {
+                Ok(pubsub) => {
+                    tracing::info!("following the projector's notices");
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            message = messages.next() => match message {
+                                Some(message) => self.on_projected(message.get_payload_bytes()),
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("the projector's notices stopped; bridges poll until they are back");
+                }
+                Err(error) => tracing::debug!(%error, "cannot follow the projector's notices"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(SUBSCRIBE_RETRY_INTERVAL) => {}
+            }
+        }
+    }
+
+    fn on_projected(&self, payload: &[u8]) {
+        let round: Projected = match serde_json::from_slice(payload) {
+            Ok(round) => round,
+            Err(error) => {
+                tracing::warn!(%error, "unreadable notice from the projector");
+                return;
+            }
+        };
+        // Notices first: a woken feed reads MongoDB, which already holds the round.
+        for ticket in round.tickets {
+            let Ok(ward) = ticket.ward.parse() else { continue };
+            let _ = self.notices.send(WardNotice { ward, ticket_json: Arc::from(ticket.ticket.get()) });
+        }
+        let marks = round.watermarks.into_iter().filter_map(|(p, mark)| usize::try_from(p).ok().map(|p| (p, mark)));
+        self.learn_watermarks(marks);
+    }
+
+    /// Reads the watermarks now and then. When they moved further than the
+    /// notices said (Redis down or a notice lost), announces what the pages
+    /// in between changed, so live views and feeds still move.
+    async fn poll_watermarks(self: Arc<Self>, stop: CancellationToken) {
+        let mut interval = tokio::time::interval(WATERMARK_POLL_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let marks = match self.db.watermarks(self.partitions).await {
+                Ok(marks) => marks,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot read the watermarks");
+                    continue;
+                }
+            };
+            let moved = self.learn_watermarks(marks.into_iter().enumerate());
+            if !moved.is_empty()
+                && let Err(error) = self.announce(&moved).await
+            {
+                tracing::debug!(%error, "cannot announce polled changes");
+            }
+        }
+    }
+
+    async fn announce(&self, moved: &[(usize, i64, i64)]) -> Result<(), StoreError> {
+        let pages = self.db.pages(None, moved, POLLED_PAGES_MAX).await?;
+        let mut ids: Vec<String> =
+            pages.iter().flat_map(|page| page.changes.iter().map(|c| c.ticket.clone())).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for ticket in self.db.tickets(&ids).await? {
+            let Ok(ward) = ticket.ward.parse() else { continue };
+            let _ = self.notices.send(WardNotice { ward, ticket_json: Arc::from(ticket.ticket.as_str()) });
+        }
+        Ok(())
+    }
+}

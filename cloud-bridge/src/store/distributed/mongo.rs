@@ -1,0 +1,468 @@
+//! The distributed store's MongoDB collections, their documents and the
+//! queries on them. The projector writes tickets, feed pages and
+//! watermarks; bridges read them and write what they own (node positions,
+//! rejections).
+//!
+//! | collection         | one document per                    | written by |
+//! |--------------------|-------------------------------------|------------|
+//! | `tickets`          | ticket: saved Automerge document, materialized fields, version `v` | projector |
+//! | `feed_pages`       | ward, partition and projector round: the changes new to their tickets | projector |
+//! | `watermarks`       | partition: the last offset projected (`projected_to`) | projector |
+//! | `nodes`            | edge node: upstream position, last seen, rejections, cursor | bridges |
+//! | `rejected_changes` | refused upstream change             | bridges |
+//! | `dead_letters`     | record the projector could not use  | projector |
+
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use mongodb::bson::{self, Bson, Document, doc, oid::ObjectId};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, ReplaceOneModel, WriteConcern};
+use mongodb::{Client, Collection, Database, IndexModel};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{MongoConfig, WriteConcernLevel};
+use crate::store::StoreError;
+
+/// How long a request waits for a usable server before it fails: a bridge
+/// request or a projector round then fails fast and is retried.
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// MongoDB's code for a duplicate key.
+const DUPLICATE_KEY: i32 = 11_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TicketDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// Bumped by every write: a projector writes only over the version it
+    /// read, so two projectors of one partition (during a rebalance) cannot
+    /// overwrite each other's merges.
+    pub v: i64,
+    pub ward: String,
+    pub status: String,
+    pub priority: String,
+    pub priority_rank: i32,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub conflicts: i32,
+    /// The materialized ticket, as JSON (what the API serves).
+    pub ticket: String,
+    #[serde(with = "serde_bytes")]
+    pub document: Vec<u8>,
+    /// Accepted changes waiting for changes they depend on.
+    #[serde(default)]
+    pub held: Vec<serde_bytes::ByteBuf>,
+}
+
+/// Changes new to their tickets, of one ward, from one partition, projected
+/// in one round. `first..=last` is the round's offset range in the
+/// partition, so a reader that has every page up to `last` has every change
+/// of the ward up to that offset.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageDoc {
+    #[serde(rename = "_id")]
+    pub id: ObjectId,
+    pub ward: String,
+    pub p: i32,
+    pub first: i64,
+    pub last: i64,
+    /// Number of changes (for backlog counts without reading them).
+    pub n: i32,
+    pub changes: Vec<PageChange>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageChange {
+    pub ticket: String,
+    /// The node the change came from; `None` for the pharmacy.
+    pub origin: Option<String>,
+    #[serde(with = "serde_bytes")]
+    pub change: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WatermarkDoc {
+    #[serde(rename = "_id")]
+    partition: i32,
+    projected_to: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeDoc {
+    #[serde(rename = "_id")]
+    pub node: String,
+    pub ward: String,
+    pub acked_up_to: i64,
+    pub last_seen: i64,
+    #[serde(default)]
+    pub rejected: i64,
+    #[serde(default)]
+    pub cursor: Option<Vec<i64>>,
+}
+
+/// The part of a ticket the queue shows.
+#[derive(Debug, Clone, Deserialize)]
+struct QueueRow {
+    ticket: String,
+}
+
+/// A page's position and size, for backlog counts.
+#[derive(Debug, Clone, Deserialize)]
+struct PageSize {
+    p: i32,
+    last: i64,
+    n: i32,
+}
+
+pub fn mongo_error(error: mongodb::error::Error) -> StoreError {
+    match *error.kind {
+        ErrorKind::BsonDeserialization(_) | ErrorKind::BsonSerialization(_) => {
+            StoreError::Corrupt(format!("mongodb document: {error}"))
+        }
+        _ => StoreError::Unavailable(format!("mongodb: {error}")),
+    }
+}
+
+/// A write of a ticket over the version it was read at (`0`: a new ticket).
+#[derive(Debug, Clone)]
+pub struct TicketWrite {
+    pub expected_v: i64,
+    pub doc: TicketDoc,
+}
+
+#[derive(Debug, Clone)]
+pub struct Db {
+    client: Client,
+    database: Database,
+    write_concern: WriteConcern,
+    tickets: Collection<TicketDoc>,
+    pages: Collection<PageDoc>,
+    watermarks: Collection<WatermarkDoc>,
+    nodes: Collection<NodeDoc>,
+    rejected: Collection<Document>,
+    dead_letters: Collection<Document>,
+}
+
+impl Db {
+    /// A handle on the database; connects lazily, so a bridge starts (not
+    /// ready) while MongoDB is down.
+    pub async fn connect(config: &MongoConfig, app_name: &str) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(&config.uri)
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("mongodb.uri is not usable: {e}")))?;
+        options.app_name = Some(app_name.to_owned());
+        options.server_selection_timeout = Some(SERVER_SELECTION_TIMEOUT);
+        options.connect_timeout = Some(CONNECT_TIMEOUT);
+        let client = Client::with_options(options).map_err(mongo_error)?;
+        let write_concern = match config.write_concern {
+            WriteConcernLevel::Majority => WriteConcern::majority(),
+            WriteConcernLevel::Primary => WriteConcern::nodes(1),
+        };
+        let database = client.database(&config.database);
+        let collection_options =
+            mongodb::options::CollectionOptions::builder().write_concern(write_concern.clone()).build();
+        let collection = |name: &str| database.collection_with_options::<Document>(name, collection_options.clone());
+        Ok(Self {
+            tickets: collection("tickets").clone_with_type(),
+            pages: collection("feed_pages").clone_with_type(),
+            watermarks: collection("watermarks").clone_with_type(),
+            nodes: collection("nodes").clone_with_type(),
+            rejected: collection("rejected_changes"),
+            dead_letters: collection("dead_letters"),
+            client,
+            database,
+            write_concern,
+        })
+    }
+
+    /// The indexes of the pharmacy queue and the wards' feeds.
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let index = |keys: Document, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(mongodb::options::IndexOptions::builder().name(name.to_owned()).build())
+                .build()
+        };
+        self.tickets
+            .create_indexes([
+                index(doc! { "priority_rank": -1, "created_at": 1, "_id": 1 }, "queue"),
+                index(doc! { "ward": 1, "status": 1 }, "ward_status"),
+            ])
+            .await
+            .map_err(mongo_error)?;
+        self.pages
+            .create_indexes([
+                index(doc! { "ward": 1, "p": 1, "last": 1, "_id": 1 }, "feed"),
+                index(doc! { "p": 1, "last": 1 }, "progress"),
+            ])
+            .await
+            .map_err(mongo_error)?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.database
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map(|_| ())
+            .map_err(|_| StoreError::Unavailable("mongodb is not answering".into()))
+    }
+
+    pub async fn ticket(&self, id: &str) -> Result<Option<TicketDoc>, StoreError> {
+        self.tickets.find_one(doc! { "_id": id }).await.map_err(mongo_error)
+    }
+
+    pub async fn tickets(&self, ids: &[String]) -> Result<Vec<TicketDoc>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.tickets
+            .find(doc! { "_id": { "$in": ids } })
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)
+    }
+
+    /// The pharmacy queue (priority, then age) and how many tickets match.
+    pub async fn queue(
+        &self,
+        wards: &[String],
+        statuses: &[String],
+        priorities: &[String],
+        limit: usize,
+    ) -> Result<(Vec<String>, u64), StoreError> {
+        let mut filter = Document::new();
+        for (field, values) in [("ward", wards), ("status", statuses), ("priority", priorities)] {
+            if !values.is_empty() {
+                filter.insert(field, doc! { "$in": values });
+            }
+        }
+        let rows: Vec<QueueRow> = self
+            .tickets
+            .clone_with_type::<QueueRow>()
+            .find(filter.clone())
+            .projection(doc! { "ticket": 1, "_id": 0 })
+            .sort(doc! { "priority_rank": -1, "created_at": 1, "_id": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let total = self.tickets.count_documents(filter).await.map_err(mongo_error)?;
+        Ok((rows.into_iter().map(|row| row.ticket).collect(), total))
+    }
+
+    /// Writes tickets, each only over the version it was read at. Returns
+    /// the ids whose stored version had moved on (to be merged again).
+    pub async fn write_tickets(&self, writes: Vec<TicketWrite>) -> Result<Vec<String>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let namespace = self.tickets.namespace();
+        let mut ids = Vec::with_capacity(writes.len());
+        let mut models = Vec::with_capacity(writes.len());
+        for TicketWrite { expected_v, doc } in writes {
+            // Upsert on {_id, v}: if another version is stored, the insert
+            // the upsert falls back to hits the _id and fails as a duplicate
+            // key, which names this write as a conflict.
+            let filter = doc! { "_id": &doc.id, "v": expected_v };
+            let replacement = bson::to_document(&doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            ids.push(doc.id);
+            models.push(
+                ReplaceOneModel::builder()
+                    .namespace(namespace.clone())
+                    .filter(filter)
+                    .replacement(replacement)
+                    .upsert(true)
+                    .build(),
+            );
+        }
+        match self.client.bulk_write(models).ordered(false).write_concern(self.write_concern.clone()).await {
+            Ok(_) => Ok(Vec::new()),
+            Err(error) => match *error.kind {
+                ErrorKind::BulkWrite(ref failure)
+                    if failure.write_concern_errors.is_empty()
+                        && failure.write_errors.values().all(|e| e.code == DUPLICATE_KEY) =>
+                {
+                    Ok(failure.write_errors.keys().map(|&index| ids[index].clone()).collect())
+                }
+                _ => Err(mongo_error(error)),
+            },
+        }
+    }
+
+    pub async fn insert_pages(&self, pages: &[PageDoc]) -> Result<(), StoreError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        self.pages.insert_many(pages).await.map(|_| ()).map_err(mongo_error)
+    }
+
+    /// Raises the projected offsets of partitions (never lowers them).
+    pub async fn raise_watermarks(&self, raised: &[(i32, i64)]) -> Result<(), StoreError> {
+        for &(partition, last) in raised {
+            self.watermarks
+                .update_one(doc! { "_id": partition }, doc! { "$max": { "projected_to": last } })
+                .upsert(true)
+                .await
+                .map_err(mongo_error)?;
+        }
+        Ok(())
+    }
+
+    /// The last offset projected of each of `partitions` partitions (`-1`: none).
+    pub async fn watermarks(&self, partitions: usize) -> Result<Vec<i64>, StoreError> {
+        let docs: Vec<WatermarkDoc> =
+            self.watermarks.find(doc! {}).await.map_err(mongo_error)?.try_collect().await.map_err(mongo_error)?;
+        let mut marks = vec![-1; partitions];
+        for mark in docs {
+            if let Some(slot) = usize::try_from(mark.partition).ok().and_then(|p| marks.get_mut(p)) {
+                *slot = mark.projected_to;
+            }
+        }
+        Ok(marks)
+    }
+
+    /// Pages with `last` in `(after, up_to]` of each `(partition, after,
+    /// up_to)`, of `ward` or (`None`) of every ward, in partition and offset
+    /// order; at most `limit`.
+    pub async fn pages(
+        &self,
+        ward: Option<&str>,
+        ranges: &[(usize, i64, i64)],
+        limit: usize,
+    ) -> Result<Vec<PageDoc>, StoreError> {
+        let alternatives: Vec<Document> = ranges
+            .iter()
+            .map(|&(p, after, up_to)| doc! { "p": p as i32, "last": { "$gt": after, "$lte": up_to } })
+            .collect();
+        if alternatives.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut filter = doc! { "$or": alternatives };
+        if let Some(ward) = ward {
+            filter.insert("ward", ward);
+        }
+        self.pages
+            .find(filter)
+            .sort(doc! { "p": 1, "last": 1, "_id": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)
+    }
+
+    /// Changes of `ward` in pages after `cursor`, counting at most `pages_max` pages.
+    pub async fn backlog(&self, ward: &str, cursor: &[i64], pages_max: usize) -> Result<u64, StoreError> {
+        let sizes: Vec<PageSize> = self
+            .pages
+            .clone_with_type::<PageSize>()
+            .find(doc! { "ward": ward })
+            .projection(doc! { "p": 1, "last": 1, "n": 1, "_id": 0 })
+            .sort(doc! { "p": 1, "last": -1 })
+            .limit(i64::try_from(pages_max).unwrap_or(i64::MAX))
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let after = |p: i32| usize::try_from(p).ok().and_then(|p| cursor.get(p)).copied().unwrap_or(-1);
+        Ok(sizes.iter().filter(|page| page.last > after(page.p)).map(|page| page.n.max(0) as u64).sum())
+    }
+
+    pub async fn node(&self, node: &str) -> Result<Option<NodeDoc>, StoreError> {
+        self.nodes.find_one(doc! { "_id": node }).await.map_err(mongo_error)
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeDoc>, StoreError> {
+        self.nodes
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)
+    }
+
+    /// Records that `node` has durably handed over everything up to
+    /// `acked_up_to`, and the changes of its batch that were refused.
+    pub async fn record_upstream(
+        &self,
+        node: &str,
+        ward: &str,
+        acked_up_to: u64,
+        rejections: &[(u64, String, String)],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for (seq, ticket, message) in rejections {
+            self.rejected
+                .replace_one(
+                    doc! { "_id": format!("{node}/{seq}") },
+                    doc! { "node": node, "seq": *seq as i64, "ticket": ticket, "message": message, "at": now },
+                )
+                .upsert(true)
+                .await
+                .map_err(mongo_error)?;
+        }
+        self.nodes
+            .update_one(
+                doc! { "_id": node },
+                doc! {
+                    "$max": { "acked_up_to": i64::try_from(acked_up_to).unwrap_or(i64::MAX) },
+                    "$set": { "ward": ward, "last_seen": now },
+                    "$inc": { "rejected": rejections.len() as i64 },
+                },
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
+            .map_err(mongo_error)
+    }
+
+    pub async fn note_cursor(&self, node: &str, cursor: &[i64]) -> Result<(), StoreError> {
+        self.nodes
+            .update_one(doc! { "_id": node }, doc! { "$set": { "cursor": cursor } })
+            .await
+            .map(|_| ())
+            .map_err(mongo_error)
+    }
+
+    /// Keeps a record the projector could not use, so it is never lost
+    /// silently: operators find it here, with the reason.
+    pub async fn dead_letter(
+        &self,
+        partition: i32,
+        offset: i64,
+        record: &[u8],
+        error: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.dead_letters
+            .replace_one(
+                doc! { "_id": format!("{partition}/{offset}") },
+                doc! {
+                    "partition": partition,
+                    "offset": offset,
+                    "record": Bson::Binary(bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: record.to_vec() }),
+                    "error": error,
+                    "at": now,
+                },
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
+            .map_err(mongo_error)
+    }
+}
+
+/// Whether a MongoDB error is a write that lost a race for a unique key.
+pub fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+    matches!(&*error.kind, ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY)
+}

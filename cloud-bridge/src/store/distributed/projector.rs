@@ -1,0 +1,572 @@
+//! The projector: a consumer-group member that merges the change topic into
+//! MongoDB. Run as many as there are partitions to share; each round is
+//! idempotent, so a record seen twice (after a crash, a rebalance, or a
+//! replay from offset 0) changes nothing.
+//!
+//! A round takes up to `batch_records_max` records, merges each ticket's
+//! records into its stored document, then writes in this order:
+//!
+//! 1. the feed pages: per ward and partition, the changes new to their
+//!    tickets (a page covers the round's whole offset range);
+//! 2. the tickets, each only over the version it read (a conflict with a
+//!    concurrent projector is merged again, never overwritten);
+//! 3. the partitions' watermarks (`$max`);
+//! 4. Redis: invalidations and the notice every bridge follows;
+//!
+//! and only then commits the consumer offsets. A crash anywhere repeats the
+//! round; a change is in a ticket only if a page holding it was written
+//! first, which is what lets feeds trust the pages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use automerge::ActorId;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use rayon::prelude::*;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::value::RawValue;
+use sync_protocol::document::{ReceivedChange, TicketDocument};
+use sync_protocol::ids::TicketId;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{Cache, Projected, ProjectedTicket};
+use super::kafka::{ChangeLog, client_config};
+use super::mongo::{Db, PageChange, PageDoc, TicketDoc, TicketWrite};
+use super::record::{ChangeRecord, Origin, RECORD_OVERHEAD_BYTES_MAX};
+use crate::api::ApiError;
+use crate::config::Config;
+use crate::store::staging::TicketRow;
+use crate::store::{StoreError, now_ms};
+
+/// Most changes in one feed page: well under an edge's batch limit, so a
+/// page is usually sent whole.
+const PAGE_CHANGES_MAX: usize = 256;
+/// Most change bytes in one feed page (MongoDB documents stop at 16 MiB).
+const PAGE_BYTES_MAX: usize = 1024 * 1024;
+/// Attempts to write a ticket that concurrent projectors keep moving on.
+const CONFLICT_ROUNDS_MAX: usize = 8;
+/// Backoff between attempts of a round whose services failed.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long the lag query waits for the brokers.
+const LAG_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the kafka consumer: {0}")]
+    Consumer(#[from] rdkafka::error::KafkaError),
+    #[error("http server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Whether the projector's last attempt at its work succeeded: what
+/// `/readyz` reports, so an orchestrator sees a projector stuck on its services.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<AtomicBool>);
+
+impl Health {
+    fn set(&self, healthy: bool) {
+        self.0.store(healthy, Ordering::Relaxed);
+    }
+}
+
+/// `/healthz` (the process runs), `/readyz` (its services answer), `/metrics`.
+pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let healthy = health.0.load(Ordering::Relaxed);
+                async move {
+                    match healthy {
+                        true => Ok("ready"),
+                        false => Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not_ready",
+                            "the projector is waiting for kafka or mongodb",
+                        )),
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
+}
+
+/// A record as consumed.
+#[derive(Debug, Clone)]
+struct Incoming {
+    partition: i32,
+    offset: i64,
+    payload: Vec<u8>,
+}
+
+/// A decoded record, ready to merge.
+struct Accepted {
+    partition: i32,
+    offset: i64,
+    record: ChangeRecord,
+    received: ReceivedChange,
+}
+
+/// What merging one ticket's records produced.
+struct MergedTicket {
+    write: Option<TicketWrite>,
+    /// Changes new to the ticket: (partition, offset, ward, change).
+    new: Vec<(i32, i64, String, PageChange)>,
+    notice: Option<ProjectedTicket>,
+    /// Records that cannot be projected, with the reason.
+    dead: Vec<(i32, i64, Vec<u8>, String)>,
+}
+
+/// Runs the projector until `stop` is cancelled.
+pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Result<(), ProjectorError> {
+    let (Some(kafka), Some(mongodb)) = (&config.kafka, &config.mongodb) else {
+        return Err(StoreError::Corrupt("the projector needs [kafka] and [mongodb]".into()).into());
+    };
+    let name = format!("projector/{}", config.bridge.id);
+    let db = Db::connect(mongodb, &name).await?;
+    let cache = match &config.redis {
+        Some(redis) => Some(Cache::new(redis).map_err(|e| StoreError::Corrupt(format!("redis.url: {e}")))?),
+        None => None,
+    };
+    // The bridges create the topic; a projector that starts first does too.
+    let log = ChangeLog::new(kafka, &name)?;
+    retry_until_done("set up the topic and indexes", &health, &stop, async || {
+        log.ensure_topic().await?;
+        db.ensure_indexes().await
+    })
+    .await;
+    let consumer: StreamConsumer = client_config(kafka, &name)
+        .set("group.id", &kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    consumer.subscribe(&[&kafka.topic])?;
+    let consumer = Arc::new(consumer);
+    let mut projector = Projector {
+        db,
+        cache,
+        replica: ActorId::random(),
+        record_bytes_max: config.session.limits.change_bytes_max + RECORD_OVERHEAD_BYTES_MAX,
+        owes_invalidation: false,
+    };
+    tracing::info!(topic = %kafka.topic, group = %kafka.group_id, "projector running");
+    let (batch_max, linger) =
+        (config.projector.batch_records_max, Duration::from_millis(config.projector.batch_linger_ms));
+    while let Some(batch) = next_batch(&consumer, batch_max, linger, &stop).await {
+        let started = Instant::now();
+        let projected =
+            retry_until_done("project a round", &health, &stop, async || projector.project(&batch).await).await;
+        if projected.is_none() {
+            break;
+        }
+        commit(&consumer, &kafka.topic, &batch);
+        metrics::counter!("projector_records_total").increment(batch.len() as u64);
+        metrics::histogram!("projector_round_seconds").record(started.elapsed().as_secs_f64());
+        record_lag(Arc::clone(&consumer), kafka.topic.clone()).await;
+    }
+    tracing::info!("projector stopped");
+    Ok(())
+}
+
+/// Runs `work` until it succeeds, backing off while services are down;
+/// `None` if stopped first.
+async fn retry_until_done<T>(
+    what: &str,
+    health: &Health,
+    stop: &CancellationToken,
+    mut work: impl AsyncFnMut() -> Result<T, StoreError>,
+) -> Option<T> {
+    let mut backoff = RETRY_BACKOFF_MIN;
+    loop {
+        let outcome = work().await;
+        health.set(outcome.is_ok());
+        match outcome {
+            Ok(done) => return Some(done),
+            Err(StoreError::Corrupt(message)) => tracing::error!(%message, what, "projector cannot proceed"),
+            Err(error) => tracing::warn!(%error, what, "projector waiting for its services"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+    }
+}
+
+/// The next round's records: at least one, then whatever arrives within
+/// `linger`, at most `max`. `None` once stopped.
+async fn next_batch(
+    consumer: &StreamConsumer,
+    max: usize,
+    linger: Duration,
+    stop: &CancellationToken,
+) -> Option<Vec<Incoming>> {
+    let incoming = |message: &rdkafka::message::BorrowedMessage<'_>| Incoming {
+        partition: message.partition(),
+        offset: message.offset(),
+        payload: message.payload().unwrap_or_default().to_vec(),
+    };
+    let mut batch = Vec::new();
+    while batch.is_empty() {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            message = consumer.recv() => match message {
+                Ok(message) => batch.push(incoming(&message)),
+                Err(error) => {
+                    tracing::warn!(%error, "kafka consumer error");
+                    tokio::time::sleep(RETRY_BACKOFF_MIN).await;
+                }
+            },
+        }
+    }
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(message)) => batch.push(incoming(&message)),
+            Ok(Err(error)) => tracing::warn!(%error, "kafka consumer error"),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Sets `projector_lag_records`: records of the assigned partitions not
+/// projected yet (the alert that matters: a growing lag means wards wait).
+async fn record_lag(consumer: Arc<StreamConsumer>, topic: String) {
+    let lag = tokio::task::spawn_blocking(move || -> Option<i64> {
+        let positions = consumer.position().ok()?;
+        let mut lag = 0;
+        for element in positions.elements_for_topic(&topic) {
+            // A partition not fetched from yet has no position: the lag is unknown.
+            let Offset::Offset(position) = element.offset() else { return None };
+            let (_, high) = consumer.fetch_watermarks(&topic, element.partition(), LAG_QUERY_TIMEOUT).ok()?;
+            lag += (high - position).max(0);
+        }
+        Some(lag)
+    })
+    .await;
+    if let Ok(Some(lag)) = lag {
+        metrics::gauge!("projector_lag_records").set(lag as f64);
+    }
+}
+
+/// Commits the offsets after the round. A failed commit only means the
+/// round is seen again, which changes nothing.
+fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Incoming]) {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for record in batch {
+        let slot = next.entry(record.partition).or_insert(0);
+        *slot = (*slot).max(record.offset + 1);
+    }
+    let mut offsets = TopicPartitionList::new();
+    for (partition, offset) in next {
+        if let Err(error) = offsets.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+            tracing::warn!(%error, partition, "cannot note an offset to commit");
+        }
+    }
+    if let Err(error) = consumer.commit(&offsets, CommitMode::Async) {
+        tracing::warn!(%error, "offsets not committed; the round will be seen again");
+    }
+}
+
+struct Projector {
+    db: Db,
+    cache: Option<Cache>,
+    replica: ActorId,
+    record_bytes_max: usize,
+    /// A round's Redis invalidation failed: the next one retires everything cached.
+    owes_invalidation: bool,
+}
+
+impl Projector {
+    async fn project(&mut self, batch: &[Incoming]) -> Result<(), StoreError> {
+        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        for record in batch {
+            let range = ranges.entry(record.partition).or_insert((record.offset, record.offset));
+            *range = (range.0.min(record.offset), range.1.max(record.offset));
+        }
+        let (by_ticket, mut dead) = self.decode(batch);
+        let ids: Vec<String> = by_ticket.keys().map(ToString::to_string).collect();
+        let stored: HashMap<String, TicketDoc> =
+            self.db.tickets(&ids).await?.into_iter().map(|doc| (doc.id.clone(), doc)).collect();
+        let merged = self.merge_all(by_ticket, stored).await?;
+
+        let mut new = Vec::new();
+        let mut writes = Vec::new();
+        let mut notices = Vec::new();
+        let mut retry: HashMap<TicketId, Vec<Accepted>> = HashMap::new();
+        for (id, (result, records)) in merged {
+            new.extend(result.new);
+            dead.extend(result.dead);
+            notices.extend(result.notice);
+            if let Some(write) = result.write {
+                writes.push(write);
+                retry.insert(id, records);
+            }
+        }
+        for (partition, offset, record, error) in &dead {
+            tracing::error!(partition, offset, %error, "record not projected; kept in dead_letters");
+            self.db.dead_letter(*partition, *offset, record, error, now_ms()).await?;
+        }
+        self.db.insert_pages(&pages(new, &ranges)).await?;
+        self.write_tickets(writes, retry).await?;
+        let watermarks: Vec<(i32, i64)> = ranges.iter().map(|(&p, &(_, last))| (p, last)).collect();
+        self.db.raise_watermarks(&watermarks).await?;
+        self.announce(Projected { watermarks, tickets: notices }).await;
+        Ok(())
+    }
+
+    /// Decodes a round's records, grouped by ticket in offset order. A
+    /// record that does not decode goes to the dead letters.
+    #[allow(clippy::type_complexity)]
+    fn decode(&self, batch: &[Incoming]) -> (BTreeMap<TicketId, Vec<Accepted>>, Vec<(i32, i64, Vec<u8>, String)>) {
+        let mut by_ticket: BTreeMap<TicketId, Vec<Accepted>> = BTreeMap::new();
+        let mut dead = Vec::new();
+        for incoming in batch {
+            let decoded =
+                ChangeRecord::decode(&incoming.payload, self.record_bytes_max).map_err(|e| e.to_string()).and_then(
+                    |record| ReceivedChange::decode(&record.change).map(|r| (record, r)).map_err(|e| e.to_string()),
+                );
+            match decoded {
+                Ok((record, received)) => by_ticket.entry(record.ticket).or_default().push(Accepted {
+                    partition: incoming.partition,
+                    offset: incoming.offset,
+                    record,
+                    received,
+                }),
+                Err(error) => dead.push((incoming.partition, incoming.offset, incoming.payload.clone(), error)),
+            }
+        }
+        (by_ticket, dead)
+    }
+
+    /// Merges every ticket's records into its stored document, on every core.
+    async fn merge_all(
+        &self,
+        by_ticket: BTreeMap<TicketId, Vec<Accepted>>,
+        mut stored: HashMap<String, TicketDoc>,
+    ) -> Result<Vec<(TicketId, (MergedTicket, Vec<Accepted>))>, StoreError> {
+        let work: Vec<(TicketId, Option<TicketDoc>, Vec<Accepted>)> =
+            by_ticket.into_iter().map(|(id, records)| (id, stored.remove(&id.to_string()), records)).collect();
+        let replica = self.replica.clone();
+        tokio::task::spawn_blocking(move || {
+            work.into_par_iter()
+                .map(|(id, doc, records)| {
+                    let merged = merge_ticket(id, doc, &records, &replica);
+                    (id, (merged, records))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("merge task failed: {e}")))
+    }
+
+    /// Writes tickets; those another projector moved on meanwhile are read
+    /// again and merged again. Their new changes are already in pages.
+    async fn write_tickets(
+        &self,
+        mut writes: Vec<TicketWrite>,
+        mut records: HashMap<TicketId, Vec<Accepted>>,
+    ) -> Result<(), StoreError> {
+        for _ in 0..CONFLICT_ROUNDS_MAX {
+            let conflicts = self.db.write_tickets(writes).await?;
+            if conflicts.is_empty() {
+                return Ok(());
+            }
+            tracing::info!(tickets = conflicts.len(), "tickets changed under the projector; merging again");
+            let stored: HashMap<String, TicketDoc> =
+                self.db.tickets(&conflicts).await?.into_iter().map(|doc| (doc.id.clone(), doc)).collect();
+            let again: BTreeMap<TicketId, Vec<Accepted>> = conflicts
+                .iter()
+                .filter_map(|id| id.parse::<TicketId>().ok())
+                .filter_map(|id| records.remove(&id).map(|r| (id, r)))
+                .collect();
+            writes = Vec::new();
+            for (id, (merged, accepted)) in self.merge_all(again, stored).await? {
+                if let Some(write) = merged.write {
+                    writes.push(write);
+                    records.insert(id, accepted);
+                }
+            }
+        }
+        Err(StoreError::Unavailable("tickets keep changing under the projector; the round is retried".into()))
+    }
+
+    /// Invalidates the cache and notifies the bridges; Redis is optional, so
+    /// a failure is remembered and made up for by the next round.
+    async fn announce(&mut self, round: Projected) {
+        let Some(cache) = &self.cache else { return };
+        match cache.projected(&round, self.owes_invalidation).await {
+            Ok(()) => self.owes_invalidation = false,
+            Err(error) => {
+                if !self.owes_invalidation {
+                    tracing::warn!(%error, "redis unreachable: cached reads expire by themselves, bridges poll");
+                }
+                self.owes_invalidation = true;
+            }
+        }
+    }
+}
+
+/// Merges one ticket's records (in offset order) into its stored document.
+fn merge_ticket(id: TicketId, stored: Option<TicketDoc>, records: &[Accepted], replica: &ActorId) -> MergedTicket {
+    let dead_all = |error: String| MergedTicket {
+        write: None,
+        new: Vec::new(),
+        notice: None,
+        dead: records.iter().map(|r| (r.partition, r.offset, r.record.encode(), error.clone())).collect(),
+    };
+    let (mut document, version, held_before) = match &stored {
+        Some(doc) => match TicketDocument::load(&doc.document, replica.clone()) {
+            Ok(document) => (document, doc.v, doc.held.clone()),
+            Err(error) => return dead_all(format!("the stored document of {id} does not load: {error}")),
+        },
+        None => (TicketDocument::empty(replica.clone()), 0, Vec::new()),
+    };
+    let mut changes: Vec<ReceivedChange> =
+        held_before.iter().filter_map(|bytes| ReceivedChange::decode(bytes).ok()).collect();
+    changes.extend(records.iter().map(|r| r.received.clone()));
+    let merged = match document.merge_accepted(changes) {
+        Ok(merged) => merged,
+        Err(error) => return dead_all(format!("the records of {id} do not merge: {error}")),
+    };
+    let held: Vec<serde_bytes::ByteBuf> =
+        merged.held.iter().map(|change| serde_bytes::ByteBuf::from(change.bytes().to_vec())).collect();
+    if merged.new.is_empty() && held == held_before {
+        // Seen before (a replay, or a round repeated after a crash): nothing to write.
+        return MergedTicket { write: None, new: Vec::new(), notice: None, dead: Vec::new() };
+    }
+    if stored.is_none() && merged.new.is_empty() {
+        return dead_all(format!("the first change of {id} was never projected"));
+    }
+    let row = match TicketRow::of(&mut document) {
+        Ok(row) => row,
+        Err(error) => return dead_all(format!("ticket {id} does not materialize: {error}")),
+    };
+    let new = records
+        .iter()
+        .filter(|r| merged.new.iter().any(|hash| hash == r.received.hash()))
+        .map(|r| {
+            let origin = match &r.record.origin {
+                Origin::Node(node) => Some(node.as_str().to_owned()),
+                Origin::Pharmacy => None,
+            };
+            let change = PageChange { ticket: id.to_string(), origin, change: r.record.change.clone() };
+            (r.partition, r.offset, r.record.ward.as_str().to_owned(), change)
+        })
+        .collect();
+    let ticket = &row.ticket;
+    let notice = RawValue::from_string(row.json.to_string()).ok().map(|json| ProjectedTicket {
+        id: id.to_string(),
+        ward: ticket.ward.as_str().to_owned(),
+        ticket: json,
+    });
+    let doc = TicketDoc {
+        id: id.to_string(),
+        v: version + 1,
+        ward: ticket.ward.as_str().to_owned(),
+        status: ticket.status.as_str().to_owned(),
+        priority: ticket.priority.as_str().to_owned(),
+        priority_rank: ticket.priority as i32,
+        created_at: ticket.created_at,
+        updated_at: ticket.updated_at,
+        conflicts: i32::try_from(ticket.conflicts.len()).unwrap_or(i32::MAX),
+        ticket: row.json.to_string(),
+        document: row.document,
+        held,
+    };
+    MergedTicket { write: Some(TicketWrite { expected_v: version, doc }), new, notice, dead: Vec::new() }
+}
+
+/// The round's feed pages: per ward and partition, its new changes in
+/// offset order, split to bounded pages that together cover the round's
+/// whole offset range of the partition.
+fn pages(mut new: Vec<(i32, i64, String, PageChange)>, ranges: &BTreeMap<i32, (i64, i64)>) -> Vec<PageDoc> {
+    new.sort_by(|a, b| (&a.2, a.0, a.1).cmp(&(&b.2, b.0, b.1)));
+    let mut pages: Vec<PageDoc> = Vec::new();
+    let mut open: Option<PageDoc> = None;
+    let mut open_bytes = 0usize;
+    for (partition, offset, ward, change) in new {
+        let (round_first, _) = ranges.get(&partition).copied().unwrap_or((offset, offset));
+        let same_stream = open.as_ref().is_some_and(|page| page.ward == ward && page.p == partition);
+        let full = open_bytes + change.change.len() > PAGE_BYTES_MAX
+            || open.as_ref().is_some_and(|page| page.changes.len() >= PAGE_CHANGES_MAX);
+        if !same_stream || full {
+            let first = match (&open, same_stream) {
+                (Some(previous), true) => previous.last + 1,
+                _ => round_first,
+            };
+            if let Some(mut page) = open.take() {
+                if !same_stream {
+                    page.last = ranges.get(&page.p).map_or(page.last, |&(_, last)| last);
+                }
+                pages.push(page);
+            }
+            open = Some(PageDoc {
+                id: mongodb::bson::oid::ObjectId::new(),
+                ward,
+                p: partition,
+                first,
+                last: offset,
+                n: 0,
+                changes: Vec::new(),
+            });
+            open_bytes = 0;
+        }
+        let page = open.as_mut().expect("a page is open");
+        page.last = offset;
+        page.n += 1;
+        open_bytes += change.change.len();
+        page.changes.push(change);
+    }
+    if let Some(mut page) = open.take() {
+        page.last = ranges.get(&page.p).map_or(page.last, |&(_, last)| last);
+        pages.push(page);
+    }
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(ticket: &str) -> PageChange {
+        PageChange { ticket: ticket.into(), origin: None, change: vec![0; 10] }
+    }
+
+    #[test]
+    fn pages_cover_the_rounds_whole_range_of_each_partition() {
+        let ranges = BTreeMap::from([(0, (100, 199)), (1, (50, 80))]);
+        let mut new = Vec::new();
+        for offset in (100..=190).step_by(10) {
+            new.push((0, offset, "ward-a".to_owned(), change("t")));
+        }
+        new.push((1, 60, "ward-a".to_owned(), change("u")));
+        new.push((0, 150, "ward-b".to_owned(), change("v")));
+        let pages = pages(new, &ranges);
+        let spans: Vec<(&str, i32, i64, i64, i32)> =
+            pages.iter().map(|p| (p.ward.as_str(), p.p, p.first, p.last, p.n)).collect();
+        assert_eq!(spans, vec![("ward-a", 0, 100, 199, 10), ("ward-a", 1, 50, 80, 1), ("ward-b", 0, 100, 199, 1)]);
+    }
+
+    #[test]
+    fn a_large_round_splits_into_contiguous_pages() {
+        let ranges = BTreeMap::from([(0, (0, 999))]);
+        let new: Vec<_> = (0..600).map(|offset| (0, offset, "ward-a".to_owned(), change("t"))).collect();
+        let pages = pages(new, &ranges);
+        let spans: Vec<(i64, i64, i32)> = pages.iter().map(|p| (p.first, p.last, p.n)).collect();
+        assert_eq!(spans, vec![(0, 255, 256), (256, 511, 256), (512, 999, 88)]);
+    }
+}

@@ -1,0 +1,278 @@
+//! The bridge's storage behind one narrow interface, [`Store`], with two
+//! backends chosen by configuration:
+//!
+//! - [`embedded`]: SQLite in the bridge's data directory. One process, no
+//!   other service: a single-site install and development.
+//! - [`distributed`]: Kafka (the change stream every accepted change is
+//!   appended to), MongoDB (tickets and the wards' feeds, written by the
+//!   projector) and Redis (cached reads, notices between bridge instances).
+//!   Any number of bridge instances serve any ward.
+//!
+//! The sync endpoint and the pharmacy API see only this module's types.
+
+pub mod distributed;
+pub mod embedded;
+mod staging;
+
+use std::sync::Arc;
+
+use automerge::ActorId;
+use serde::{Deserialize, Serialize};
+use sync_protocol::document::{DocumentError, HistoryEntry, Mutation};
+use sync_protocol::ids::{NodeId, TicketId, WardId};
+use sync_protocol::session::Rejection;
+use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
+use sync_protocol::wire::{Cursor, DownstreamChange, UpstreamChange};
+use tokio::sync::broadcast;
+
+pub use distributed::DistributedStore;
+pub use embedded::EmbeddedStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("ticket {0} not found")]
+    NotFound(TicketId),
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+    #[error(transparent)]
+    Migrate(#[from] service_kit::sqlite::MigrateError),
+    #[error(transparent)]
+    ReadTask(#[from] service_kit::sqlite::ReadTaskFailed),
+    #[error("the store is shut down")]
+    Closed,
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    /// A service the store needs (the broker, the database) is not
+    /// answering; the operation can be retried later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A ticket changed: feeds of its ward should read on, and live views show it.
+#[derive(Debug, Clone)]
+pub struct WardNotice {
+    pub ward: WardId,
+    /// The ticket that changed, materialized, for live pharmacy views.
+    pub ticket_json: Arc<str>,
+}
+
+/// Filters of the pharmacy queue.
+#[derive(Debug, Clone, Default, Hash)]
+pub struct QueueQuery {
+    pub wards: Vec<WardId>,
+    pub statuses: Vec<Status>,
+    pub priorities: Vec<Priority>,
+    pub limit: usize,
+}
+
+/// A page of the pharmacy queue: tickets as JSON, and how many match.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueuePage {
+    pub tickets: Vec<String>,
+    pub total: u64,
+}
+
+/// A ticket with its audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TicketView {
+    pub ticket: Ticket,
+    pub history: Vec<HistoryEntry>,
+}
+
+/// A pharmacy write, stored.
+#[derive(Debug, Clone)]
+pub struct PharmacyOutcome {
+    pub ticket: Ticket,
+    /// Whether reads (queue, ticket, feeds) already show it. Always so in
+    /// the embedded store; the distributed store waits a bounded time for
+    /// the projection and says if it is still on its way.
+    pub visible: bool,
+}
+
+/// Where a node is in its ward's feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum FeedPosition {
+    /// A position in the embedded change log.
+    Log(u64),
+    /// The offset of the last page read, per partition of the change topic
+    /// (`-1`: none yet).
+    Partitions(Vec<i64>),
+}
+
+/// Per-node sync diagnostics.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeDiagnostics {
+    pub node: String,
+    pub ward: String,
+    pub acked_up_to: u64,
+    pub last_seen: UnixMillis,
+    pub cursor: Option<FeedPosition>,
+    /// Changes of the node's ward after its cursor (bounded count in the
+    /// distributed store).
+    pub backlog: u64,
+    pub rejected: u64,
+}
+
+/// A session's reading position in its ward's feed.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    pub node: NodeId,
+    pub ward: WardId,
+    position: FeedState,
+}
+
+#[derive(Debug, Clone)]
+enum FeedState {
+    Embedded(embedded::FeedState),
+    Distributed(distributed::FeedState),
+}
+
+/// The next part of a feed, at most `changes_max` changes and about
+/// `bytes_max` bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedLimits {
+    pub changes_max: usize,
+    pub bytes_max: usize,
+}
+
+#[derive(Debug)]
+pub enum Store {
+    Embedded(EmbeddedStore),
+    Distributed(DistributedStore),
+}
+
+impl Store {
+    /// The Automerge actor of this process's pharmacy changes.
+    pub fn replica(&self) -> &ActorId {
+        match self {
+            Store::Embedded(store) => store.replica(),
+            Store::Distributed(store) => store.replica(),
+        }
+    }
+
+    /// Notices of changed tickets, for feeds and live views.
+    pub fn subscribe(&self) -> broadcast::Receiver<WardNotice> {
+        match self {
+            Store::Embedded(store) => store.subscribe(),
+            Store::Distributed(store) => store.subscribe(),
+        }
+    }
+
+    /// Validates a node's upstream batch and stores it durably; returns
+    /// only then. The changes refused by validation are returned; every
+    /// other one is stored (or already was).
+    pub async fn store_upstream(
+        &self,
+        node: NodeId,
+        ward: WardId,
+        changes: Vec<UpstreamChange>,
+    ) -> Result<Vec<Rejection>, StoreError> {
+        match self {
+            Store::Embedded(store) => store.store_upstream(node, ward, changes).await,
+            Store::Distributed(store) => store.store_upstream(node, ward, changes).await,
+        }
+    }
+
+    /// Runs a pharmacy edit or transition and stores the change.
+    pub async fn pharmacy_write(&self, id: TicketId, mutation: Mutation) -> Result<PharmacyOutcome, StoreError> {
+        match self {
+            Store::Embedded(store) => store.pharmacy_write(id, mutation).await,
+            Store::Distributed(store) => store.pharmacy_write(id, mutation).await,
+        }
+    }
+
+    /// The highest upstream sequence of `node` durably stored: what its
+    /// next session's `Welcome` acknowledges. Never more than was stored.
+    pub async fn acked_up_to(&self, node: &NodeId) -> Result<u64, StoreError> {
+        match self {
+            Store::Embedded(store) => store.acked_up_to(node).await,
+            Store::Distributed(store) => store.acked_up_to(node).await,
+        }
+    }
+
+    /// Starts a session's feed at the node's `cursor`. A node without a
+    /// cursor may hold none of its own past changes (restored from a
+    /// backup, or new hardware under the same name): its feed includes
+    /// those stored before now. Otherwise a node's own changes are skipped.
+    pub async fn open_feed(&self, node: NodeId, ward: WardId, cursor: Option<&Cursor>) -> Result<Feed, StoreError> {
+        let position = match self {
+            Store::Embedded(store) => FeedState::Embedded(store.open_feed(cursor).await?),
+            Store::Distributed(store) => FeedState::Distributed(store.open_feed(cursor).await?),
+        };
+        Ok(Feed { node, ward, position })
+    }
+
+    /// The next changes of the feed and the cursor after them, or `None`
+    /// when the feed has nothing new. The cursor may move with no changes
+    /// (all read were the node's own): it is still sent, so the node keeps
+    /// its position.
+    pub async fn read_feed(
+        &self,
+        feed: &mut Feed,
+        limits: FeedLimits,
+    ) -> Result<Option<(Vec<DownstreamChange>, Cursor)>, StoreError> {
+        match (self, &mut feed.position) {
+            (Store::Embedded(store), FeedState::Embedded(state)) => {
+                store.read_feed(&feed.node, &feed.ward, state, limits).await
+            }
+            (Store::Distributed(store), FeedState::Distributed(state)) => {
+                store.read_feed(&feed.node, &feed.ward, state, limits).await
+            }
+            _ => Err(StoreError::Corrupt("a feed was opened on another store".into())),
+        }
+    }
+
+    /// Records how far a node has applied its feed. Diagnostics only: the
+    /// node's own cursor is the truth, so this is not waited for.
+    pub fn note_cursor(&self, node: NodeId, cursor: &Cursor) {
+        match self {
+            Store::Embedded(store) => store.note_cursor(node, cursor),
+            Store::Distributed(store) => store.note_cursor(node, cursor),
+        }
+    }
+
+    pub async fn queue(&self, query: QueueQuery) -> Result<QueuePage, StoreError> {
+        match self {
+            Store::Embedded(store) => store.queue(query).await,
+            Store::Distributed(store) => store.queue(query).await,
+        }
+    }
+
+    pub async fn ticket(&self, id: TicketId) -> Result<TicketView, StoreError> {
+        match self {
+            Store::Embedded(store) => store.ticket(id).await,
+            Store::Distributed(store) => store.ticket(id).await,
+        }
+    }
+
+    pub async fn diagnostics(&self) -> Result<Vec<NodeDiagnostics>, StoreError> {
+        match self {
+            Store::Embedded(store) => store.diagnostics().await,
+            Store::Distributed(store) => store.diagnostics().await,
+        }
+    }
+
+    /// Whether every service the store needs answers; the error names the one that does not.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(store) => store.ready().await,
+            Store::Distributed(store) => store.ready().await,
+        }
+    }
+
+    /// Stops taking writes and finishes those queued.
+    pub async fn close(&self) {
+        match self {
+            Store::Embedded(store) => store.close().await,
+            Store::Distributed(store) => store.close().await,
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,166 @@
+//! The distributed backend with real services (Kafka protocol, MongoDB,
+//! Redis; see `scripts/services`): two bridge instances and a projector.
+#![allow(clippy::unwrap_used)] // test code: a failure is the test failing
+
+use std::time::{Duration, Instant};
+
+use e2e::cloud::{Cloud, ticket_at};
+use e2e::wait_for;
+use futures_util::StreamExt;
+use mongodb::bson::{Document, doc};
+use serde_json::{Value, json};
+
+fn ticket(n: usize) -> Value {
+    json!({
+        "items": [{ "medication_code": format!("MED-{}", n % 97), "quantity": 1 + n % 40, "unit": "vial" }],
+        "priority": if n.is_multiple_of(7) { "stat" } else { "routine" },
+        "notes": format!("ticket {n}"),
+    })
+}
+
+async fn create(client: &reqwest::Client, edge: &e2e::EdgeNodeProcess, nurse: &str, n: usize) -> String {
+    let response = client.post(edge.url("/api/v1/tickets")).bearer_auth(nurse).json(&ticket(n)).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+async fn queue_total(client: &reqwest::Client, bridge: &e2e::BridgeProcess, token: &str, ward: &str) -> u64 {
+    let url = bridge.url(&format!("/api/v1/queue?ward={ward}&limit=1"));
+    let queue: Value = client.get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    queue["total"].as_u64().unwrap_or(0)
+}
+
+/// Waits until the SSE stream shows `id` with `status`; returns when it did.
+async fn sees<B: AsRef<[u8]>>(
+    events: &mut (impl futures_util::Stream<Item = reqwest::Result<B>> + Unpin),
+    id: &str,
+    status: &str,
+) -> Option<Instant> {
+    let wanted = format!("\"status\":\"{status}\"");
+    let mut text = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = events.next().await {
+            text.push_str(&String::from_utf8_lossy(chunk.unwrap().as_ref()));
+            if text.lines().any(|line| line.contains(id) && line.contains(&wanted)) {
+                return Instant::now();
+            }
+        }
+        panic!("the live feed ended");
+    })
+    .await;
+    found.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_through_either_bridge_reach_every_ward_and_a_replay_changes_nothing() {
+    let cloud = Cloud::start("either", 2, 4);
+    let ward_edge = cloud.edge("edge-ward-4b", "ward-4b", 0);
+    let icu_edge = cloud.edge("edge-icu-2", "icu-2", 1);
+    let client = reqwest::Client::new();
+    let (ward_nurse, icu_nurse) = (cloud.issuer.nurse("ward-4b"), cloud.issuer.nurse("icu-2"));
+    let pharmacist = cloud.pharmacist();
+
+    // Each ward works through its own bridge instance.
+    let mut ward_ids = Vec::new();
+    let mut icu_ids = Vec::new();
+    for n in 0..60 {
+        ward_ids.push(create(&client, &ward_edge, &ward_nurse, n).await);
+        icu_ids.push(create(&client, &icu_edge, &icu_nurse, 1_000 + n).await);
+    }
+    // Both wards' tickets are in the queue of either instance.
+    for bridge in &cloud.bridges {
+        wait_for("both wards at every bridge", Duration::from_secs(60), async || {
+            queue_total(&client, bridge, &pharmacist, "ward-4b").await == 60
+                && queue_total(&client, bridge, &pharmacist, "icu-2").await == 60
+        })
+        .await;
+    }
+
+    // The pharmacy works a ward-4b ticket through bridge 1; the ward's edge
+    // (linked to bridge 0) shows it live, and so does the other instance's
+    // pharmacy feed.
+    let mut ward_events =
+        client.get(ward_edge.url("/api/v1/events")).bearer_auth(&ward_nurse).send().await.unwrap().bytes_stream();
+    let mut pharmacy_events = client
+        .get(cloud.bridges[0].url("/api/v1/events?ward=ward-4b"))
+        .bearer_auth(&pharmacist)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let id = &ward_ids[3];
+    let sent = Instant::now();
+    for to in ["acknowledged", "picking", "dispatched"] {
+        let url = cloud.bridges[1].url(&format!("/api/v1/tickets/{id}/transitions"));
+        let response = client.post(url).bearer_auth(&pharmacist).json(&json!({ "to": to })).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{to}: {}", response.text().await.unwrap());
+    }
+    let at_ward = sees(&mut ward_events, id, "dispatched").await.expect("the ward's device saw the dispatch");
+    eprintln!("a dispatch through bridge 1 reached the ward on bridge 0 in {:?}", at_ward - sent);
+    assert!(sees(&mut pharmacy_events, id, "dispatched").await.is_some(), "bridge 0's pharmacy feed saw it");
+
+    // And the other way round: an icu-2 ticket through bridge 0.
+    let id = &icu_ids[5];
+    let url = cloud.bridges[0].url(&format!("/api/v1/tickets/{id}/transitions"));
+    let response = client
+        .post(url)
+        .bearer_auth(&pharmacist)
+        .json(&json!({ "to": "rejected", "reason": "out of stock" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    wait_for("the rejection at the icu edge", Duration::from_secs(20), async || {
+        let at_edge = ticket_at(&client, icu_edge.url(&format!("/api/v1/tickets/{id}")), &icu_nurse).await;
+        at_edge["ticket"]["status"] == "rejected"
+    })
+    .await;
+
+    // Each ward holds its own tickets only, identical at both sides.
+    let icu_list: Value = client
+        .get(icu_edge.url("/api/v1/tickets?limit=200"))
+        .bearer_auth(&icu_nurse)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(icu_list["tickets"].as_array().unwrap().len(), 60, "icu-2 holds only its own tickets");
+    for (edge, nurse, ids) in [(&ward_edge, &ward_nurse, &ward_ids), (&icu_edge, &icu_nurse, &icu_ids)] {
+        wait_for("edge and cloud to agree", Duration::from_secs(30), async || {
+            for id in ids.iter() {
+                let at_edge = ticket_at(&client, edge.url(&format!("/api/v1/tickets/{id}")), nurse).await;
+                let at_cloud =
+                    ticket_at(&client, cloud.bridges[0].url(&format!("/api/v1/tickets/{id}")), &pharmacist).await;
+                if at_edge["ticket"] != at_cloud["ticket"] || at_edge["history"] != at_cloud["history"] {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    // Replaying the whole topic (a projector of a new consumer group
+    // starts from offset 0) leaves MongoDB as it was.
+    let database = cloud.database().await;
+    let snapshot = async || {
+        let mut collections = Vec::new();
+        for name in ["tickets", "feed_pages", "watermarks", "dead_letters"] {
+            let cursor = database.collection::<Document>(name).find(doc! {}).sort(doc! { "_id": 1 }).await.unwrap();
+            let documents: Vec<Document> = futures_util::TryStreamExt::try_collect(cursor).await.unwrap();
+            collections.push((name, documents));
+        }
+        collections
+    };
+    let before = snapshot().await;
+    assert!(before[0].1.len() == 120 && before[3].1.is_empty(), "120 tickets, no dead letters");
+    let replay = cloud.start_projector("replayer", Some(&format!("{}-replay", cloud.namespace)));
+    wait_for("the replay to reach the end of the topic", Duration::from_secs(60), async || {
+        Cloud::metric(&replay, "projector_records_total").await.unwrap_or(0.0) > 0.0
+            && Cloud::metric(&replay, "projector_lag_records").await == Some(0.0)
+    })
+    .await;
+    assert_eq!(snapshot().await, before, "the replay changed MongoDB");
+}
