@@ -70,6 +70,25 @@ listen = "127.0.0.1:0"
         let status = Command::new(script).arg(verb).arg(name).status().expect("run the services script");
         assert!(status.success(), "{} {verb} {name} failed", script.display());
     }
+
+    /// Starts every service again when dropped, so a test that stops them
+    /// and fails leaves none stopped for the tests after it.
+    pub fn restart_all_on_drop(&self) -> RestartOnDrop {
+        RestartOnDrop(self.control.clone())
+    }
+}
+
+#[derive(Debug)]
+pub struct RestartOnDrop(Option<PathBuf>);
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let Some(script) = &self.0 else { return };
+        for name in ["kafka", "mongodb", "redis"] {
+            // Never panics: this may run while a failed test unwinds.
+            let _ = Command::new(script).arg("start").arg(name).stdout(std::process::Stdio::null()).status();
+        }
+    }
 }
 
 /// A fresh name for a test's topic, database and keys.

@@ -149,17 +149,23 @@ impl ChangeLog {
         Ok(positions)
     }
 
-    /// Turns a produce error into a retryable one, and replaces a producer
-    /// that a fatal error made unusable.
+    /// Turns a produce error into a retryable one, and replaces the producer.
+    ///
+    /// After a failed delivery an idempotent producer cannot know what the
+    /// brokers kept; librdkafka would bump its epoch on the next connection,
+    /// which not every Kafka-protocol broker implements (tansu 0.6 panics on
+    /// it). A fresh producer gets a fresh producer id instead, and its sender
+    /// sends the batch again, which the projector deduplicates.
     fn failed(&self, producer: &Arc<FutureProducer>, error: rdkafka::error::KafkaError) -> StoreError {
         if let Some((code, reason)) = producer.client().fatal_error() {
-            tracing::error!(?code, %reason, "kafka producer failed fatally; starting a new one");
+            tracing::error!(?code, %reason, "kafka producer failed fatally");
+        }
+        let mut current = self.producer.write().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&current, producer) {
             match Self::producer(&self.config, &self.client_id) {
                 Ok(fresh) => {
-                    let mut current = self.producer.write().unwrap_or_else(|p| p.into_inner());
-                    if Arc::ptr_eq(&current, producer) {
-                        *current = Arc::new(fresh);
-                    }
+                    tracing::warn!(%error, "kafka delivery failed; starting a new producer");
+                    *current = Arc::new(fresh);
                 }
                 Err(error) => tracing::error!(%error, "cannot start a new kafka producer"),
             }
