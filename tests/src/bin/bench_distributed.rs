@@ -1,0 +1,299 @@
+//! Benchmark of the distributed backend on the services the environment
+//! names (`eval "$(scripts/services start)"` for the local ones):
+//!
+//! 1. Projector throughput. A ward's backlog of `--tickets` new tickets is
+//!    appended to the change topic through a bridge while no projector
+//!    runs; then a projector starts and its rate into MongoDB is timed. The
+//!    same MongoDB server's raw rate, a plain client bulk-upserting the same
+//!    ticket documents in batches of the projector's round size, is measured
+//!    before and after it: the projector's rate is reported as a share of it.
+//! 2. Latency. An edge node writes `--rate` new tickets a second for
+//!    `--seconds`; each is timed from the edge's request to its arrival in
+//!    MongoDB, seen on a change stream.
+//!
+//! cargo build --release -p edge-node -p cloud-bridge -p e2e && target/release/bench-distributed
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use automerge::ActorId;
+use e2e::cloud::Cloud;
+use futures_util::StreamExt;
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::options::ReplaceOneModel;
+use serde_json::{Value, json};
+
+const WARD: &str = "ward-bench";
+const NODE: &str = "edge-bench";
+/// The projector's round size (its default `batch_records_max`), used for the raw batches too.
+const ROUND_RECORDS: usize = 2_000;
+
+fn flag(name: &str, default: usize) -> Result<usize, String> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} takes a number")),
+        None => Ok(default),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn new_ticket(n: usize) -> Value {
+    json!({
+        "items": [{ "medication_code": format!("MED-{}", n % 500), "quantity": 1 + n % 20, "unit": "vial" }],
+        "priority": if n.is_multiple_of(10) { "stat" } else { "routine" },
+        "notes": format!("bench ticket {n}"),
+    })
+}
+
+/// Ticket documents shaped as the projector stores them.
+fn ticket_documents(count: usize) -> Result<Vec<Document>, String> {
+    use sync_protocol::document::TicketDocument;
+    use sync_protocol::ticket::{Actor, NewTicket};
+    let actor = Actor {
+        user: "n.bench".parse().map_err(|e| format!("{e:?}"))?,
+        role: sync_protocol::ids::Role::Nurse,
+        device: NODE.parse().map_err(|e| format!("{e:?}"))?,
+        offline_login: false,
+    };
+    let ward = WARD.parse().map_err(|e| format!("{e:?}"))?;
+    (0..count)
+        .map(|n| {
+            let new: NewTicket = serde_json::from_value(new_ticket(n)).map_err(|e| e.to_string())?;
+            let id = sync_protocol::ids::TicketId::new(1_764_000_000_000 + n as i64, rand::random());
+            let mut created = TicketDocument::create(id, &ward, &new, &actor, 1_764_000_000_000, &Default::default(), ActorId::random())
+                .map_err(|e| e.to_string())?;
+            let ticket = &created.ticket;
+            Ok(doc! {
+                "_id": id.to_string(),
+                "v": 1_i64,
+                "ward": WARD,
+                "status": ticket.status.as_str(),
+                "priority": ticket.priority.as_str(),
+                "priority_rank": ticket.priority as i32,
+                "created_at": ticket.created_at,
+                "updated_at": ticket.updated_at,
+                "conflicts": 0,
+                "ticket": serde_json::to_string(ticket).map_err(|e| e.to_string())?,
+                "document": Bson::Binary(mongodb::bson::Binary { subtype: mongodb::bson::spec::BinarySubtype::Generic, bytes: created.document.save() }),
+                "held": [],
+            })
+        })
+        .collect()
+}
+
+/// A plain client's bulk upserts of `documents`, `ROUND_RECORDS` at a time: documents per second.
+async fn raw_upserts(database: &mongodb::Database, collection: &str, documents: &[Document]) -> Result<f64, String> {
+    let namespace = database.collection::<Document>(collection).namespace();
+    let started = Instant::now();
+    for batch in documents.chunks(ROUND_RECORDS) {
+        let models: Vec<ReplaceOneModel> = batch
+            .iter()
+            .map(|document| {
+                ReplaceOneModel::builder()
+                    .namespace(namespace.clone())
+                    .filter(doc! { "_id": document.get("_id").cloned().unwrap_or(Bson::Null) })
+                    .replacement(document.clone())
+                    .upsert(true)
+                    .build()
+            })
+            .collect();
+        database.client().bulk_write(models).ordered(false).await.map_err(|e| e.to_string())?;
+    }
+    Ok(documents.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn metric(process: &e2e::process::ServiceProcess, name: &str) -> f64 {
+    Cloud::metric(process, name).await.unwrap_or(-1.0)
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+}
+
+/// CPU seconds a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+#[tokio::main]
+async fn main() -> Result<(), String> {
+    let tickets = flag("--tickets", 10_000)?;
+    let rate = flag("--rate", 1_000)?;
+    let seconds = flag("--seconds", 10)?;
+    let partitions = flag("--partitions", 4)? as u32;
+
+    // 1. The backlog reaches the topic with no projector running.
+    let mut cloud = Cloud::start("bench", 1, partitions);
+    cloud.projector.kill9();
+    let database = cloud.database().await;
+    let edge = cloud.edge(NODE, WARD, 0);
+    let client = reqwest::Client::new();
+    let nurse = cloud.issuer.nurse(WARD);
+    let appended = Instant::now();
+    let mut lanes = Vec::new();
+    for lane in 0..32 {
+        let (client, nurse, url) = (client.clone(), nurse.clone(), edge.url("/api/v1/tickets"));
+        lanes.push(tokio::spawn(async move {
+            for n in (lane..tickets).step_by(32) {
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&nurse)
+                    .json(&new_ticket(n))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if response.status() != 201 {
+                    return Err(format!("create: {}", response.status()));
+                }
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for lane in lanes {
+        lane.await.map_err(|e| e.to_string())??;
+    }
+    loop {
+        let status: Value = client
+            .get(edge.url("/api/v1/sync"))
+            .bearer_auth(&nurse)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        if status["outbox"]["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let appended = appended.elapsed();
+
+    // 2. Raw rate, projector rate, raw rate again.
+    let documents = ticket_documents(tickets)?;
+    let raw_before = raw_upserts(&database, "raw_before", &documents).await?;
+    let projector = cloud.start_projector("bench-projector", None);
+    let projector_pid = projector.pid().ok_or("the projector has no pid")?;
+    let started = Instant::now();
+    loop {
+        if metric(&projector, "projector_records_total").await >= tickets as f64
+            && metric(&projector, "projector_lag_records").await == 0.0
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err("the projector did not finish within 10 minutes".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let projected = started.elapsed();
+    let projector_cpu = cpu_seconds(projector_pid);
+    let stored =
+        database.collection::<Document>("tickets").count_documents(doc! {}).await.map_err(|e| e.to_string())?;
+    if stored != tickets as u64 {
+        return Err(format!("{stored} tickets in mongodb, {tickets} expected"));
+    }
+    let raw_after = raw_upserts(&database, "raw_after", &documents).await?;
+    let raw = (raw_before + raw_after) / 2.0;
+    let projector_rate = tickets as f64 / projected.as_secs_f64();
+
+    // 3. Latency from an edge write to MongoDB, at `rate` writes a second.
+    let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut stream = database.collection::<Document>("tickets").watch().await.map_err(|e| e.to_string())?;
+    let watcher = {
+        let arrivals = Arc::clone(&arrivals);
+        tokio::spawn(async move {
+            while let Some(Ok(event)) = stream.next().await {
+                if let Some(id) = event.document_key.as_ref().and_then(|key| key.get_str("_id").ok()) {
+                    arrivals.lock().expect("arrivals lock").entry(id.to_owned()).or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    let total = rate * seconds;
+    let lanes_count = 16;
+    let mut lanes = Vec::new();
+    let begin = tokio::time::Instant::now();
+    for lane in 0..lanes_count {
+        let (client, nurse, url) = (client.clone(), nurse.clone(), edge.url("/api/v1/tickets"));
+        let interval = Duration::from_secs_f64(lanes_count as f64 / rate as f64);
+        lanes.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut next = begin + interval.mul_f64(lane as f64 / lanes_count as f64);
+            for n in (lane..total).step_by(lanes_count) {
+                tokio::time::sleep_until(next).await;
+                next += interval;
+                let at = Instant::now();
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&nurse)
+                    .json(&new_ticket(n))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ticket: Value = response.json().await.map_err(|e| e.to_string())?;
+                sent.push((ticket["id"].as_str().unwrap_or_default().to_owned(), at));
+            }
+            Ok::<_, String>(sent)
+        }));
+    }
+    let mut sent = Vec::new();
+    for lane in lanes {
+        sent.extend(lane.await.map_err(|e| e.to_string())??);
+    }
+    let offered = begin.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while arrivals.lock().map_err(|_| "arrivals lock")?.len() < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    watcher.abort();
+    let arrivals = arrivals.lock().map_err(|_| "arrivals lock")?;
+    let mut latencies: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, at)| arrivals.get(id).map(|arrived| arrived.saturating_duration_since(*at)))
+        .collect();
+    if latencies.len() != total {
+        return Err(format!("{} of {total} writes reached mongodb within 2 minutes", latencies.len()));
+    }
+    latencies.sort();
+    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    let bridge_rss = cloud.bridges[0].pid().and_then(|pid| status_kib(pid, "VmHWM:")).unwrap_or(0);
+    let projector_rss = status_kib(projector_pid, "VmHWM:").unwrap_or(0);
+
+    println!("distributed backend: {partitions} partitions, the services of MEDSYNC_* (tansu, SecantusDB, Redis here)");
+    println!("projector throughput ({tickets} new tickets in the topic, then the projector started)");
+    println!("  backlog appended to the topic through the bridge  {:.0} ms", ms(appended));
+    println!(
+        "  projector into MongoDB                            {projector_rate:.0} changes/s ({:.0} ms, {projector_cpu:.1} s CPU)",
+        ms(projected)
+    );
+    println!(
+        "  raw bulk upserts, same server and documents       {raw:.0} docs/s (before {raw_before:.0}, after {raw_after:.0})"
+    );
+    println!("  projector / raw                                   {:.0} %", 100.0 * projector_rate / raw);
+    println!("edge write -> MongoDB at {rate} writes/s for {seconds} s (offered in {:.1} s)", offered.as_secs_f64());
+    println!(
+        "  p50 {:.0} ms   p99 {:.0} ms   max {:.0} ms",
+        ms(percentile(0.50)),
+        ms(percentile(0.99)),
+        ms(latencies[latencies.len() - 1])
+    );
+    println!(
+        "  peak RSS: bridge {:.1} MiB, projector {:.1} MiB",
+        bridge_rss as f64 / 1024.0,
+        projector_rss as f64 / 1024.0
+    );
+    drop(cloud);
+    Ok(())
+}
