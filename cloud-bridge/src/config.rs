@@ -265,6 +265,50 @@ mod tests {
         assert_eq!(config.limits, Limits::default());
     }
 
+    /// The example with its commented distributed sections switched on.
+    fn distributed_example() -> String {
+        let (embedded, distributed) = EXAMPLE.split_at(EXAMPLE.find("# [kafka]").unwrap());
+        let uncommented: Vec<&str> =
+            distributed.lines().map(|line| line.strip_prefix("# ").unwrap_or(line.trim_start_matches('#'))).collect();
+        format!("{embedded}{}\n", uncommented.join("\n"))
+    }
+
+    #[test]
+    fn the_shipped_distributed_sections_are_valid_and_spell_out_the_defaults() {
+        let config = Config::from_toml(&distributed_example()).unwrap();
+        let kafka = config.kafka.unwrap();
+        assert_eq!(
+            (kafka.topic.as_str(), kafka.partitions, kafka.group_id.as_str()),
+            ("medsync.changes", 6, "medsync-projector")
+        );
+        assert_eq!(kafka.delivery_timeout_ms, default_delivery_timeout_ms());
+        assert_eq!(kafka.properties.len(), 2);
+        let mongodb = config.mongodb.unwrap();
+        assert_eq!((mongodb.database.as_str(), mongodb.write_concern), ("medsync", WriteConcernLevel::Majority));
+        assert_eq!(config.redis.unwrap().cache_ttl_s, default_cache_ttl_s());
+        let defaults = ProjectorConfig::default();
+        assert_eq!(
+            (config.projector.batch_records_max, config.projector.batch_linger_ms, config.projector.visible_wait_ms),
+            (defaults.batch_records_max, defaults.batch_linger_ms, defaults.visible_wait_ms)
+        );
+    }
+
+    #[test]
+    fn a_half_configured_distributed_backend_is_refused_by_name() {
+        let distributed = distributed_example();
+        let cases = [
+            (distributed[..distributed.find("\n[mongodb]").unwrap()].to_owned(), "both [kafka] and [mongodb]"),
+            (distributed.replace("partitions = 6", "partitions = 17"), "kafka.partitions must be 1 to 16"),
+            (distributed.replace("batch_records_max = 2000", "batch_records_max = 0"), "batch_records_max"),
+            (format!("{EXAMPLE}\n[redis]\nurl = \"redis://127.0.0.1\"\n"), "set [kafka] and [mongodb] too"),
+            (distributed.replace("write_concern = \"majority\"", "write_concern = \"2\""), "write_concern"),
+        ];
+        for (text, expected) in cases {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
+    }
+
     #[test]
     fn mistakes_are_named() {
         let cases = [

@@ -27,8 +27,9 @@ fn yaml_documents(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Runs `program --config config check-config` with `env`; panics with its output unless it passes.
-fn check_config(program: &str, config: &Path, env: &[(String, String)], what: &str) {
+/// Runs `program --config config check-config` with `env`; panics with its
+/// output unless it passes, and returns what it printed.
+fn check_config(program: &str, config: &Path, env: &[(String, String)], what: &str) -> String {
     let output = Command::new(binary(program))
         .arg("--config")
         .arg(config)
@@ -38,6 +39,7 @@ fn check_config(program: &str, config: &Path, env: &[(String, String)], what: &s
         .output()
         .unwrap();
     assert!(output.status.success(), "{what}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 fn string(value: &Value) -> String {
@@ -49,17 +51,25 @@ fn the_compose_file_runs_every_service_of_the_guide_with_a_valid_configuration()
     let compose = &yaml_documents(&deploy().join("compose.yaml"))[0];
     let services = compose["services"].as_mapping().unwrap();
     let guide = std::fs::read_to_string(deploy().join("README.md")).unwrap();
-    for (name, program) in [("auth-service", "auth-service"), ("cloud-bridge", "cloud-bridge")] {
+    for name in ["kafka", "mongodb", "redis", "auth-service", "bridge-1", "bridge-2", "projector"] {
         assert!(guide.contains(name), "the guide does not mention {name}");
         let service = services.get(name).unwrap_or_else(|| panic!("compose has no service {name}"));
-        assert_eq!(service["image"].as_str(), Some("medsync:latest"), "{name}");
         assert!(
             service["healthcheck"]["test"].as_sequence().is_some_and(|t| !t.is_empty()),
             "{name} has no health check"
         );
+    }
+    for (name, program, subcommand) in [
+        ("auth-service", "auth-service", "serve"),
+        ("bridge-1", "cloud-bridge", "serve"),
+        ("bridge-2", "cloud-bridge", "serve"),
+        ("projector", "cloud-bridge", "project"),
+    ] {
+        let service = &services[name];
+        assert_eq!(service["image"].as_str(), Some("medsync:latest"), "{name}");
         let command: Vec<String> = service["command"].as_sequence().unwrap().iter().map(string).collect();
         assert_eq!(command[0], program, "{name}");
-        assert_eq!(command.last().map(String::as_str), Some("serve"), "{name}");
+        assert_eq!(command.last().map(String::as_str), Some(subcommand), "{name}");
         // The configuration file it mounts, with the environment it sets.
         let mounted = service["volumes"]
             .as_sequence()
@@ -71,31 +81,47 @@ fn the_compose_file_runs_every_service_of_the_guide_with_a_valid_configuration()
         let file = deploy().join(mounted.trim_start_matches("./").split(':').next().unwrap());
         let env: Vec<(String, String)> =
             service["environment"].as_mapping().unwrap().iter().map(|(k, v)| (string(k), string(v))).collect();
-        check_config(program, &file, &env, name);
+        let output = check_config(program, &file, &env, name);
+        if program == "cloud-bridge" {
+            assert!(output.contains("distributed store: kafka, mongodb, redis"), "{name}: {output}");
+            let depends = service["depends_on"].as_mapping().unwrap();
+            for needed in ["auth-service", "kafka", "mongodb", "redis"] {
+                assert_eq!(depends[needed]["condition"].as_str(), Some("service_healthy"), "{name} on {needed}");
+            }
+        }
     }
-    let bridge = &services["cloud-bridge"];
-    assert_eq!(bridge["depends_on"]["auth-service"]["condition"].as_str(), Some("service_healthy"));
 }
 
 #[test]
 fn the_kubernetes_manifests_parse_and_carry_valid_configurations() {
-    for (file, program, config_key) in [
-        ("auth-service.yaml", "auth-service", "auth-service.toml"),
-        ("cloud-bridge.yaml", "cloud-bridge", "cloud-bridge.toml"),
+    let manifests = |file: &str| yaml_documents(&deploy().join("kubernetes").join(file));
+    for (file, kinds, program, subcommand) in [
+        ("auth-service.yaml", &["ConfigMap", "StatefulSet", "Service"][..], "auth-service", "serve"),
+        ("cloud-bridge.yaml", &["ConfigMap", "Deployment", "Service"][..], "cloud-bridge", "serve"),
+        ("projector.yaml", &["Deployment"][..], "cloud-bridge", "project"),
     ] {
-        let documents = yaml_documents(&deploy().join("kubernetes").join(file));
-        let kinds: Vec<String> = documents.iter().map(|d| string(&d["kind"])).collect();
-        assert_eq!(kinds, ["ConfigMap", "StatefulSet", "Service"], "{file}");
+        let documents = manifests(file);
+        let found: Vec<String> = documents.iter().map(|d| string(&d["kind"])).collect();
+        assert_eq!(found, kinds, "{file}");
         for document in &documents {
             assert!(document["apiVersion"].as_str().is_some() && document["metadata"]["name"].as_str().is_some());
         }
-        let container = &documents[1]["spec"]["template"]["spec"]["containers"][0];
+        let workload = documents.iter().find(|d| d["kind"] != "ConfigMap" && d["kind"] != "Service").unwrap();
+        let pod = &workload["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
         let args: Vec<String> = container["args"].as_sequence().unwrap().iter().map(string).collect();
-        assert_eq!((args[0].as_str(), args.last().map(String::as_str)), (program, Some("serve")), "{file}");
+        assert_eq!((args[0].as_str(), args.last().map(String::as_str)), (program, Some(subcommand)), "{file}");
         assert!(container["readinessProbe"]["httpGet"]["path"].as_str().is_some(), "{file}: no readiness probe");
+        // The configuration it mounts, from the ConfigMap it names.
+        let config_map = string(&pod["volumes"].as_sequence().unwrap()[0]["configMap"]["name"]);
+        let source =
+            if config_map == "cloud-bridge-config" { manifests("cloud-bridge.yaml") } else { documents.clone() };
+        let data =
+            &source.iter().find(|d| d["metadata"]["name"].as_str() == Some(config_map.as_str())).unwrap()["data"];
+        let (key, text) = data.as_mapping().unwrap().iter().next().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join(config_key);
-        std::fs::write(&config, string(&documents[0]["data"][config_key])).unwrap();
+        let config = dir.path().join(string(key));
+        std::fs::write(&config, string(text)).unwrap();
         check_config(program, &config, &[], file);
     }
 }
