@@ -38,7 +38,7 @@ pub struct Projected {
     pub tickets: Vec<ProjectedTicket>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProjectedTicket {
     pub id: String,
     pub ward: String,

@@ -216,7 +216,7 @@ impl DistributedStore {
     pub async fn pharmacy_write(&self, id: TicketId, mutation: Mutation) -> Result<PharmacyOutcome, StoreError> {
         let shared = &self.shared;
         shared.require_set_up()?;
-        let stored = shared.db.ticket(&id.to_string()).await?.ok_or(StoreError::NotFound(id))?;
+        let stored = shared.db.stored_ticket(&id.to_string()).await?.ok_or(StoreError::NotFound(id))?;
         // A fresh actor for every pharmacy change: two bridge instances, or
         // two requests on one, may edit a ticket from the same stored
         // version, and one actor must never write two changes with the same
@@ -340,7 +340,7 @@ impl DistributedStore {
         {
             return Ok(view);
         }
-        let stored = self.shared.db.ticket(&id_text).await?.ok_or(StoreError::NotFound(id))?;
+        let stored = self.shared.db.stored_ticket(&id_text).await?.ok_or(StoreError::NotFound(id))?;
         let mut document = TicketDocument::load(&stored.document, self.shared.replica.clone())?;
         let view = TicketView { ticket: document.ticket()?, history: document.history()? };
         if let (Some(cache), Some(key)) = (cache, &key) {
@@ -459,7 +459,7 @@ impl Shared {
         ids.sort_unstable();
         ids.dedup();
         let mut slots: HashMap<TicketId, Slot> = HashMap::new();
-        for stored in self.db.tickets(&ids).await? {
+        for stored in self.db.stored_tickets(&ids).await? {
             let id = stored.id.parse().map_err(|e| StoreError::Corrupt(format!("ticket id {}: {e}", stored.id)))?;
             slots.insert(id, Slot::Stored(Box::new(TicketDocument::load(&stored.document, self.replica.clone())?)));
         }

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, Projected, ProjectedTicket};
 use super::kafka::{ChangeLog, client_config};
-use super::mongo::{Db, PageChange, PageDoc, TicketDoc, TicketWrite};
+use super::mongo::{Db, PageChange, PageDoc, StoredTicket, TicketDoc, TicketWrite};
 use super::record::{ChangeRecord, Origin, RECORD_OVERHEAD_BYTES_MAX};
 use crate::api::ApiError;
 use crate::config::Config;
@@ -111,6 +111,7 @@ struct Incoming {
 }
 
 /// A decoded record, ready to merge.
+#[derive(Clone)]
 struct Accepted {
     partition: i32,
     offset: i64,
@@ -141,11 +142,18 @@ pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Re
     };
     // The bridges create the topic; a projector that starts first does too.
     let log = ChangeLog::new(kafka, &name)?;
-    retry_until_done("set up the topic and indexes", &health, &stop, async || {
-        log.ensure_topic().await?;
-        db.ensure_indexes().await
-    })
-    .await;
+    let mut retry = Retry::new("set up the topic and indexes", &health, &stop);
+    loop {
+        let set_up = async {
+            log.ensure_topic().await?;
+            db.ensure_indexes().await
+        };
+        match retry.outcome(set_up.await).await {
+            Ok(Some(())) => break,
+            Ok(None) => continue,
+            Err(Stopped) => return Ok(()),
+        }
+    }
     let consumer: StreamConsumer = client_config(kafka, &name)
         .set("group.id", &kafka.group_id)
         .set("enable.auto.commit", "false")
@@ -154,25 +162,39 @@ pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Re
         .create()?;
     consumer.subscribe(&[&kafka.topic])?;
     let consumer = Arc::new(consumer);
-    let mut projector = Projector {
-        db,
-        cache,
+    let mut preparer = Preparer {
+        db: db.clone(),
         replica: ActorId::random(),
         record_bytes_max: config.session.limits.change_bytes_max + RECORD_OVERHEAD_BYTES_MAX,
-        owes_invalidation: false,
+        next_round: 0,
     };
+    let mut writer = Writer { db, cache, replica: ActorId::random(), owes_invalidation: false };
     tracing::info!(topic = %kafka.topic, group = %kafka.group_id, "projector running");
     let (batch_max, linger) =
         (config.projector.batch_records_max, Duration::from_millis(config.projector.batch_linger_ms));
-    while let Some(batch) = next_batch(&consumer, batch_max, linger, &stop).await {
+    // One round after the other. Preparing the next round while this one
+    // is written was measured slower here: the preparation's reads and CPU
+    // slowed MongoDB's writes more than the overlap saved.
+    'rounds: while let Some(batch) = next_batch(&consumer, batch_max, linger, &stop).await {
         let started = Instant::now();
-        let projected =
-            retry_until_done("project a round", &health, &stop, async || projector.project(&batch).await).await;
-        if projected.is_none() {
-            break;
+        let mut retry = Retry::new("prepare a round", &health, &stop);
+        let round = loop {
+            match retry.outcome(preparer.prepare(&batch).await).await {
+                Ok(Some(round)) => break round,
+                Ok(None) => continue,
+                Err(Stopped) => break 'rounds,
+            }
+        };
+        let mut retry = Retry::new("write a round", &health, &stop);
+        loop {
+            match retry.outcome(writer.write(&round).await).await {
+                Ok(Some(())) => break,
+                Ok(None) => continue,
+                Err(Stopped) => break 'rounds,
+            }
         }
-        commit(&consumer, &kafka.topic, &batch);
-        metrics::counter!("projector_records_total").increment(batch.len() as u64);
+        commit(&consumer, &kafka.topic, &round.ranges);
+        metrics::counter!("projector_records_total").increment(round.records as u64);
         metrics::histogram!("projector_round_seconds").record(started.elapsed().as_secs_f64());
         record_lag(Arc::clone(&consumer), kafka.topic.clone()).await;
     }
@@ -180,30 +202,41 @@ pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Re
     Ok(())
 }
 
-/// Runs `work` until it succeeds, backing off while services are down;
-/// `None` if stopped first.
-async fn retry_until_done<T>(
-    what: &str,
-    health: &Health,
-    stop: &CancellationToken,
-    mut work: impl AsyncFnMut() -> Result<T, StoreError>,
-) -> Option<T> {
-    let mut backoff = RETRY_BACKOFF_MIN;
-    loop {
-        let outcome = work().await;
-        health.set(outcome.is_ok());
+/// The projector's side of a failure: it reports unready, logs, and backs
+/// off (doubling up to `RETRY_BACKOFF_MAX`) before the work is tried again.
+struct Retry<'a> {
+    what: &'static str,
+    health: &'a Health,
+    stop: &'a CancellationToken,
+    backoff: Duration,
+}
+
+impl<'a> Retry<'a> {
+    fn new(what: &'static str, health: &'a Health, stop: &'a CancellationToken) -> Self {
+        Self { what, health, stop, backoff: RETRY_BACKOFF_MIN }
+    }
+
+    /// Notes the outcome of an attempt: `Some` when done, `None` to try
+    /// again after the backoff; `Err` once stopped.
+    async fn outcome<T>(&mut self, outcome: Result<T, StoreError>) -> Result<Option<T>, Stopped> {
+        self.health.set(outcome.is_ok());
+        let what = self.what;
         match outcome {
-            Ok(done) => return Some(done),
+            Ok(done) => return Ok(Some(done)),
             Err(StoreError::Corrupt(message)) => tracing::error!(%message, what, "projector cannot proceed"),
             Err(error) => tracing::warn!(%error, what, "projector waiting for its services"),
         }
         tokio::select! {
-            _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = self.stop.cancelled() => return Err(Stopped),
+            _ = tokio::time::sleep(self.backoff) => {}
         }
-        backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+        self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
+        Ok(None)
     }
 }
+
+/// The projector was asked to stop.
+struct Stopped;
 
 /// The next round's records: at least one, then whatever arrives within
 /// `linger`, at most `max`. `None` once stopped.
@@ -262,17 +295,13 @@ async fn record_lag(consumer: Arc<StreamConsumer>, topic: String) {
     }
 }
 
-/// Commits the offsets after the round. A failed commit only means the
-/// round is seen again, which changes nothing.
-fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Incoming]) {
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    for record in batch {
-        let slot = next.entry(record.partition).or_insert(0);
-        *slot = (*slot).max(record.offset + 1);
-    }
+/// Commits the offsets after the round (`ranges`: its first and last
+/// offset per partition). A failed commit only means the round is seen
+/// again, which changes nothing.
+fn commit(consumer: &StreamConsumer, topic: &str, ranges: &BTreeMap<i32, (i64, i64)>) {
     let mut offsets = TopicPartitionList::new();
-    for (partition, offset) in next {
-        if let Err(error) = offsets.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+    for (&partition, &(_, last)) in ranges {
+        if let Err(error) = offsets.add_partition_offset(topic, partition, Offset::Offset(last + 1)) {
             tracing::warn!(%error, partition, "cannot note an offset to commit");
         }
     }
@@ -281,17 +310,31 @@ fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Incoming]) {
     }
 }
 
-struct Projector {
-    db: Db,
-    cache: Option<Cache>,
-    replica: ActorId,
-    record_bytes_max: usize,
-    /// A round's Redis invalidation failed: the next one retires everything cached.
-    owes_invalidation: bool,
+/// A round merged and ready to write.
+struct Round {
+    number: u64,
+    records: usize,
+    /// First and last offset of the round's records, per partition.
+    ranges: BTreeMap<i32, (i64, i64)>,
+    dead: Vec<(i32, i64, Vec<u8>, String)>,
+    pages: Vec<PageDoc>,
+    writes: Vec<TicketWrite>,
+    /// Each written ticket's records, to merge again after a conflict.
+    records_of: HashMap<TicketId, Vec<Accepted>>,
+    notices: Vec<ProjectedTicket>,
 }
 
-impl Projector {
-    async fn project(&mut self, batch: &[Incoming]) -> Result<(), StoreError> {
+/// Reads a round's records, loads their tickets and merges.
+struct Preparer {
+    db: Db,
+    replica: ActorId,
+    record_bytes_max: usize,
+    next_round: u64,
+}
+
+impl Preparer {
+    async fn prepare(&mut self, batch: &[Incoming]) -> Result<Round, StoreError> {
+        let started = Instant::now();
         let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
         for record in batch {
             let range = ranges.entry(record.partition).or_insert((record.offset, record.offset));
@@ -299,33 +342,43 @@ impl Projector {
         }
         let (by_ticket, mut dead) = self.decode(batch);
         let ids: Vec<String> = by_ticket.keys().map(ToString::to_string).collect();
-        let stored: HashMap<String, TicketDoc> =
-            self.db.tickets(&ids).await?.into_iter().map(|doc| (doc.id.clone(), doc)).collect();
-        let merged = self.merge_all(by_ticket, stored).await?;
-
+        let stored: HashMap<String, StoredTicket> =
+            self.db.stored_tickets(&ids).await?.into_iter().map(|doc| (doc.id.clone(), doc)).collect();
+        let loaded = started.elapsed();
+        let merged = merge_all(by_ticket, stored, &self.replica).await?;
+        let number = self.next_round;
+        self.next_round += 1;
         let mut new = Vec::new();
         let mut writes = Vec::new();
         let mut notices = Vec::new();
-        let mut retry: HashMap<TicketId, Vec<Accepted>> = HashMap::new();
+        let mut records_of = HashMap::new();
         for (id, (result, records)) in merged {
             new.extend(result.new);
             dead.extend(result.dead);
             notices.extend(result.notice);
             if let Some(write) = result.write {
                 writes.push(write);
-                retry.insert(id, records);
+                records_of.insert(id, records);
             }
         }
-        for (partition, offset, record, error) in &dead {
-            tracing::error!(partition, offset, %error, "record not projected; kept in dead_letters");
-            self.db.dead_letter(*partition, *offset, record, error, now_ms()).await?;
-        }
-        self.db.insert_pages(&pages(new, &ranges)).await?;
-        self.write_tickets(writes, retry).await?;
-        let watermarks: Vec<(i32, i64)> = ranges.iter().map(|(&p, &(_, last))| (p, last)).collect();
-        self.db.raise_watermarks(&watermarks).await?;
-        self.announce(Projected { watermarks, tickets: notices }).await;
-        Ok(())
+        tracing::debug!(
+            round = number,
+            records = batch.len(),
+            tickets = writes.len(),
+            load_ms = loaded.as_millis() as u64,
+            merge_ms = (started.elapsed() - loaded).as_millis() as u64,
+            "prepared a round"
+        );
+        Ok(Round {
+            number,
+            records: batch.len(),
+            pages: pages(new, &ranges),
+            ranges,
+            dead,
+            writes,
+            records_of,
+            notices,
+        })
     }
 
     /// Decodes a round's records, grouped by ticket in offset order. A
@@ -351,26 +404,60 @@ impl Projector {
         }
         (by_ticket, dead)
     }
+}
 
-    /// Merges every ticket's records into its stored document, on every core.
-    async fn merge_all(
-        &self,
-        by_ticket: BTreeMap<TicketId, Vec<Accepted>>,
-        mut stored: HashMap<String, TicketDoc>,
-    ) -> Result<Vec<(TicketId, (MergedTicket, Vec<Accepted>))>, StoreError> {
-        let work: Vec<(TicketId, Option<TicketDoc>, Vec<Accepted>)> =
-            by_ticket.into_iter().map(|(id, records)| (id, stored.remove(&id.to_string()), records)).collect();
-        let replica = self.replica.clone();
-        tokio::task::spawn_blocking(move || {
-            work.into_par_iter()
-                .map(|(id, doc, records)| {
-                    let merged = merge_ticket(id, doc, &records, &replica);
-                    (id, (merged, records))
-                })
-                .collect()
-        })
-        .await
-        .map_err(|e| StoreError::Corrupt(format!("merge task failed: {e}")))
+/// Merges every ticket's records into its stored document, on every core.
+async fn merge_all(
+    by_ticket: BTreeMap<TicketId, Vec<Accepted>>,
+    mut stored: HashMap<String, StoredTicket>,
+    replica: &ActorId,
+) -> Result<Vec<(TicketId, (MergedTicket, Vec<Accepted>))>, StoreError> {
+    let work: Vec<(TicketId, Option<StoredTicket>, Vec<Accepted>)> =
+        by_ticket.into_iter().map(|(id, records)| (id, stored.remove(&id.to_string()), records)).collect();
+    let replica = replica.clone();
+    tokio::task::spawn_blocking(move || {
+        work.into_par_iter()
+            .map(|(id, doc, records)| {
+                let merged = merge_ticket(id, doc, &records, &replica);
+                (id, (merged, records))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| StoreError::Corrupt(format!("merge task failed: {e}")))
+}
+
+/// Writes a round, in the order the feeds rely on.
+struct Writer {
+    db: Db,
+    cache: Option<Cache>,
+    replica: ActorId,
+    /// A round's Redis invalidation failed: the next one retires everything cached.
+    owes_invalidation: bool,
+}
+
+impl Writer {
+    async fn write(&mut self, round: &Round) -> Result<(), StoreError> {
+        let started = Instant::now();
+        for (partition, offset, record, error) in &round.dead {
+            tracing::error!(partition, offset, %error, "record not projected; kept in dead_letters");
+            self.db.dead_letter(*partition, *offset, record, error, now_ms()).await?;
+        }
+        self.db.insert_pages(&round.pages).await?;
+        let paged = started.elapsed();
+        self.write_tickets(round.writes.clone(), &round.records_of).await?;
+        let written = started.elapsed();
+        let watermarks: Vec<(i32, i64)> = round.ranges.iter().map(|(&p, &(_, last))| (p, last)).collect();
+        self.db.raise_watermarks(&watermarks).await?;
+        self.announce(Projected { watermarks, tickets: round.notices.clone() }).await;
+        tracing::debug!(
+            round = round.number,
+            pages_ms = paged.as_millis() as u64,
+            tickets_ms = (written - paged).as_millis() as u64,
+            rest_ms = (started.elapsed() - written).as_millis() as u64,
+            "wrote a round"
+        );
+        Ok(())
     }
 
     /// Writes tickets; those another projector moved on meanwhile are read
@@ -378,7 +465,7 @@ impl Projector {
     async fn write_tickets(
         &self,
         mut writes: Vec<TicketWrite>,
-        mut records: HashMap<TicketId, Vec<Accepted>>,
+        records_of: &HashMap<TicketId, Vec<Accepted>>,
     ) -> Result<(), StoreError> {
         for _ in 0..CONFLICT_ROUNDS_MAX {
             let conflicts = self.db.write_tickets(writes).await?;
@@ -386,19 +473,16 @@ impl Projector {
                 return Ok(());
             }
             tracing::info!(tickets = conflicts.len(), "tickets changed under the projector; merging again");
-            let stored: HashMap<String, TicketDoc> =
-                self.db.tickets(&conflicts).await?.into_iter().map(|doc| (doc.id.clone(), doc)).collect();
+            let stored: HashMap<String, StoredTicket> =
+                self.db.stored_tickets(&conflicts).await?.into_iter().map(|doc| (doc.id.clone(), doc)).collect();
             let again: BTreeMap<TicketId, Vec<Accepted>> = conflicts
                 .iter()
                 .filter_map(|id| id.parse::<TicketId>().ok())
-                .filter_map(|id| records.remove(&id).map(|r| (id, r)))
+                .filter_map(|id| records_of.get(&id).map(|r| (id, r.clone())))
                 .collect();
             writes = Vec::new();
-            for (id, (merged, accepted)) in self.merge_all(again, stored).await? {
-                if let Some(write) = merged.write {
-                    writes.push(write);
-                    records.insert(id, accepted);
-                }
+            for (_, (merged, _)) in merge_all(again, stored, &self.replica).await? {
+                writes.extend(merged.write);
             }
         }
         Err(StoreError::Unavailable("tickets keep changing under the projector; the round is retried".into()))
@@ -421,7 +505,7 @@ impl Projector {
 }
 
 /// Merges one ticket's records (in offset order) into its stored document.
-fn merge_ticket(id: TicketId, stored: Option<TicketDoc>, records: &[Accepted], replica: &ActorId) -> MergedTicket {
+fn merge_ticket(id: TicketId, stored: Option<StoredTicket>, records: &[Accepted], replica: &ActorId) -> MergedTicket {
     let dead_all = |error: String| MergedTicket {
         write: None,
         new: Vec::new(),
