@@ -20,7 +20,7 @@ use sync_protocol::ids::{NodeId, Role};
 use sync_protocol::session::{BridgeAction, BridgePhase, BridgeSession};
 use sync_protocol::token::Principal;
 use sync_protocol::wire::{self, Message, RefusalReason, Refused};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::api::{ApiError, bearer_principal};
 use crate::store::{self, Feed, FeedLimits};
@@ -146,12 +146,24 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                 Some(Ok(_)) => {} // ping/pong/text: the protocol's own heartbeats are binary
                 Some(Err(error)) => return Err(error.into()),
             },
-            notice = notices.recv() => match notice {
-                Ok(notice) if session.peer().is_some_and(|(_, ward)| *ward == notice.ward) => feed_wanted = true,
-                Ok(_) => {}
-                Err(RecvError::Lagged(_)) => feed_wanted = true,
-                Err(RecvError::Closed) => return Ok(()),
-            },
+            notice = notices.recv() => {
+                // A round of changes arrives as a burst of notices (one per
+                // ticket): take every one already queued, then read once.
+                let mut next = Some(notice);
+                while let Some(notice) = next {
+                    match notice {
+                        Ok(notice) if session.peer().is_some_and(|(_, ward)| *ward == notice.ward) => feed_wanted = true,
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(_)) => feed_wanted = true,
+                        Err(RecvError::Closed) => return Ok(()),
+                    }
+                    next = match notices.try_recv() {
+                        Ok(notice) => Some(Ok(notice)),
+                        Err(TryRecvError::Lagged(missed)) => Some(Err(RecvError::Lagged(missed))),
+                        Err(TryRecvError::Empty | TryRecvError::Closed) => None,
+                    };
+                }
+            }
             _ = poll.tick() => feed_wanted = true,
             _ = ticks.tick() => actions.extend(session.on_tick(now_ms())),
             _ = state.shutdown.cancelled() => {

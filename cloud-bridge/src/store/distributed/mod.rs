@@ -196,9 +196,13 @@ impl DistributedStore {
     ) -> Result<Vec<Rejection>, StoreError> {
         let shared = &self.shared;
         shared.require_set_up()?;
+        let started = std::time::Instant::now();
         let highest = changes.iter().map(|c| c.seq).max().unwrap_or(0);
+        let count = changes.len();
         let mut staged = shared.stager.stage(&node, &ward, changes).await?;
+        let staged_at = started.elapsed();
         let mut checked = shared.check(&node, &ward, &mut staged, false).await?;
+        let checked_at = started.elapsed();
         if checked.missing_dependencies {
             // Changes this batch builds on were accepted (by this bridge or
             // another) but not projected yet: wait until the projection
@@ -207,9 +211,18 @@ impl DistributedStore {
             checked = shared.check(&node, &ward, &mut staged, true).await?;
         }
         shared.log.append(&checked.records).await?;
+        let appended_at = started.elapsed();
         let rejections: Vec<(u64, String, String)> =
             checked.rejections.iter().map(|r| (r.seq, r.ticket.to_string(), r.message.clone())).collect();
         shared.db.record_upstream(node.as_str(), ward.as_str(), highest, &rejections, now_ms()).await?;
+        tracing::debug!(
+            changes = count,
+            stage_ms = staged_at.as_millis() as u64,
+            check_ms = (checked_at - staged_at).as_millis() as u64,
+            append_ms = (appended_at - checked_at).as_millis() as u64,
+            record_ms = (started.elapsed() - appended_at).as_millis() as u64,
+            "stored an upstream batch"
+        );
         Ok(checked.rejections)
     }
 
@@ -224,7 +237,8 @@ impl DistributedStore {
         let mut document = TicketDocument::load(&stored.document, ActorId::random())?;
         let change = mutation(&mut document)?;
         let ticket = document.ticket()?;
-        let record = ChangeRecord { ticket: id, ward: ticket.ward.clone(), origin: Origin::Pharmacy, change };
+        let record =
+            ChangeRecord { ticket: id, ward: ticket.ward.clone(), origin: Origin::Pharmacy, change, created: None };
         let positions = shared.log.append(std::slice::from_ref(&record)).await?;
         let visible = shared.wait_projected(&positions, shared.visible_wait).await;
         Ok(PharmacyOutcome { ticket, visible })
@@ -276,7 +290,8 @@ impl DistributedStore {
         if ranges.is_empty() {
             return Ok(None);
         }
-        let pages = self.shared.db.pages(Some(ward.as_str()), &ranges, PAGES_PER_READ).await?;
+        let reader = Some((node.as_str(), state.own_until.as_slice()));
+        let pages = self.shared.db.pages(Some(ward.as_str()), &ranges, reader, PAGES_PER_READ).await?;
         let exhausted = pages.len() < PAGES_PER_READ;
         let before = state.cursor.clone();
         let changes = take_pages(&pages, node, state, limits)?;
@@ -405,6 +420,8 @@ fn take_pages(
             Some(partial) if partial.partition as usize == p && partial.page == page_id => partial.sent as usize,
             _ => 0,
         };
+        // The query leaves out the node's own pages, but for those it may lack.
+        let own = page.origin.as_deref() == Some(node.as_str());
         let echo_own = state.own_until.get(p).is_some_and(|&until| page.last <= until);
         for (index, entry) in page.changes.iter().enumerate().skip(already_sent) {
             let fits = changes.len() < limits.changes_max && bytes + entry.change.len() <= limits.bytes_max;
@@ -417,7 +434,7 @@ fn take_pages(
                 });
                 return Ok(changes);
             }
-            if entry.origin.as_deref() == Some(node.as_str()) && !echo_own {
+            if own && !echo_own {
                 continue;
             }
             bytes += entry.change.len();
@@ -477,8 +494,10 @@ impl Shared {
                 Some(slot) => Some(slot.document(&self.replica)?),
                 None => None,
             };
+            let mut created = None;
             match staged_change.merge_into(document, id, ward, &self.limits, &self.replica)? {
                 Outcome::Created(row) => {
+                    created = Some(row.json.to_string());
                     slots.insert(id, Slot::Created(row));
                 }
                 Outcome::Merged => {}
@@ -502,6 +521,7 @@ impl Shared {
                 ward: ward.clone(),
                 origin: Origin::Node(node.clone()),
                 change: staged_change.bytes.clone(),
+                created,
             });
         }
         Ok(checked)
@@ -655,7 +675,7 @@ impl Shared {
     }
 
     async fn announce(&self, moved: &[(usize, i64, i64)]) -> Result<(), StoreError> {
-        let pages = self.db.pages(None, moved, POLLED_PAGES_MAX).await?;
+        let pages = self.db.pages(None, moved, None, POLLED_PAGES_MAX).await?;
         let mut ids: Vec<String> =
             pages.iter().flat_map(|page| page.changes.iter().map(|c| c.ticket.clone())).collect();
         ids.sort_unstable();
@@ -665,5 +685,79 @@ impl Shared {
             let _ = self.notices.send(WardNotice { ward, ticket_json: Arc::from(ticket.ticket.as_str()) });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson::oid::ObjectId;
+
+    use self::mongo::PageChange;
+
+    const TICKET: &str = "019ad1f0-0000-7000-8000-000000000001";
+
+    fn page(p: i32, last: i64, origin: Option<&str>, changes: usize) -> PageDoc {
+        PageDoc {
+            id: ObjectId::new(),
+            ward: "ward-4b".into(),
+            p,
+            origin: origin.map(str::to_owned),
+            first: 0,
+            last,
+            n: changes as i32,
+            changes: (0..changes).map(|n| PageChange { ticket: TICKET.into(), change: vec![n as u8; 10] }).collect(),
+        }
+    }
+
+    fn node() -> NodeId {
+        "edge-ward-4b".parse().unwrap()
+    }
+
+    fn limits(changes_max: usize) -> FeedLimits {
+        FeedLimits { changes_max, bytes_max: 1 << 20 }
+    }
+
+    #[test]
+    fn a_feed_skips_the_nodes_own_pages_unless_it_may_lack_them() {
+        let pages = [page(0, 10, Some("edge-ward-4b"), 3), page(0, 20, None, 2), page(1, 15, Some("edge-ward-4b"), 1)];
+        let mut state = FeedState { cursor: PageCursor::default(), own_until: Vec::new() };
+        let changes = take_pages(&pages, &node(), &mut state, limits(100)).unwrap();
+        assert_eq!(changes.len(), 2, "only the pharmacy's changes");
+        assert_eq!((state.cursor.last(0), state.cursor.last(1)), (20, 15), "the position passes own pages too");
+
+        // Without a cursor (restored from a backup), its own changes up to
+        // the offsets noted at the session's start come back.
+        let mut state = FeedState { cursor: PageCursor::default(), own_until: vec![10, -1] };
+        let changes = take_pages(&pages, &node(), &mut state, limits(100)).unwrap();
+        assert_eq!(changes.len(), 5, "own changes up to offset 10 of partition 0, and the pharmacy's");
+    }
+
+    #[test]
+    fn a_page_larger_than_a_batch_is_sent_in_parts_and_never_skipped() {
+        let pages = [page(0, 10, None, 5), page(0, 20, None, 2)];
+        let mut state = FeedState { cursor: PageCursor::default(), own_until: Vec::new() };
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            // Each read gets the pages after the position, as the query would.
+            let after = state.cursor.last(0);
+            let unread: Vec<PageDoc> = pages.iter().filter(|p| p.last > after).cloned().collect();
+            let changes = take_pages(&unread, &node(), &mut state, limits(3)).unwrap();
+            assert!(changes.len() <= 3);
+            sent.extend(changes.into_iter().map(|c| c.change.into_vec()[0]));
+        }
+        assert_eq!(sent, [0, 1, 2, 3, 4, 0, 1], "every change once, in order");
+        assert_eq!((state.cursor.last(0), state.cursor.partial.clone()), (20, None));
+    }
+
+    #[test]
+    fn the_position_never_passes_a_page_sent_in_part() {
+        // Two pages with the same `last` (another projector's, during a rebalance).
+        let pages = [page(0, 10, None, 4), page(0, 10, None, 1)];
+        let mut state = FeedState { cursor: PageCursor::default(), own_until: Vec::new() };
+        take_pages(&pages[..1], &node(), &mut state, limits(2)).unwrap();
+        assert!(state.cursor.partial.is_some());
+        take_pages(&pages[1..], &node(), &mut state, limits(10)).unwrap();
+        assert_eq!(state.cursor.last(0), -1, "the first page is not finished");
     }
 }

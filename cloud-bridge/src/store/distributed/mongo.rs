@@ -70,16 +70,20 @@ pub struct StoredTicket {
     pub held: Vec<serde_bytes::ByteBuf>,
 }
 
-/// Changes new to their tickets, of one ward, from one partition, projected
-/// in one round. `first..=last` is the round's offset range in the
-/// partition, so a reader that has every page up to `last` has every change
-/// of the ward up to that offset.
+/// Changes new to their tickets, of one ward, from one partition and one
+/// origin, projected in one round. `first..=last` is the round's offset
+/// range in the partition, so a reader that has every page of its ward up
+/// to `last` (but its own) has every change it lacks up to that offset.
+/// Pages are split by origin so a node's feed never reads its own changes
+/// back (a busy ward's edge would otherwise pull all it sent).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PageDoc {
     #[serde(rename = "_id")]
     pub id: ObjectId,
     pub ward: String,
     pub p: i32,
+    /// The node the changes came from; `None` for the pharmacy.
+    pub origin: Option<String>,
     pub first: i64,
     pub last: i64,
     /// Number of changes (for backlog counts without reading them).
@@ -90,8 +94,6 @@ pub struct PageDoc {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PageChange {
     pub ticket: String,
-    /// The node the change came from; `None` for the pharmacy.
-    pub origin: Option<String>,
     #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
 }
@@ -374,16 +376,32 @@ impl Db {
         self.pages.insert_many(pages).await.map(|_| ()).map_err(mongo_error)
     }
 
-    /// Raises the projected offsets of partitions (never lowers them).
+    /// Raises the projected offsets of partitions (never lowers them), in one command.
     pub async fn raise_watermarks(&self, raised: &[(i32, i64)]) -> Result<(), StoreError> {
-        for &(partition, last) in raised {
-            self.watermarks
-                .update_one(doc! { "_id": partition }, doc! { "$max": { "projected_to": last } })
-                .upsert(true)
-                .await
-                .map_err(mongo_error)?;
+        if raised.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let statements: Vec<Document> = raised
+            .iter()
+            .map(|&(partition, last)| {
+                doc! { "q": { "_id": partition }, "u": { "$max": { "projected_to": last } }, "upsert": true }
+            })
+            .collect();
+        let command = doc! {
+            "update": self.watermarks.name(),
+            "updates": statements,
+            "ordered": false,
+            "writeConcern": bson::to_bson(&self.write_concern).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        };
+        let reply: UpdateReply = bson::from_document(self.database.run_command(command).await.map_err(mongo_error)?)
+            .map_err(|e| StoreError::Corrupt(format!("update reply: {e}")))?;
+        match (reply.write_errors.first(), reply.write_concern_error) {
+            (None, None) => Ok(()),
+            (Some(error), _) => {
+                Err(StoreError::Unavailable(format!("mongodb: watermark not raised: {}", error.errmsg)))
+            }
+            (None, Some(error)) => Err(StoreError::Unavailable(format!("mongodb write concern: {error}"))),
+        }
     }
 
     /// The last offset projected of each of `partitions` partitions (`-1`: none).
@@ -401,17 +419,28 @@ impl Db {
 
     /// Pages with `last` in `(after, up_to]` of each `(partition, after,
     /// up_to)`, of `ward` or (`None`) of every ward, in partition and offset
-    /// order; at most `limit`.
+    /// order; at most `limit`. With a `reader`, its own pages are left out
+    /// but for those up to its `own_until` offsets (see `FeedState`).
     pub async fn pages(
         &self,
         ward: Option<&str>,
         ranges: &[(usize, i64, i64)],
+        reader: Option<(&str, &[i64])>,
         limit: usize,
     ) -> Result<Vec<PageDoc>, StoreError> {
-        let alternatives: Vec<Document> = ranges
-            .iter()
-            .map(|&(p, after, up_to)| doc! { "p": p as i32, "last": { "$gt": after, "$lte": up_to } })
-            .collect();
+        let mut alternatives: Vec<Document> = Vec::new();
+        for &(p, after, up_to) in ranges {
+            let Some((node, own_until)) = reader else {
+                alternatives.push(doc! { "p": p as i32, "last": { "$gt": after, "$lte": up_to } });
+                continue;
+            };
+            alternatives
+                .push(doc! { "p": p as i32, "last": { "$gt": after, "$lte": up_to }, "origin": { "$ne": node } });
+            let echo_up_to = own_until.get(p).copied().unwrap_or(-1).min(up_to);
+            if echo_up_to > after {
+                alternatives.push(doc! { "p": p as i32, "last": { "$gt": after, "$lte": echo_up_to }, "origin": node });
+            }
+        }
         if alternatives.is_empty() {
             return Ok(Vec::new());
         }

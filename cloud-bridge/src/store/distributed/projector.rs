@@ -18,8 +18,8 @@
 //! first, which is what lets feeds trust the pages.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use automerge::ActorId;
@@ -34,6 +34,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::value::RawValue;
 use sync_protocol::document::{ReceivedChange, TicketDocument};
 use sync_protocol::ids::TicketId;
+use sync_protocol::ticket::Ticket;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, Projected, ProjectedTicket};
@@ -55,8 +56,14 @@ const CONFLICT_ROUNDS_MAX: usize = 8;
 /// Backoff between attempts of a round whose services failed.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Records the consumer reads ahead of the projection, in KiB.
+const PREFETCH_KBYTES: &str = "16384";
+/// How often `projector_lag_records` is brought up to date.
+const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the lag query waits for the brokers.
 const LAG_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Stack of each merge thread: Automerge runs deep (see the bridge's stagers).
+const MERGE_THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -122,11 +129,29 @@ struct Accepted {
 /// What merging one ticket's records produced.
 struct MergedTicket {
     write: Option<TicketWrite>,
-    /// Changes new to the ticket: (partition, offset, ward, change).
-    new: Vec<(i32, i64, String, PageChange)>,
+    /// Changes new to the ticket.
+    new: Vec<NewChange>,
     notice: Option<ProjectedTicket>,
     /// Records that cannot be projected, with the reason.
     dead: Vec<(i32, i64, Vec<u8>, String)>,
+}
+
+/// A change new to its ticket, for the round's pages.
+#[derive(Debug)]
+struct NewChange {
+    ward: String,
+    partition: i32,
+    /// The node it came from; `None` for the pharmacy.
+    origin: Option<String>,
+    offset: i64,
+    change: PageChange,
+}
+
+impl NewChange {
+    /// The stream of pages it belongs to, then its place in it.
+    fn key(&self) -> (&str, i32, Option<&str>, i64) {
+        (&self.ward, self.partition, self.origin.as_deref(), self.offset)
+    }
 }
 
 /// Runs the projector until `stop` is cancelled.
@@ -159,6 +184,8 @@ pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Re
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
+        // Read ahead a few rounds, not librdkafka's default 64 MiB.
+        .set("queued.max.messages.kbytes", PREFETCH_KBYTES)
         .create()?;
     consumer.subscribe(&[&kafka.topic])?;
     let consumer = Arc::new(consumer);
@@ -166,15 +193,25 @@ pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Re
         db: db.clone(),
         replica: ActorId::random(),
         record_bytes_max: config.session.limits.change_bytes_max + RECORD_OVERHEAD_BYTES_MAX,
+        mergers: merge_pool()?,
         next_round: 0,
     };
-    let mut writer = Writer { db, cache, replica: ActorId::random(), owes_invalidation: false };
+    let mut writer = Writer {
+        db,
+        cache,
+        replica: ActorId::random(),
+        mergers: Arc::clone(&preparer.mergers),
+        owes_invalidation: false,
+    };
+    let written = Written::default();
+    report_lag(Arc::clone(&consumer), kafka.topic.clone(), Arc::clone(&written), stop.clone());
     tracing::info!(topic = %kafka.topic, group = %kafka.group_id, "projector running");
     let (batch_max, linger) =
         (config.projector.batch_records_max, Duration::from_millis(config.projector.batch_linger_ms));
-    // One round after the other. Preparing the next round while this one
-    // is written was measured slower here: the preparation's reads and CPU
-    // slowed MongoDB's writes more than the overlap saved.
+    // One round after the other. Preparing the next round while one is
+    // written was measured slower (SecantusDB: its writes took twice as
+    // long beside the next round's reads), and the projector's own work is
+    // a small part of a round (README, distributed benchmark).
     'rounds: while let Some(batch) = next_batch(&consumer, batch_max, linger, &stop).await {
         let started = Instant::now();
         let mut retry = Retry::new("prepare a round", &health, &stop);
@@ -194,12 +231,28 @@ pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Re
             }
         }
         commit(&consumer, &kafka.topic, &round.ranges);
+        {
+            let mut written = written.lock().unwrap_or_else(|p| p.into_inner());
+            for (&partition, &(_, last)) in &round.ranges {
+                written.insert(partition, last + 1);
+            }
+        }
         metrics::counter!("projector_records_total").increment(round.records as u64);
         metrics::histogram!("projector_round_seconds").record(started.elapsed().as_secs_f64());
-        record_lag(Arc::clone(&consumer), kafka.topic.clone()).await;
     }
     tracing::info!("projector stopped");
     Ok(())
+}
+
+/// The threads that merge, one per core, with room on their stacks for
+/// Automerge (see the bridge's staging threads).
+fn merge_pool() -> Result<Arc<rayon::ThreadPool>, StoreError> {
+    rayon::ThreadPoolBuilder::new()
+        .thread_name(|n| format!("projector-merge-{n}"))
+        .stack_size(MERGE_THREAD_STACK_BYTES)
+        .build()
+        .map(Arc::new)
+        .map_err(|e| StoreError::Corrupt(format!("cannot start the merge threads: {e}")))
 }
 
 /// The projector's side of a failure: it reports unready, logs, and backs
@@ -275,24 +328,47 @@ async fn next_batch(
     Some(batch)
 }
 
-/// Sets `projector_lag_records`: records of the assigned partitions not
-/// projected yet (the alert that matters: a growing lag means wards wait).
-async fn record_lag(consumer: Arc<StreamConsumer>, topic: String) {
-    let lag = tokio::task::spawn_blocking(move || -> Option<i64> {
-        let positions = consumer.position().ok()?;
-        let mut lag = 0;
-        for element in positions.elements_for_topic(&topic) {
-            // A partition not fetched from yet has no position: the lag is unknown.
-            let Offset::Offset(position) = element.offset() else { return None };
-            let (_, high) = consumer.fetch_watermarks(&topic, element.partition(), LAG_QUERY_TIMEOUT).ok()?;
-            lag += (high - position).max(0);
+/// The next offset after what rounds have written, per partition.
+type Written = Arc<Mutex<BTreeMap<i32, i64>>>;
+
+/// Keeps `projector_lag_records` current: records of the assigned
+/// partitions not written yet (the alert that matters: a growing lag means
+/// wards wait). Off the rounds' path: asking the brokers takes a round trip
+/// per partition.
+fn report_lag(consumer: Arc<StreamConsumer>, topic: String, written: Written, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(LAG_REPORT_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let (consumer, topic, written) = (Arc::clone(&consumer), topic.clone(), Arc::clone(&written));
+            let lag = tokio::task::spawn_blocking(move || -> Option<i64> {
+                let assigned = consumer.assignment().ok()?;
+                let positions = consumer.position().ok()?;
+                let mut lag = 0;
+                for element in assigned.elements_for_topic(&topic) {
+                    let partition = element.partition();
+                    // Written by this projector, or (after a rebalance gave
+                    // it the partition) where the consumer took over.
+                    let written = written.lock().unwrap_or_else(|p| p.into_inner()).get(&partition).copied();
+                    let position = match positions.find_partition(&topic, partition).map(|e| e.offset()) {
+                        Some(Offset::Offset(position)) => Some(position),
+                        _ => None,
+                    };
+                    let done = written.max(position)?;
+                    let (_, high) = consumer.fetch_watermarks(&topic, partition, LAG_QUERY_TIMEOUT).ok()?;
+                    lag += (high - done).max(0);
+                }
+                Some(lag)
+            })
+            .await;
+            if let Ok(Some(lag)) = lag {
+                metrics::gauge!("projector_lag_records").set(lag as f64);
+            }
         }
-        Some(lag)
-    })
-    .await;
-    if let Ok(Some(lag)) = lag {
-        metrics::gauge!("projector_lag_records").set(lag as f64);
-    }
+    });
 }
 
 /// Commits the offsets after the round (`ranges`: its first and last
@@ -329,6 +405,7 @@ struct Preparer {
     db: Db,
     replica: ActorId,
     record_bytes_max: usize,
+    mergers: Arc<rayon::ThreadPool>,
     next_round: u64,
 }
 
@@ -345,7 +422,7 @@ impl Preparer {
         let stored: HashMap<String, StoredTicket> =
             self.db.stored_tickets(&ids).await?.into_iter().map(|doc| (doc.id.clone(), doc)).collect();
         let loaded = started.elapsed();
-        let merged = merge_all(by_ticket, stored, &self.replica).await?;
+        let merged = merge_all(&self.mergers, by_ticket, stored, &self.replica).await?;
         let number = self.next_round;
         self.next_round += 1;
         let mut new = Vec::new();
@@ -406,22 +483,25 @@ impl Preparer {
     }
 }
 
-/// Merges every ticket's records into its stored document, on every core.
+/// Merges every ticket's records into its stored document, on `mergers`.
 async fn merge_all(
+    mergers: &Arc<rayon::ThreadPool>,
     by_ticket: BTreeMap<TicketId, Vec<Accepted>>,
     mut stored: HashMap<String, StoredTicket>,
     replica: &ActorId,
 ) -> Result<Vec<(TicketId, (MergedTicket, Vec<Accepted>))>, StoreError> {
     let work: Vec<(TicketId, Option<StoredTicket>, Vec<Accepted>)> =
         by_ticket.into_iter().map(|(id, records)| (id, stored.remove(&id.to_string()), records)).collect();
-    let replica = replica.clone();
+    let (replica, mergers) = (replica.clone(), Arc::clone(mergers));
     tokio::task::spawn_blocking(move || {
-        work.into_par_iter()
-            .map(|(id, doc, records)| {
-                let merged = merge_ticket(id, doc, &records, &replica);
-                (id, (merged, records))
-            })
-            .collect()
+        mergers.install(|| {
+            work.into_par_iter()
+                .map(|(id, doc, records)| {
+                    let merged = merge_ticket(id, doc, &records, &replica);
+                    (id, (merged, records))
+                })
+                .collect()
+        })
     })
     .await
     .map_err(|e| StoreError::Corrupt(format!("merge task failed: {e}")))
@@ -432,6 +512,7 @@ struct Writer {
     db: Db,
     cache: Option<Cache>,
     replica: ActorId,
+    mergers: Arc<rayon::ThreadPool>,
     /// A round's Redis invalidation failed: the next one retires everything cached.
     owes_invalidation: bool,
 }
@@ -481,7 +562,7 @@ impl Writer {
                 .filter_map(|id| records_of.get(&id).map(|r| (id, r.clone())))
                 .collect();
             writes = Vec::new();
-            for (_, (merged, _)) in merge_all(again, stored, &self.replica).await? {
+            for (_, (merged, _)) in merge_all(&self.mergers, again, stored, &self.replica).await? {
                 writes.extend(merged.write);
             }
         }
@@ -506,6 +587,9 @@ impl Writer {
 
 /// Merges one ticket's records (in offset order) into its stored document.
 fn merge_ticket(id: TicketId, stored: Option<StoredTicket>, records: &[Accepted], replica: &ActorId) -> MergedTicket {
+    if let Some(created) = created_alone(id, stored.as_ref(), records) {
+        return created;
+    }
     let dead_all = |error: String| MergedTicket {
         write: None,
         new: Vec::new(),
@@ -539,20 +623,53 @@ fn merge_ticket(id: TicketId, stored: Option<StoredTicket>, records: &[Accepted]
         Ok(row) => row,
         Err(error) => return dead_all(format!("ticket {id} does not materialize: {error}")),
     };
-    let new = records
+    let new: Vec<&Accepted> =
+        records.iter().filter(|r| merged.new.iter().any(|hash| hash == r.received.hash())).collect();
+    written(id, version, &row.ticket, &row.json, row.document, held, &new)
+}
+
+/// A ticket created by its first change alone, in this round: the bridge
+/// that accepted the change materialized it already (the record carries
+/// the JSON) and the change's bytes load as the whole document, so neither
+/// is done again here. Materializing is most of a merge's cost, and
+/// creation is the commonest change. `None` when this does not apply.
+fn created_alone(id: TicketId, stored: Option<&StoredTicket>, records: &[Accepted]) -> Option<MergedTicket> {
+    let [record] = records else { return None };
+    let json = record.record.created.as_deref().filter(|_| stored.is_none() && record.received.is_root())?;
+    let ticket: Ticket = serde_json::from_str(json).ok()?;
+    if ticket.id != id || ticket.ward != record.record.ward {
+        return None;
+    }
+    Some(written(id, 0, &ticket, json, record.record.change.clone(), Vec::new(), &[record]))
+}
+
+/// The write, page entries and notice of a ticket merged to `ticket`.
+fn written(
+    id: TicketId,
+    version: i64,
+    ticket: &Ticket,
+    json: &str,
+    document: Vec<u8>,
+    held: Vec<serde_bytes::ByteBuf>,
+    new: &[&Accepted],
+) -> MergedTicket {
+    let new = new
         .iter()
-        .filter(|r| merged.new.iter().any(|hash| hash == r.received.hash()))
         .map(|r| {
             let origin = match &r.record.origin {
                 Origin::Node(node) => Some(node.as_str().to_owned()),
                 Origin::Pharmacy => None,
             };
-            let change = PageChange { ticket: id.to_string(), origin, change: r.record.change.clone() };
-            (r.partition, r.offset, r.record.ward.as_str().to_owned(), change)
+            NewChange {
+                ward: r.record.ward.as_str().to_owned(),
+                partition: r.partition,
+                origin,
+                offset: r.offset,
+                change: PageChange { ticket: id.to_string(), change: r.record.change.clone() },
+            }
         })
         .collect();
-    let ticket = &row.ticket;
-    let notice = RawValue::from_string(row.json.to_string()).ok().map(|json| ProjectedTicket {
+    let notice = RawValue::from_string(json.to_owned()).ok().map(|json| ProjectedTicket {
         id: id.to_string(),
         ward: ticket.ward.as_str().to_owned(),
         ticket: json,
@@ -567,34 +684,35 @@ fn merge_ticket(id: TicketId, stored: Option<StoredTicket>, records: &[Accepted]
         created_at: ticket.created_at,
         updated_at: ticket.updated_at,
         conflicts: i32::try_from(ticket.conflicts.len()).unwrap_or(i32::MAX),
-        ticket: row.json.to_string(),
-        document: row.document,
+        ticket: json.to_owned(),
+        document,
         held,
     };
     MergedTicket { write: Some(TicketWrite { expected_v: version, doc }), new, notice, dead: Vec::new() }
 }
 
-/// The round's feed pages: per ward and partition, its new changes in
-/// offset order, split to bounded pages that together cover the round's
+/// The round's feed pages: per ward, partition and origin, its new changes
+/// in offset order, split to bounded pages that together cover the round's
 /// whole offset range of the partition.
-fn pages(mut new: Vec<(i32, i64, String, PageChange)>, ranges: &BTreeMap<i32, (i64, i64)>) -> Vec<PageDoc> {
-    new.sort_by(|a, b| (&a.2, a.0, a.1).cmp(&(&b.2, b.0, b.1)));
+fn pages(mut new: Vec<NewChange>, ranges: &BTreeMap<i32, (i64, i64)>) -> Vec<PageDoc> {
+    new.sort_by(|a, b| a.key().cmp(&b.key()));
+    let round_range = |partition: i32, offset: i64| ranges.get(&partition).copied().unwrap_or((offset, offset));
     let mut pages: Vec<PageDoc> = Vec::new();
     let mut open: Option<PageDoc> = None;
     let mut open_bytes = 0usize;
-    for (partition, offset, ward, change) in new {
-        let (round_first, _) = ranges.get(&partition).copied().unwrap_or((offset, offset));
-        let same_stream = open.as_ref().is_some_and(|page| page.ward == ward && page.p == partition);
+    for NewChange { ward, partition, origin, offset, change } in new {
+        let same_stream =
+            open.as_ref().is_some_and(|page| page.ward == ward && page.p == partition && page.origin == origin);
         let full = open_bytes + change.change.len() > PAGE_BYTES_MAX
             || open.as_ref().is_some_and(|page| page.changes.len() >= PAGE_CHANGES_MAX);
         if !same_stream || full {
             let first = match (&open, same_stream) {
                 (Some(previous), true) => previous.last + 1,
-                _ => round_first,
+                _ => round_range(partition, offset).0,
             };
             if let Some(mut page) = open.take() {
                 if !same_stream {
-                    page.last = ranges.get(&page.p).map_or(page.last, |&(_, last)| last);
+                    page.last = round_range(page.p, page.last).1;
                 }
                 pages.push(page);
             }
@@ -602,6 +720,7 @@ fn pages(mut new: Vec<(i32, i64, String, PageChange)>, ranges: &BTreeMap<i32, (i
                 id: mongodb::bson::oid::ObjectId::new(),
                 ward,
                 p: partition,
+                origin,
                 first,
                 last: offset,
                 n: 0,
@@ -616,7 +735,7 @@ fn pages(mut new: Vec<(i32, i64, String, PageChange)>, ranges: &BTreeMap<i32, (i
         page.changes.push(change);
     }
     if let Some(mut page) = open.take() {
-        page.last = ranges.get(&page.p).map_or(page.last, |&(_, last)| last);
+        page.last = round_range(page.p, page.last).1;
         pages.push(page);
     }
     pages
@@ -626,29 +745,102 @@ fn pages(mut new: Vec<(i32, i64, String, PageChange)>, ranges: &BTreeMap<i32, (i
 mod tests {
     use super::*;
 
-    fn change(ticket: &str) -> PageChange {
-        PageChange { ticket: ticket.into(), origin: None, change: vec![0; 10] }
+    /// A ticket's first change, as a record a bridge appends (with or
+    /// without the ticket it materialized).
+    fn creation(materialized: bool) -> (TicketId, Accepted) {
+        use sync_protocol::ticket::{Actor, NewTicket};
+        let actor = Actor {
+            user: "n.okafor".parse().unwrap(),
+            role: sync_protocol::ids::Role::Nurse,
+            device: "edge-ward-4b".parse().unwrap(),
+            offline_login: false,
+        };
+        let new: NewTicket = serde_json::from_value(serde_json::json!({
+            "items": [{ "medication_code": "AMOX-500", "quantity": 20, "unit": "capsule" }],
+            "priority": "stat", "notes": "ALLERGY: PENICILLIN"
+        }))
+        .unwrap();
+        let id = TicketId::new(1_764_000_000_000, [9; 10]);
+        let ward = "ward-4b".parse().unwrap();
+        let created =
+            TicketDocument::create(id, &ward, &new, &actor, 1_764_000_000_000, &Default::default(), ActorId::random())
+                .unwrap();
+        let record = ChangeRecord {
+            ticket: id,
+            ward,
+            origin: Origin::Node("edge-ward-4b".parse().unwrap()),
+            created: materialized.then(|| serde_json::to_string(&created.ticket).unwrap()),
+            change: created.change.clone(),
+        };
+        let received = ReceivedChange::decode(&created.change).unwrap();
+        (id, Accepted { partition: 0, offset: 7, record, received })
     }
 
     #[test]
-    fn pages_cover_the_rounds_whole_range_of_each_partition() {
+    fn a_ticket_created_alone_is_written_as_a_full_merge_would_write_it() {
+        let replica = ActorId::random();
+        let (id, fast) = creation(true);
+        let (_, slow) = creation(false);
+        let fast = merge_ticket(id, None, &[fast], &replica).write.unwrap().doc;
+        let slow = merge_ticket(id, None, &[slow], &replica).write.unwrap().doc;
+        assert_eq!(
+            (&fast.ticket, &fast.status, fast.priority_rank, fast.created_at, fast.v),
+            (&slow.ticket, &slow.status, slow.priority_rank, slow.created_at, slow.v)
+        );
+        let load = |bytes: &[u8]| TicketDocument::load(bytes, ActorId::random()).unwrap().ticket().unwrap();
+        assert_eq!(load(&fast.document), load(&slow.document), "the change's bytes load as the document");
+    }
+
+    fn change(ward: &str, partition: i32, offset: i64, origin: Option<&str>) -> NewChange {
+        NewChange {
+            ward: ward.into(),
+            partition,
+            origin: origin.map(str::to_owned),
+            offset,
+            change: PageChange { ticket: "t".into(), change: vec![0; 10] },
+        }
+    }
+
+    #[test]
+    fn pages_cover_the_rounds_whole_range_of_each_partition_per_origin() {
         let ranges = BTreeMap::from([(0, (100, 199)), (1, (50, 80))]);
         let mut new = Vec::new();
         for offset in (100..=190).step_by(10) {
-            new.push((0, offset, "ward-a".to_owned(), change("t")));
+            new.push(change("ward-a", 0, offset, Some("edge-a")));
         }
-        new.push((1, 60, "ward-a".to_owned(), change("u")));
-        new.push((0, 150, "ward-b".to_owned(), change("v")));
+        new.push(change("ward-a", 0, 155, None));
+        new.push(change("ward-a", 1, 60, Some("edge-a")));
+        new.push(change("ward-b", 0, 150, Some("edge-b")));
         let pages = pages(new, &ranges);
-        let spans: Vec<(&str, i32, i64, i64, i32)> =
-            pages.iter().map(|p| (p.ward.as_str(), p.p, p.first, p.last, p.n)).collect();
-        assert_eq!(spans, vec![("ward-a", 0, 100, 199, 10), ("ward-a", 1, 50, 80, 1), ("ward-b", 0, 100, 199, 1)]);
+        let spans: Vec<String> = pages
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} p{} {} {}..={} n{}",
+                    p.ward,
+                    p.p,
+                    p.origin.as_deref().unwrap_or("pharmacy"),
+                    p.first,
+                    p.last,
+                    p.n
+                )
+            })
+            .collect();
+        assert_eq!(
+            spans,
+            [
+                "ward-a p0 pharmacy 100..=199 n1",
+                "ward-a p0 edge-a 100..=199 n10",
+                "ward-a p1 edge-a 50..=80 n1",
+                "ward-b p0 edge-b 100..=199 n1",
+            ]
+        );
     }
 
     #[test]
     fn a_large_round_splits_into_contiguous_pages() {
         let ranges = BTreeMap::from([(0, (0, 999))]);
-        let new: Vec<_> = (0..600).map(|offset| (0, offset, "ward-a".to_owned(), change("t"))).collect();
+        let new: Vec<_> = (0..600).map(|offset| change("ward-a", 0, offset, Some("edge-a"))).collect();
         let pages = pages(new, &ranges);
         let spans: Vec<(i64, i64, i32)> = pages.iter().map(|p| (p.first, p.last, p.n)).collect();
         assert_eq!(spans, vec![(0, 255, 256), (256, 511, 256), (512, 999, 88)]);

@@ -25,6 +25,9 @@ pub struct ChangeRecord {
     pub origin: Origin,
     #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
+    /// For a ticket's first change: the ticket it creates, materialized (JSON)
+    /// by the bridge that checked it, so the projector need not do it again.
+    pub created: Option<String>,
 }
 
 /// Where an accepted change entered the cloud.
@@ -140,6 +143,7 @@ mod tests {
             ward: "ward-4b".parse().unwrap(),
             origin: Origin::Node("edge-ward-4b".parse().unwrap()),
             change: vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3],
+            created: Some("{\"id\":\"x\"}".into()),
         }
     }
 
