@@ -5,17 +5,27 @@
 //! credentials from the auth service). Accounts and data persist in
 //! `target/dev-stack` between runs.
 //!
-//! scripts/run   (builds, then runs target/release/dev-stack)
+//! With `--distributed`, the cloud runs on the distributed backend instead:
+//! two bridge instances and a projector on the Kafka, MongoDB and Redis the
+//! `MEDSYNC_*` variables name (`scripts/run --distributed` starts local ones).
+//!
+//! scripts/run [--distributed]   (builds, then runs target/release/dev-stack)
 
 use std::path::{Path, PathBuf};
 
-use e2e::process::{ServiceProcess, auth_admin, bridge_config_with_auth, edge_config_with_auth};
+use e2e::Services;
+use e2e::process::{PROJECTOR, ServiceProcess, auth_admin, edge_config_with_auth, named_bridge_config};
 use serde_json::Value;
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";
 const AUTH_LISTEN: &str = "127.0.0.1:8590";
 const BRIDGE_LISTEN: &str = "127.0.0.1:8580";
+/// The second bridge instance of the distributed stack.
+const SECOND_BRIDGE_LISTEN: &str = "127.0.0.1:8582";
+const PROJECTOR_LISTEN: &str = "127.0.0.1:8581";
+/// The topic, consumer group, database and key prefix of the distributed stack.
+const NAMESPACE: &str = "medsync-dev";
 const EDGE_LISTEN: &str = "127.0.0.1:8480";
 const USERS: [(&str, &str, &[&str]); 2] =
     [("n.okafor", "nurse", &["--ward", WARD]), ("p.lindqvist", "pharmacist", &[])];
@@ -42,6 +52,11 @@ fn bootstrap(root: &Path, auth_config: &Path) -> Result<(), String> {
 }
 
 fn main() -> Result<(), String> {
+    let distributed = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--distributed") => true,
+        Some(other) => return Err(format!("unknown argument {other}; the one there is: --distributed")),
+    };
     let root =
         std::env::var_os("DEV_STACK_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/dev-stack"));
     let root = std::path::absolute(&root).map_err(|e| format!("{}: {e}", root.display()))?;
@@ -62,8 +77,23 @@ fn main() -> Result<(), String> {
         response.json().await.map_err(|e| e.to_string())
     })?;
     let auth_section = format!("url = \"{}\"", auth.url(""));
-    let bridge_config = bridge_config_with_auth(&bridge_dir, BRIDGE_LISTEN, &auth_section, "");
+    let backend = match distributed {
+        true => Services::from_env()
+            .sections(NAMESPACE, 4, &format!("{NAMESPACE}-projector"))
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{PROJECTOR_LISTEN}\"")),
+        false => String::new(),
+    };
+    let bridge_config = named_bridge_config("bridge-1", &bridge_dir, BRIDGE_LISTEN, &auth_section, &backend);
     let bridge = ServiceProcess::launch_with_config("cloud-bridge", &bridge_dir, &jwks, &bridge_config);
+    let mut others = Vec::new();
+    if distributed {
+        let second_dir = root.join("bridge-2");
+        let config = named_bridge_config("bridge-2", &second_dir, SECOND_BRIDGE_LISTEN, &auth_section, &backend);
+        others.push(ServiceProcess::launch_with_config("cloud-bridge", &second_dir, &jwks, &config));
+        let projector_dir = root.join("projector");
+        let config = named_bridge_config("projector-1", &projector_dir, "127.0.0.1:0", &auth_section, &backend);
+        others.push(ServiceProcess::launch(PROJECTOR, &projector_dir, &jwks, &config));
+    }
     let sync = format!("[sync]\nbridge_url = \"ws://{BRIDGE_LISTEN}/sync\"\n");
     let edge_config = edge_config_with_auth(&edge_dir, NODE, WARD, EDGE_LISTEN, &auth_section, &sync);
     let edge = ServiceProcess::launch_with_config("edge-node", &edge_dir, &jwks, &edge_config);
@@ -91,8 +121,17 @@ Acknowledge it from the pharmacy (ID from the queue), and watch the ward's live 
   curl -s -N {edge}/api/v1/events -H "authorization: Bearer $NURSE" &
   curl -s -X POST {bridge}/api/v1/tickets/ID/transitions -H "authorization: Bearer $PHARMACIST" -H 'content-type: application/json' -d '{{"to":"acknowledged"}}'
 
-Logs: {root}/{{auth,edge,bridge}}/*.log. Ctrl-C stops all three.
+{distributed_note}Logs: {root}/*/*.log. Ctrl-C stops them all.
 "#,
+        distributed_note = match distributed {
+            true => format!(
+                "The cloud runs on the distributed backend (topic, database and keys {NAMESPACE}):\n  \
+                 a second bridge     {second}      the same queue: curl -s {second}/api/v1/queue -H \"authorization: Bearer $PHARMACIST\"\n  \
+                 the projector       http://{PROJECTOR_LISTEN}      /metrics (projector_lag_records), /readyz\n\n",
+                second = format!("http://{SECOND_BRIDGE_LISTEN}"),
+            ),
+            false => String::new(),
+        },
         root = root.display(),
         auth = auth.url(""),
         edge = edge.url(""),
@@ -103,7 +142,7 @@ Logs: {root}/{{auth,edge,bridge}}/*.log. Ctrl-C stops all three.
     });
     println!("stopping");
     // SIGTERM: each drains and closes its database cleanly.
-    for mut process in [edge, bridge, auth] {
+    for mut process in [edge, bridge].into_iter().chain(others).chain([auth]) {
         process.terminate();
     }
     Ok(())

@@ -158,6 +158,21 @@ pub fn mongo_error(error: mongodb::error::Error) -> StoreError {
     }
 }
 
+/// The positions of an unordered `insert_many`'s documents that failed as
+/// duplicate keys; any other failure is an error.
+fn duplicates<T>(outcome: mongodb::error::Result<T>) -> Result<Vec<usize>, StoreError> {
+    let Err(error) = outcome else { return Ok(Vec::new()) };
+    match &*error.kind {
+        ErrorKind::InsertMany(failure)
+            if failure.write_concern_error.is_none()
+                && failure.write_errors.iter().flatten().all(|e| e.code == DUPLICATE_KEY) =>
+        {
+            Ok(failure.write_errors.iter().flatten().map(|e| e.index).collect())
+        }
+        _ => Err(mongo_error(error)),
+    }
+}
+
 /// A write of a ticket over the version it was read at (`0`: a new ticket).
 #[derive(Debug, Clone)]
 pub struct TicketWrite {
@@ -323,18 +338,8 @@ impl Db {
         }
         let ids: Vec<String> = writes.iter().map(|w| w.doc.id.clone()).collect();
         let documents: Vec<&TicketDoc> = writes.iter().map(|w| &w.doc).collect();
-        match self.tickets.insert_many(documents).ordered(false).await {
-            Ok(_) => Ok(Vec::new()),
-            Err(error) => match &*error.kind {
-                ErrorKind::InsertMany(failure)
-                    if failure.write_concern_error.is_none()
-                        && failure.write_errors.iter().flatten().all(|e| e.code == DUPLICATE_KEY) =>
-                {
-                    Ok(failure.write_errors.iter().flatten().filter_map(|e| ids.get(e.index).cloned()).collect())
-                }
-                _ => Err(mongo_error(error)),
-            },
-        }
+        let duplicates = duplicates(self.tickets.insert_many(documents).ordered(false).await)?;
+        Ok(duplicates.into_iter().filter_map(|index| ids.get(index).cloned()).collect())
     }
 
     async fn replace_tickets(&self, writes: Vec<TicketWrite>) -> Result<Vec<String>, StoreError> {
@@ -369,11 +374,13 @@ impl Db {
         Ok(conflicts)
     }
 
+    /// Inserts a round's pages. A page already there (same id: an earlier
+    /// attempt at this round wrote it before failing) is left as it is.
     pub async fn insert_pages(&self, pages: &[PageDoc]) -> Result<(), StoreError> {
         if pages.is_empty() {
             return Ok(());
         }
-        self.pages.insert_many(pages).await.map(|_| ()).map_err(mongo_error)
+        duplicates(self.pages.insert_many(pages).ordered(false).await).map(|_| ())
     }
 
     /// Raises the projected offsets of partitions (never lowers them), in one command.
