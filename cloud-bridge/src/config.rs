@@ -249,6 +249,16 @@ impl Config {
     }
 }
 
+/// `text` with one level of `#` taken off every line from `marker` on: an
+/// example file's commented optional sections, switched on.
+#[cfg(test)]
+pub(crate) fn uncomment_from(text: &str, marker: &str) -> String {
+    let (kept, commented) = text.split_at(text.find(marker).expect("the marker is in the text"));
+    let uncommented: Vec<&str> =
+        commented.lines().map(|line| line.strip_prefix("# ").unwrap_or(line.trim_start_matches('#'))).collect();
+    format!("{kept}{}\n", uncommented.join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,10 +277,7 @@ mod tests {
 
     /// The example with its commented distributed sections switched on.
     fn distributed_example() -> String {
-        let (embedded, distributed) = EXAMPLE.split_at(EXAMPLE.find("# [kafka]").unwrap());
-        let uncommented: Vec<&str> =
-            distributed.lines().map(|line| line.strip_prefix("# ").unwrap_or(line.trim_start_matches('#'))).collect();
-        format!("{embedded}{}\n", uncommented.join("\n"))
+        uncomment_from(EXAMPLE, "# [kafka]")
     }
 
     #[test]

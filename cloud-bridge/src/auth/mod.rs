@@ -20,13 +20,18 @@
 //! - `GET /api/v1/wards/{ward}/staff-credentials`: for the edge node of
 //!   that ward, the argon2 hashes of its staff's passwords, so staff can log
 //!   in at the edge during an outage.
+//! - `GET /healthz` (alive), `GET /readyz` (its store answers).
+//!
+//! Storage: SQLite in `data_dir` (one instance), or with `[mongodb]` the
+//! accounts, keys and tokens in MongoDB and with `[redis]` the rate limits
+//! in Redis, shared by any number of instances.
 
 pub mod keys;
 pub mod store;
+mod throttle;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +44,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use service_kit::config::Source;
@@ -51,13 +55,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use self::store::{Account, AccountKind, AuthStore, AuthStoreError, RefreshUse};
+use self::throttle::Throttle;
+use crate::config::{MongoConfig, RedisConfig};
 
 pub const CONFIG_VERSION: u32 = 1;
 pub const ENV_PREFIX: &str = "AUTH_SERVICE__";
 /// Largest form a token, revoke or introspect request may send.
 const FORM_BYTES_MAX: usize = 8 * 1024;
-/// How long the rate limiter remembers an idle key.
-const RATE_LIMIT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 pub use service_kit::config::ConfigError;
 
@@ -79,6 +83,12 @@ pub struct AuthServiceConfig {
     pub rate_limit: RateLimitConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The distributed mode: accounts, keys and tokens in MongoDB, shared by
+    /// every instance (without it, SQLite in `data_dir`, and one instance).
+    pub mongodb: Option<MongoConfig>,
+    /// Rate limits counted in Redis, across instances (without it, or while
+    /// it does not answer, each instance counts alone).
+    pub redis: Option<RedisConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -165,22 +175,27 @@ pub enum AuthServiceError {
     DataDir { path: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] AuthStoreError),
+    #[error("redis.url is not usable: {0}")]
+    Redis(String),
     #[error("http server failed: {0}")]
     Http(#[from] std::io::Error),
 }
 
-/// Opens the store, creating the data directory and a first signing key if needed.
-pub fn open_store(config: &AuthServiceConfig) -> Result<AuthStore, AuthServiceError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| AuthServiceError::DataDir { path: config.data_dir.display().to_string(), source })?;
-    let store = AuthStore::open(&config.database_path())?;
-    store.run_now(|conn| {
-        if store::keys(conn)?.is_empty() {
-            let (kid, _) = store::add_key(conn, now_s())?;
-            tracing::info!(%kid, "created the first signing key");
+/// Opens the store (MongoDB with `[mongodb]`, else SQLite in the data
+/// directory, which is created), and adds a first signing key if it has none.
+pub async fn open_store(config: &AuthServiceConfig) -> Result<AuthStore, AuthServiceError> {
+    let store = match &config.mongodb {
+        Some(mongodb) => AuthStore::mongo(mongodb).await?,
+        None => {
+            std::fs::create_dir_all(&config.data_dir)
+                .map_err(|source| AuthServiceError::DataDir { path: config.data_dir.display().to_string(), source })?;
+            AuthStore::sqlite(&config.database_path())?
         }
-        Ok(())
-    })?;
+    };
+    if store.keys().await?.is_empty() {
+        let (kid, _) = store.add_key(now_s()).await?;
+        tracing::info!(%kid, "created the first signing key");
+    }
     Ok(store)
 }
 
@@ -188,7 +203,7 @@ pub fn open_store(config: &AuthServiceConfig) -> Result<AuthStore, AuthServiceEr
 pub struct AuthState {
     config: Arc<AuthServiceConfig>,
     store: AuthStore,
-    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    throttle: Throttle,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -198,10 +213,9 @@ impl std::fmt::Debug for AuthState {
 }
 
 impl AuthState {
-    pub fn new(config: AuthServiceConfig, store: AuthStore) -> Self {
-        let per_minute = NonZeroU32::new(config.rate_limit.token_requests_per_minute).unwrap_or(NonZeroU32::MIN);
-        let limiter = Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute)));
-        Self { config: Arc::new(config), store, limiter }
+    pub fn new(config: AuthServiceConfig, store: AuthStore) -> Result<Self, AuthServiceError> {
+        let throttle = Throttle::new(config.rate_limit.token_requests_per_minute, config.redis.as_ref())?;
+        Ok(Self { config: Arc::new(config), store, throttle })
     }
 }
 
@@ -210,21 +224,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AuthServiceError> {
-    let store = open_store(&config)?;
-    let state = AuthState::new(config, store);
+    let store = open_store(&config).await?;
+    let state = AuthState::new(config, store)?;
     let stop = CancellationToken::new();
     service_kit::shutdown::cancel_when(stop.clone(), shutdown);
-    let limiter = Arc::clone(&state.limiter);
-    let sweeping = stop.clone();
-    tokio::spawn(async move {
-        let mut sweep = tokio::time::interval(RATE_LIMIT_SWEEP_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = sweep.tick() => limiter.retain_recent(),
-                _ = sweeping.cancelled() => return,
-            }
-        }
-    });
+    state.throttle.sweep_until(stop.clone());
     tracing::info!(address = %listener.local_addr()?, issuer = %state.config.issuer, "auth service serving");
     service_kit::shutdown::serve_until(listener, router(state), stop, Duration::from_secs(5)).await?;
     tracing::info!("auth service stopped");
@@ -241,8 +245,21 @@ pub fn router(state: AuthState) -> Router {
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/api/v1/wards/{ward}/staff-credentials", get(staff_credentials))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
         .layer(axum::extract::DefaultBodyLimit::max(FORM_BYTES_MAX))
         .with_state(state)
+}
+
+/// Ready when the store answers (it holds the signing keys every token needs).
+async fn ready(State(state): State<AuthState>) -> Result<&'static str, OAuthError> {
+    match state.store.keys().await {
+        Ok(keys) if !keys.is_empty() => Ok("ready"),
+        _ => Err(OAuthError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "the store is not answering",
+        )),
+    }
 }
 
 pub fn now_s() -> i64 {
@@ -352,11 +369,12 @@ fn client_credentials(headers: &HeaderMap, form: &Form) -> Result<Option<(String
 }
 
 impl AuthState {
-    fn throttle(&self, key: String) -> Result<(), OAuthError> {
-        self.limiter.check_key(&key).map_err(|_| {
-            tracing::warn!(%key, "token requests rate limited");
-            OAuthError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", "too many attempts; wait a minute")
-        })
+    async fn throttle(&self, key: String) -> Result<(), OAuthError> {
+        if self.throttle.allow(&key).await {
+            return Ok(());
+        }
+        tracing::warn!(%key, "token requests rate limited");
+        Err(OAuthError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", "too many attempts; wait a minute"))
     }
 
     /// Checks a secret against an account, taking as long whether or not the
@@ -369,7 +387,7 @@ impl AuthState {
     ) -> Result<Option<Account>, OAuthError> {
         let account = {
             let name = name.clone();
-            self.store.run(move |conn| store::account(conn, &name, kind)).await?
+            self.store.account(&name, kind).await?
         };
         tokio::task::spawn_blocking(move || {
             let hash = account.as_ref().map_or(secrets::decoy_hash(), |a| a.secret_hash.as_str());
@@ -382,7 +400,7 @@ impl AuthState {
 
     async fn authenticate_client(&self, headers: &HeaderMap, form: &Form) -> Result<Option<Account>, OAuthError> {
         let Some((id, secret)) = client_credentials(headers, form)? else { return Ok(None) };
-        self.throttle(format!("client:{id}"))?;
+        self.throttle(format!("client:{id}")).await?;
         match self.authenticate(id, secret, AccountKind::Client).await? {
             Some(client) => Ok(Some(client)),
             None => Err(OAuthError::invalid_client()),
@@ -392,7 +410,7 @@ impl AuthState {
     /// Signs an access token for `account`.
     async fn access_token(&self, account: &Account, client_id: Option<&str>) -> Result<(String, String), OAuthError> {
         let now = now_s();
-        let keys = self.store.run(|conn| store::keys(conn)).await?;
+        let keys = self.store.keys().await?;
         let key = keys::active(&keys, now).ok_or_else(|| OAuthError::internal("no active signing key"))?;
         let signer = key.signing_key().map_err(OAuthError::internal)?;
         let jti = uuid::Uuid::now_v7().to_string();
@@ -407,17 +425,17 @@ impl AuthState {
     async fn refresh_token(&self, family: String, subject: String) -> Result<String, OAuthError> {
         let token = secrets::generate_secret();
         let (stored, expires_at) = (token.clone(), now_s() + self.config.tokens.refresh_token_ttl_s);
-        self.store.run(move |conn| store::insert_refresh(conn, &stored, &family, &subject, expires_at)).await?;
+        self.store.insert_refresh(&stored, &family, &subject, expires_at).await?;
         Ok(token)
     }
 
     /// A verifier of this service's own tokens, with the keys published now.
     async fn own_verifier(&self) -> Result<Verifier, OAuthError> {
-        let keys = self.store.run(|conn| store::keys(conn)).await?;
+        let keys = self.store.keys().await?;
         let jwks = keys::jwks(&keys, now_s(), self.config.tokens.access_token_ttl_s);
         let jwks = token::parse_jwks(&jwks.to_string()).map_err(OAuthError::internal)?;
         let verifier = Verifier::new(&self.config.policy(), &jwks).map_err(OAuthError::internal)?;
-        let revoked = self.store.run(|conn| store::revoked_access(conn, now_s())).await?;
+        let revoked = self.store.revoked_access(now_s()).await?;
         verifier.replace_revoked(revoked.into_iter().map(|(jti, _)| jti));
         Ok(verifier)
     }
@@ -447,7 +465,7 @@ async fn token_endpoint(
             let (Some(username), Some(password)) = (form.username, form.password) else {
                 return Err(OAuthError::invalid_request("the password grant needs username and password"));
             };
-            state.throttle(format!("user:{username}"))?;
+            state.throttle(format!("user:{username}")).await?;
             let user = state.authenticate(username.clone(), password, AccountKind::User).await?;
             let user = user.ok_or_else(|| {
                 tracing::info!(%username, "password login failed");
@@ -459,8 +477,8 @@ async fn token_endpoint(
         Some("refresh_token") => {
             let presented =
                 form.refresh_token.ok_or_else(|| OAuthError::invalid_request("refresh_token is missing"))?;
-            state.throttle(format!("refresh:{}", &store::refresh_digest(&presented)[..16]))?;
-            let outcome = state.store.run(move |conn| store::use_refresh(conn, &presented, now_s())).await?;
+            state.throttle(format!("refresh:{}", &store::refresh_digest(&presented)[..16])).await?;
+            let outcome = state.store.use_refresh(&presented, now_s()).await?;
             let (family, subject) = match outcome {
                 RefreshUse::Valid { family, subject } => (family, subject),
                 RefreshUse::Reused => {
@@ -473,7 +491,7 @@ async fn token_endpoint(
             };
             // Roles and wards as they are now, not as they were at login.
             let lookup = subject.clone();
-            let user = state.store.run(move |conn| store::account(conn, &lookup, AccountKind::User)).await?;
+            let user = state.store.account(&lookup, AccountKind::User).await?;
             let user = user.ok_or_else(|| OAuthError::invalid_grant("the account no longer exists"))?;
             (user, Some(family))
         }
@@ -509,13 +527,13 @@ async fn revoke_endpoint(
     state.authenticate_client(&headers, &form).await?;
     let token = form.token.ok_or_else(|| OAuthError::invalid_request("token is missing"))?;
     let presented = token.clone();
-    let was_refresh = state.store.run(move |conn| store::revoke_refresh_family(conn, &presented)).await?;
+    let was_refresh = state.store.revoke_refresh_family(&presented).await?;
     if !was_refresh
         && let Ok(principal) = state.own_verifier().await?.verify(&token, now_s())
         && let Some(jti) = principal.jti
     {
         let expires_at = principal.expires_at;
-        state.store.run(move |conn| store::revoke_access(conn, &jti, expires_at)).await?;
+        state.store.revoke_access(&jti, expires_at).await?;
         tracing::info!(subject = %principal.user, "access token revoked");
     }
     Ok((StatusCode::OK, no_store()).into_response())
@@ -533,9 +551,7 @@ async fn introspect_endpoint(
     let inactive = || Ok((no_store(), Json(json!({ "active": false }))).into_response());
     if form.token_type_hint.as_deref() != Some("access_token") {
         let presented = token.clone();
-        if let Some((subject, exp)) =
-            state.store.run(move |conn| store::refresh_subject(conn, &presented, now_s())).await?
-        {
+        if let Some((subject, exp)) = state.store.refresh_subject(&presented, now_s()).await? {
             let body = json!({ "active": true, "token_type": "refresh_token", "sub": subject, "exp": exp, "iss": state.config.issuer });
             return Ok((no_store(), Json(body)).into_response());
         }
@@ -550,13 +566,13 @@ async fn introspect_endpoint(
 }
 
 async fn jwks(State(state): State<AuthState>) -> Result<Response, OAuthError> {
-    let keys = state.store.run(|conn| store::keys(conn)).await?;
+    let keys = state.store.keys().await?;
     let body = keys::jwks(&keys, now_s(), state.config.tokens.access_token_ttl_s);
     Ok(([(header::CACHE_CONTROL, HeaderValue::from_static("max-age=60"))], Json(body)).into_response())
 }
 
 async fn revocations(State(state): State<AuthState>) -> Result<Json<Value>, OAuthError> {
-    let revoked = state.store.run(|conn| store::revoked_access(conn, now_s())).await?;
+    let revoked = state.store.revoked_access(now_s()).await?;
     let revoked: Vec<Value> = revoked.into_iter().map(|(jti, exp)| json!({ "jti": jti, "exp": exp })).collect();
     Ok(Json(json!({ "revoked": revoked })))
 }
@@ -607,7 +623,7 @@ async fn staff_credentials(
         ));
     }
     let lookup = ward.clone();
-    let staff = state.store.run(move |conn| store::ward_staff(conn, &lookup)).await?;
+    let staff = state.store.ward_staff(&lookup).await?;
     let staff: Vec<Value> = staff
         .into_iter()
         .map(|a| json!({ "username": a.name, "roles": a.roles, "wards": a.wards, "password_hash": a.secret_hash }))
@@ -621,9 +637,14 @@ mod tests {
 
     #[test]
     fn the_example_configuration_is_valid() {
-        let config = AuthServiceConfig::from_toml(include_str!("../../../deploy/auth-service.example.toml")).unwrap();
+        let example = include_str!("../../../deploy/auth-service.example.toml");
+        let config = AuthServiceConfig::from_toml(example).unwrap();
         assert_eq!(config.tokens.access_token_ttl_s, 300);
         assert_eq!(config.audience, "medsync");
+        assert!(config.mongodb.is_none() && config.redis.is_none(), "embedded by default");
+        let distributed = AuthServiceConfig::from_toml(&crate::config::uncomment_from(example, "# [mongodb]")).unwrap();
+        assert_eq!(distributed.mongodb.unwrap().database, "medsync_auth");
+        assert_eq!(distributed.redis.unwrap().key_prefix, "medsync");
     }
 
     #[test]

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use cloud_bridge::auth::store::{self, Account, AccountKind};
+use cloud_bridge::auth::store::{Account, AccountKind};
 use cloud_bridge::auth::{self, AuthServiceConfig};
 use service_kit::secrets;
 use sync_protocol::ids::{NodeId, Role, UserId, WardId};
@@ -61,7 +61,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(config),
         Command::CheckConfig => {
-            println!("configuration is valid: issuer {}", config.issuer);
+            let store = if config.mongodb.is_some() { "mongodb" } else { "embedded store" };
+            let limits = if config.redis.is_some() { ", rate limits in redis" } else { "" };
+            println!("configuration is valid: issuer {}, {store}{limits}", config.issuer);
             Ok(())
         }
         Command::AddUser { username, roles, wards } => {
@@ -87,14 +89,22 @@ fn main() -> anyhow::Result<()> {
             print_credentials(client_id.as_str(), &secret);
             Ok(())
         }
-        Command::RotateKey => {
-            let store = auth::open_store(&config)?;
-            let (kid, activates_at) =
-                store.run_now(|conn| store::add_key(conn, auth::now_s() + config.tokens.key_publish_ahead_s))?;
+        Command::RotateKey => admin(async {
+            let store = auth::open_store(&config).await?;
+            let (kid, activates_at) = store.add_key(auth::now_s() + config.tokens.key_publish_ahead_s).await?;
             println!("key {kid} published; it signs from {activates_at} (unix seconds)");
             Ok(())
-        }
+        }),
     }
+}
+
+/// Runs an admin command's storage work (MongoDB's driver is async).
+fn admin(work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(work)
 }
 
 fn add_account(
@@ -105,11 +115,13 @@ fn add_account(
     roles: Vec<Role>,
     wards: Vec<WardId>,
 ) -> anyhow::Result<()> {
-    let store = auth::open_store(config)?;
     let secret_hash = secrets::hash_secret(secret).map_err(anyhow::Error::msg)?;
     let account = Account { name: name.to_owned(), kind, secret_hash, roles, wards };
-    store.run_now(|conn| store::add_account(conn, &account, auth::now_s()))?;
-    Ok(())
+    admin(async {
+        let store = auth::open_store(config).await?;
+        store.add_account(&account, auth::now_s()).await?;
+        Ok(())
+    })
 }
 
 /// Printed once: only the hash is kept.

@@ -1,17 +1,14 @@
-//! The auth service's embedded storage (SQLite): signing keys, users,
-//! clients, refresh tokens and revoked access tokens. Secrets are stored
-//! only as argon2id hashes and refresh tokens only as SHA-256 digests, so a
-//! copy of the database lets no one log in.
+//! The auth service's embedded storage: SQLite in its data directory.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use service_kit::sqlite;
-use sha2::{Digest, Sha256};
 use sync_protocol::ids::{Role, WardId};
 
-use super::keys::StoredKey;
+use super::{Account, AccountKind, AuthStoreError, RefreshUse, refresh_digest};
+use crate::auth::keys::StoredKey;
 
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE signing_keys (
@@ -43,65 +40,9 @@ const MIGRATIONS: &[&str] = &[r#"
     ) STRICT;
 "#];
 
-#[derive(Debug, thiserror::Error)]
-pub enum AuthStoreError {
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error(transparent)]
-    Migrate(#[from] sqlite::MigrateError),
-    #[error("{0} already exists")]
-    Exists(String),
-    #[error("stored data is unreadable: {0}")]
-    Corrupt(String),
-    #[error("storage task failed: {0}")]
-    Task(String),
-}
-
-/// A user (staff) or a client (edge node, integration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AccountKind {
-    User,
-    Client,
-}
-
-impl AccountKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            AccountKind::User => "user",
-            AccountKind::Client => "client",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Account {
-    pub name: String,
-    pub kind: AccountKind,
-    pub secret_hash: String,
-    pub roles: Vec<Role>,
-    pub wards: Vec<WardId>,
-}
-
-/// What presenting a refresh token found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefreshUse {
-    /// Valid and now spent: issue a successor in the same family.
-    Valid { family: String, subject: String },
-    /// Already spent or revoked: someone replayed it, so its whole family
-    /// is now revoked.
-    Reused,
-    /// Unknown or expired.
-    Invalid,
-}
-
 #[derive(Clone, Debug)]
-pub struct AuthStore {
+pub struct SqliteAuthStore {
     conn: Arc<Mutex<Connection>>,
-}
-
-/// The digest a refresh token is stored under.
-pub fn refresh_digest(token: &str) -> String {
-    Sha256::digest(token.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn json_list<T: serde::Serialize>(values: &[T]) -> String {
@@ -112,7 +53,7 @@ fn parse_list<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, Auth
     serde_json::from_str(text).map_err(|e| AuthStoreError::Corrupt(e.to_string()))
 }
 
-impl AuthStore {
+impl SqliteAuthStore {
     pub fn open(path: &Path) -> Result<Self, AuthStoreError> {
         let mut conn = Connection::open(path)?;
         sqlite::configure_writer(&conn)?;
@@ -132,15 +73,6 @@ impl AuthStore {
         })
         .await
         .map_err(|e| AuthStoreError::Task(e.to_string()))?
-    }
-
-    /// The same, from synchronous code (the admin commands).
-    pub fn run_now<R>(
-        &self,
-        work: impl FnOnce(&mut Connection) -> Result<R, AuthStoreError>,
-    ) -> Result<R, AuthStoreError> {
-        let mut conn = self.conn.lock().map_err(|_| AuthStoreError::Task("connection lock poisoned".into()))?;
-        work(&mut conn)
     }
 }
 
@@ -205,11 +137,7 @@ fn account_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Stri
 fn parse_account(
     (name, kind, secret_hash, roles, wards): (String, String, String, String, String),
 ) -> Result<Account, AuthStoreError> {
-    let kind = match kind.as_str() {
-        "user" => AccountKind::User,
-        "client" => AccountKind::Client,
-        other => return Err(AuthStoreError::Corrupt(format!("account kind {other}"))),
-    };
+    let kind = AccountKind::parse(&kind)?;
     Ok(Account { name, kind, secret_hash, roles: parse_list(&roles)?, wards: parse_list(&wards)? })
 }
 
