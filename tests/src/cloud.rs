@@ -122,6 +122,25 @@ impl Cloud {
     }
 }
 
+impl Drop for Cloud {
+    /// Drops the namespace's database, so test runs do not pile up data in
+    /// the shared MongoDB (best effort: a failure here fails no test).
+    fn drop(&mut self) {
+        for process in self.bridges.iter_mut().chain(std::iter::once(&mut self.projector)) {
+            process.kill9();
+        }
+        let (uri, namespace) = (self.services.mongodb_uri.clone(), self.namespace.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let client = mongodb::Client::with_uri_str(&uri).await.ok()?;
+                client.database(&namespace).drop().await.ok()
+            })
+        })
+        .join();
+    }
+}
+
 /// The JSON of a ticket at an edge and at a bridge, for comparison.
 pub async fn ticket_at(client: &reqwest::Client, url: String, token: &str) -> Value {
     client.get(url).bearer_auth(token).send().await.expect("a ticket request").json().await.expect("a ticket")
