@@ -4,8 +4,6 @@
 
 use std::path::PathBuf;
 
-use serde_json::Value;
-
 use crate::process::{BRIDGE, PROJECTOR, ServiceProcess, edge_config_on, named_bridge_config};
 use crate::services::{Services, namespace};
 use crate::{TestIssuer, free_port};
@@ -139,9 +137,4 @@ impl Drop for Cloud {
         })
         .join();
     }
-}
-
-/// The JSON of a ticket at an edge and at a bridge, for comparison.
-pub async fn ticket_at(client: &reqwest::Client, url: String, token: &str) -> Value {
-    client.get(url).bearer_auth(token).send().await.expect("a ticket request").json().await.expect("a ticket")
 }

@@ -1,6 +1,7 @@
 //! Fixtures for tests that talk to real processes: a token issuer with real
 //! Ed25519 keys, and launchers for the service binaries.
 
+pub mod bench;
 pub mod cloud;
 pub mod issuer;
 pub mod process;
@@ -25,4 +26,11 @@ pub async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut(
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// GETs `url` with `token` and returns the JSON body; panics (failing the
+/// test) when the request fails or the body is not JSON.
+pub async fn get_json(client: &reqwest::Client, url: impl reqwest::IntoUrl, token: &str) -> serde_json::Value {
+    let response = client.get(url).bearer_auth(token).send().await.expect("the request is answered");
+    response.json().await.expect("the answer is JSON")
 }

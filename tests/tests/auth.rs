@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use e2e::process::{ServiceProcess, auth_admin, auth_config, binary, bridge_config_with_auth, edge_config_with_auth};
-use e2e::{free_port, wait_for};
+use e2e::{free_port, get_json, wait_for};
 use serde_json::{Value, json};
 
 const WARD: &str = "ward-4b";
@@ -125,8 +125,7 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
     auth.kill9();
     bridge.kill9();
     wait_for("the edge to notice the bridge is gone", Duration::from_secs(30), async || {
-        let status: Value =
-            client.get(edge.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+        let status: Value = get_json(&client, edge.url("/api/v1/sync"), &nurse).await;
         status["connected"] == false
     })
     .await;
@@ -157,15 +156,7 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
     let created = create_ticket(&client, &edge, offline).await;
     assert_eq!(created.status(), 201);
     let offline_id = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    let ticket: Value = client
-        .get(edge.url(&format!("/api/v1/tickets/{offline_id}")))
-        .bearer_auth(offline)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ticket: Value = get_json(&client, edge.url(&format!("/api/v1/tickets/{offline_id}")), offline).await;
     assert_eq!(ticket["history"][0]["offline_login"], true, "{ticket}");
     assert_eq!(ticket["history"][0]["user"], "n.okafor");
 
@@ -187,15 +178,8 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
         response.status() == 200
     })
     .await;
-    let at_bridge: Value = client
-        .get(bridge.url(&format!("/api/v1/tickets/{offline_id}")))
-        .bearer_auth(&pharmacist_again)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let at_bridge: Value =
+        get_json(&client, bridge.url(&format!("/api/v1/tickets/{offline_id}")), &pharmacist_again).await;
     assert_eq!(at_bridge["history"][0]["offline_login"], true, "{at_bridge}");
     let response = client.get(bridge.url("/api/v1/queue")).bearer_auth(offline).send().await.unwrap();
     assert_eq!(response.status(), 401, "an offline token is worth nothing at the bridge");

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e::process::{ServiceProcess, binary, edge_config};
-use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, wait_for};
+use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 use serde_json::{Value, json};
 
 const WARD: &str = "ward-4b";
@@ -38,7 +38,7 @@ async fn ids(client: &reqwest::Client, url: &str, token: &str) -> Vec<String> {
             Some(page) => format!("{url}?limit=200&page={page}"),
             None => format!("{url}?limit=200"),
         };
-        let body: Value = client.get(&paged).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+        let body: Value = get_json(client, &paged, token).await;
         ids.extend(body["tickets"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_owned()));
         match body["next_page"].as_str() {
             Some(next) => page = Some(next.to_owned()),
@@ -54,15 +54,7 @@ async fn bridge_holds(
     token: &str,
     expected: &BTreeSet<String>,
 ) -> bool {
-    let queue: Value = client
-        .get(bridge.url(&format!("/api/v1/queue?ward={WARD}&limit=1")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let queue: Value = get_json(client, bridge.url(&format!("/api/v1/queue?ward={WARD}&limit=1")), token).await;
     if queue["total"].as_u64() != Some(expected.len() as u64) {
         return false;
     }
@@ -181,12 +173,10 @@ async fn a_backup_under_load_restores_and_converges_with_the_cloud_without_dupli
             && bridge_holds(&client, &bridge, &pharmacist, &expected).await
     })
     .await;
-    let status: Value =
-        client.get(restored.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+    let status: Value = get_json(&client, restored.url("/api/v1/sync"), &nurse).await;
     assert_eq!(status["outbox"]["pending"], 0, "{status}");
     assert_eq!(status["outbox"]["stuck"], 0, "{status}");
-    let nodes: Value =
-        client.get(bridge.url("/api/v1/nodes")).bearer_auth(&pharmacist).send().await.unwrap().json().await.unwrap();
+    let nodes: Value = get_json(&client, bridge.url("/api/v1/nodes"), &pharmacist).await;
     assert_eq!(nodes[0]["rejected"], 0, "{nodes}");
     eprintln!(
         "{} tickets before the backup, {} after it, {} made on the restored node: all on both sides once",

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::cloud::{Cloud, ticket_at};
+use e2e::cloud::Cloud;
+use e2e::get_json;
 use e2e::wait_for;
 use futures_util::StreamExt;
 use mongodb::bson::{Document, doc};
@@ -26,7 +27,7 @@ async fn create(client: &reqwest::Client, edge: &e2e::EdgeNodeProcess, nurse: &s
 
 async fn queue_total(client: &reqwest::Client, bridge: &e2e::BridgeProcess, token: &str, ward: &str) -> u64 {
     let url = bridge.url(&format!("/api/v1/queue?ward={ward}&limit=1"));
-    let queue: Value = client.get(url).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    let queue: Value = get_json(client, url, token).await;
     queue["total"].as_u64().unwrap_or(0)
 }
 
@@ -111,28 +112,20 @@ async fn changes_through_either_bridge_reach_every_ward_and_a_replay_changes_not
         .unwrap();
     assert_eq!(response.status(), 200);
     wait_for("the rejection at the icu edge", Duration::from_secs(20), async || {
-        let at_edge = ticket_at(&client, icu_edge.url(&format!("/api/v1/tickets/{id}")), &icu_nurse).await;
+        let at_edge = get_json(&client, icu_edge.url(&format!("/api/v1/tickets/{id}")), &icu_nurse).await;
         at_edge["ticket"]["status"] == "rejected"
     })
     .await;
 
     // Each ward holds its own tickets only, identical at both sides.
-    let icu_list: Value = client
-        .get(icu_edge.url("/api/v1/tickets?limit=200"))
-        .bearer_auth(&icu_nurse)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let icu_list: Value = get_json(&client, icu_edge.url("/api/v1/tickets?limit=200"), &icu_nurse).await;
     assert_eq!(icu_list["tickets"].as_array().unwrap().len(), 60, "icu-2 holds only its own tickets");
     for (edge, nurse, ids) in [(&ward_edge, &ward_nurse, &ward_ids), (&icu_edge, &icu_nurse, &icu_ids)] {
         wait_for("edge and cloud to agree", Duration::from_secs(30), async || {
             for id in ids.iter() {
-                let at_edge = ticket_at(&client, edge.url(&format!("/api/v1/tickets/{id}")), nurse).await;
+                let at_edge = get_json(&client, edge.url(&format!("/api/v1/tickets/{id}")), nurse).await;
                 let at_cloud =
-                    ticket_at(&client, cloud.bridges[0].url(&format!("/api/v1/tickets/{id}")), &pharmacist).await;
+                    get_json(&client, cloud.bridges[0].url(&format!("/api/v1/tickets/{id}")), &pharmacist).await;
                 if at_edge["ticket"] != at_cloud["ticket"] || at_edge["history"] != at_cloud["history"] {
                     return false;
                 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use e2e::cloud::Cloud;
-use e2e::{EdgeNodeProcess, wait_for};
+use e2e::{EdgeNodeProcess, get_json, wait_for};
 use futures_util::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
@@ -79,7 +79,7 @@ async fn edge_tickets(client: &reqwest::Client, edge: &EdgeNodeProcess, nurse: &
         if let Some(token) = &page {
             url.push_str(&format!("&page={token}"));
         }
-        let list: Value = client.get(url).bearer_auth(nurse).send().await.unwrap().json().await.unwrap();
+        let list: Value = get_json(client, url, nurse).await;
         for ticket in list["tickets"].as_array().unwrap() {
             tickets.insert(ticket["id"].as_str().unwrap().to_owned(), ticket.clone());
         }
@@ -171,15 +171,7 @@ async fn restarting_the_broker_mongodb_and_redis_under_load_loses_and_duplicates
     let noticed = answers(&client, &ready, 503, "the bridge to report the broker missing").await;
     eprintln!("broker down: bridge not ready after {noticed:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let pending: Value = client
-        .get(ward.url("/api/v1/sync"))
-        .bearer_auth(cloud.issuer.nurse("ward-4b"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pending: Value = get_json(&client, ward.url("/api/v1/sync"), &cloud.issuer.nurse("ward-4b")).await;
     assert!(pending["outbox"]["pending"].as_u64().unwrap() > 0, "the ward keeps its changes while the broker is down");
     cloud.services.control("start", "kafka");
     eprintln!("broker back: bridge ready after {:?}", answers(&client, &ready, 200, "the bridge to recover").await);
@@ -205,8 +197,7 @@ async fn restarting_the_broker_mongodb_and_redis_under_load_loses_and_duplicates
     // And a change through one instance still reaches a ward linked to the
     // other: its bridge learns of it by polling instead of by notice.
     let nurse = cloud.issuer.nurse("ward-4b");
-    let list: Value =
-        client.get(ward.url("/api/v1/tickets?limit=1")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+    let list: Value = get_json(&client, ward.url("/api/v1/tickets?limit=1"), &nurse).await;
     let id = list["tickets"][0]["id"].as_str().unwrap().to_owned();
     let url = cloud.bridges[1].url(&format!("/api/v1/tickets/{id}/transitions"));
     let rejection = json!({ "to": "rejected", "reason": "recalled batch" });
@@ -214,15 +205,7 @@ async fn restarting_the_broker_mongodb_and_redis_under_load_loses_and_duplicates
     assert!(response.status().is_success(), "a pharmacy write without redis: {}", response.status());
     let sent = Instant::now();
     wait_for("the rejection at the ward without redis", Duration::from_secs(20), async || {
-        let at_edge: Value = client
-            .get(ward.url(&format!("/api/v1/tickets/{id}")))
-            .bearer_auth(&nurse)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let at_edge: Value = get_json(&client, ward.url(&format!("/api/v1/tickets/{id}")), &nurse).await;
         at_edge["ticket"]["status"] == "rejected"
     })
     .await;
@@ -248,8 +231,7 @@ async fn restarting_the_broker_mongodb_and_redis_under_load_loses_and_duplicates
     for (edge, ward_id) in [(&ward, "ward-4b"), (&icu, "icu-2")] {
         let nurse = cloud.issuer.nurse(ward_id);
         wait_for("the outbox to drain", Duration::from_secs(180), async || {
-            let status: Value =
-                client.get(edge.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+            let status: Value = get_json(&client, edge.url("/api/v1/sync"), &nurse).await;
             status["outbox"]["pending"] == 0 && status["outbox"]["stuck"] == 0
         })
         .await;
@@ -262,15 +244,7 @@ async fn restarting_the_broker_mongodb_and_redis_under_load_loses_and_duplicates
         .await;
     }
     for id in &acknowledged {
-        let view: Value = client
-            .get(cloud.bridges[1].url(&format!("/api/v1/tickets/{id}")))
-            .bearer_auth(&pharmacist)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view: Value = get_json(&client, cloud.bridges[1].url(&format!("/api/v1/tickets/{id}")), &pharmacist).await;
         assert_ne!(view["ticket"]["status"], "requested", "acknowledgement of {id} lost");
     }
     let dead = database.collection::<Document>("dead_letters").count_documents(doc! {}).await.unwrap();

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, wait_for};
+use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -55,6 +55,16 @@ impl Site {
     fn pharmacist(&self) -> String {
         self.issuer.token("p.lindqvist", &["pharmacist"], &[])
     }
+
+    /// The edge node of another ward, icu-2, syncing with the same bridge.
+    fn other_ward(&self, dir: &std::path::Path) -> EdgeNodeProcess {
+        std::fs::write(dir.join("node-token"), self.issuer.token("edge-icu-2", &["edge-node"], &["icu-2"])).unwrap();
+        let sync = format!(
+            "[sync]\nbridge_url = \"ws://127.0.0.1:{}/sync\"\nreconnect_base_ms = 100\nreconnect_cap_ms = 1000\n",
+            self.bridge_port
+        );
+        EdgeNodeProcess::start(dir, "edge-icu-2", "icu-2", &self.issuer.jwks(), &sync)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -63,6 +73,17 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
     let client = reqwest::Client::new();
     let nurse = site.issuer.nurse(WARD);
     let count = offline_tickets();
+    // A second ward works offline too, beside the first.
+    let icu_dir = tempfile::tempdir().unwrap();
+    let icu = site.other_ward(icu_dir.path());
+    let icu_nurse = site.issuer.nurse("icu-2");
+    let mut icu_ids = Vec::new();
+    for n in 0..20 {
+        let response =
+            client.post(icu.url("/api/v1/tickets")).bearer_auth(&icu_nurse).json(&ticket(n)).send().await.unwrap();
+        assert_eq!(response.status(), 201);
+        icu_ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
 
     // The ward works with no cloud.
     let created = Instant::now();
@@ -93,8 +114,7 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
         let response = client.patch(&url).bearer_auth(&nurse).json(&edit).send().await.unwrap();
         assert_eq!(response.status(), 200);
     }
-    let status: Value =
-        client.get(site.edge.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+    let status: Value = get_json(&client, site.edge.url("/api/v1/sync"), &nurse).await;
     assert_eq!(
         (status["connected"].as_bool(), status["outbox"]["pending"].as_u64()),
         (Some(false), Some((count + edited.len()) as u64)),
@@ -107,41 +127,34 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
     let pharmacist = site.pharmacist();
     let queue_url = bridge.url(&format!("/api/v1/queue?ward={WARD}&limit=1"));
     wait_for("the backlog at the bridge", Duration::from_secs(300), async || {
-        let queue: Value = client.get(&queue_url).bearer_auth(&pharmacist).send().await.unwrap().json().await.unwrap();
+        let queue: Value = get_json(&client, &queue_url, &pharmacist).await;
         queue["total"].as_u64() == Some(count as u64)
     })
     .await;
     eprintln!("backlog of {count} queryable at the bridge {:?} after it started", started.elapsed());
     wait_for("the edge outbox to drain", Duration::from_secs(60), async || {
-        let status: Value =
-            client.get(site.edge.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+        let status: Value = get_json(&client, site.edge.url("/api/v1/sync"), &nurse).await;
         status["outbox"]["pending"] == 0 && status["connected"] == true
     })
     .await;
-    let nodes: Value =
-        client.get(bridge.url("/api/v1/nodes")).bearer_auth(&pharmacist).send().await.unwrap().json().await.unwrap();
+    let nodes: Value = get_json(&client, bridge.url("/api/v1/nodes"), &pharmacist).await;
     assert_eq!(nodes[0]["rejected"], 0, "{nodes}");
+    // Each ward's tickets reached the pharmacy, and no ward got the other's.
+    let icu_queue = bridge.url("/api/v1/queue?ward=icu-2&limit=1");
+    wait_for("icu-2's tickets at the bridge", Duration::from_secs(60), async || {
+        let queue: Value = get_json(&client, &icu_queue, &pharmacist).await;
+        queue["total"] == 20
+    })
+    .await;
+    let icu_list: Value = get_json(&client, icu.url("/api/v1/tickets?limit=200"), &icu_nurse).await;
+    assert_eq!(icu_list["tickets"].as_array().unwrap().len(), 20, "icu-2 holds its own tickets only");
+    let other = client.get(site.edge.url(&format!("/api/v1/tickets/{}", icu_ids[0]))).bearer_auth(&nurse).send().await;
+    assert_eq!(other.unwrap().status(), 404, "ward-4b never received an icu-2 ticket");
     // The same tickets on both sides, field for field: a sample (every
     // 97th) and every ticket edited offline.
     for id in ids.iter().step_by(97).chain(edited.iter().copied()) {
-        let at_edge: Value = client
-            .get(site.edge.url(&format!("/api/v1/tickets/{id}")))
-            .bearer_auth(&nurse)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let at_bridge: Value = client
-            .get(bridge.url(&format!("/api/v1/tickets/{id}")))
-            .bearer_auth(&pharmacist)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let at_edge: Value = get_json(&client, site.edge.url(&format!("/api/v1/tickets/{id}")), &nurse).await;
+        let at_bridge: Value = get_json(&client, bridge.url(&format!("/api/v1/tickets/{id}")), &pharmacist).await;
         assert_eq!(at_edge["ticket"], at_bridge["ticket"], "ticket {id} differs");
     }
 
@@ -394,14 +407,13 @@ async fn cut_links_and_a_killed_bridge_lose_and_duplicate_nothing() {
 
     let queue_url = bridge.url(&format!("/api/v1/queue?ward={WARD}&limit=1"));
     let total = async || {
-        let queue: Value = client.get(&queue_url).bearer_auth(&pharmacist).send().await.unwrap().json().await.unwrap();
+        let queue: Value = get_json(&client, &queue_url, &pharmacist).await;
         queue["total"].as_u64().unwrap_or(0)
     };
     eprintln!("{} of {count} tickets at the bridge when the chaos ended", total().await);
     wait_for("the backlog at the bridge", Duration::from_secs(300), async || total().await == count as u64).await;
     wait_for("the edge outbox to drain", Duration::from_secs(60), async || {
-        let status: Value =
-            client.get(edge.url("/api/v1/sync")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+        let status: Value = get_json(&client, edge.url("/api/v1/sync"), &nurse).await;
         status["outbox"]["pending"] == 0
     })
     .await;
@@ -412,24 +424,8 @@ async fn cut_links_and_a_killed_bridge_lose_and_duplicate_nothing() {
     // the last pharmacy changes a moment to flow down.
     wait_for("both sides to agree on every ticket", Duration::from_secs(60), async || {
         for id in &ids {
-            let at_edge: Value = client
-                .get(edge.url(&format!("/api/v1/tickets/{id}")))
-                .bearer_auth(&nurse)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let at_bridge: Value = client
-                .get(bridge.url(&format!("/api/v1/tickets/{id}")))
-                .bearer_auth(&pharmacist)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let at_edge: Value = get_json(&client, edge.url(&format!("/api/v1/tickets/{id}")), &nurse).await;
+            let at_bridge: Value = get_json(&client, bridge.url(&format!("/api/v1/tickets/{id}")), &pharmacist).await;
             if at_edge["ticket"] != at_bridge["ticket"]
                 || at_edge["history"].as_array().map(Vec::len) != at_bridge["history"].as_array().map(Vec::len)
             {
@@ -439,10 +435,8 @@ async fn cut_links_and_a_killed_bridge_lose_and_duplicate_nothing() {
         true
     })
     .await;
-    let edge_list: Value =
-        client.get(edge.url("/api/v1/tickets?limit=1")).bearer_auth(&nurse).send().await.unwrap().json().await.unwrap();
+    let edge_list: Value = get_json(&client, edge.url("/api/v1/tickets?limit=1"), &nurse).await;
     assert!(edge_list["tickets"].as_array().is_some_and(|t| t.len() == 1));
-    let nodes: Value =
-        client.get(bridge.url("/api/v1/nodes")).bearer_auth(&pharmacist).send().await.unwrap().json().await.unwrap();
+    let nodes: Value = get_json(&client, bridge.url("/api/v1/nodes"), &pharmacist).await;
     assert_eq!(nodes[0]["rejected"], 0, "{nodes}");
 }

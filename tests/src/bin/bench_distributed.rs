@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use automerge::ActorId;
+use e2e::bench::{cpu_ticks, flag, ms, percentile, status_kib};
 use e2e::cloud::Cloud;
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::bson::{Bson, Document, doc};
@@ -30,18 +31,6 @@ const WARD: &str = "ward-bench";
 const NODE: &str = "edge-bench";
 /// The projector's round size (its default `batch_records_max`), used for the raw batches too.
 const ROUND_RECORDS: usize = 2_000;
-
-fn flag(name: &str, default: usize) -> Result<usize, String> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} takes a number")),
-        None => Ok(default),
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 fn new_ticket(n: usize) -> Value {
     json!({
@@ -152,22 +141,6 @@ async fn metric(process: &e2e::process::ServiceProcess, name: &str) -> f64 {
     Cloud::metric(process, name).await.unwrap_or(-1.0)
 }
 
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-}
-
-/// CPU seconds a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let tickets = flag("--tickets", 20_000)?;
@@ -247,7 +220,7 @@ async fn main() -> Result<(), String> {
     let (first_at, first_records) = first_round.ok_or("no round seen")?;
     let projected = first_at.elapsed();
     let steady_records = tickets as f64 - first_records;
-    let projector_cpu = cpu_seconds(projector_pid);
+    let projector_cpu = cpu_ticks(projector_pid).unwrap_or(0) as f64 / 100.0;
     let stored =
         database.collection::<Document>("tickets").count_documents(doc! {}).await.map_err(|e| e.to_string())?;
     if stored != tickets as u64 {
@@ -317,7 +290,6 @@ async fn main() -> Result<(), String> {
         return Err(format!("{} of {total} writes reached mongodb within 2 minutes", latencies.len()));
     }
     latencies.sort();
-    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     let bridge_rss = cloud.bridges[0].pid().and_then(|pid| status_kib(pid, "VmHWM:")).unwrap_or(0);
     let projector_rss = status_kib(projector_pid, "VmHWM:").unwrap_or(0);
 
@@ -339,8 +311,8 @@ async fn main() -> Result<(), String> {
     println!("edge write -> MongoDB at {rate} writes/s for {seconds} s (offered in {:.1} s)", offered.as_secs_f64());
     println!(
         "  p50 {:.0} ms   p99 {:.0} ms   max {:.0} ms",
-        ms(percentile(0.50)),
-        ms(percentile(0.99)),
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
         ms(latencies[latencies.len() - 1])
     );
     println!(

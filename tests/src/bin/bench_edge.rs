@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use e2e::bench::{cpu_ticks, percentile, status_kib};
 use e2e::{EdgeNodeProcess, TestIssuer};
 use serde_json::json;
 
@@ -30,26 +31,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-}
-
-/// User plus system CPU time of a process, in clock ticks (1/100 s here).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = parse_args()?;
@@ -58,7 +39,7 @@ async fn main() -> Result<(), String> {
     let node = EdgeNodeProcess::start(dir.path(), "edge-bench", "ward-bench", &issuer.jwks(), "");
     let pid = node.pid().ok_or("node has no pid")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_rss = rss_kib(pid).ok_or("cannot read the node's RSS")?;
+    let idle_rss = status_kib(pid, "VmRSS:").ok_or("cannot read the node's RSS")?;
 
     let cpu_before = cpu_ticks(pid).unwrap_or(0);
     let token = issuer.nurse("ward-bench");
@@ -99,7 +80,7 @@ async fn main() -> Result<(), String> {
         latencies.append(&mut l);
         failures += f;
     }
-    let loaded_rss = rss_kib(pid).unwrap_or(0);
+    let loaded_rss = status_kib(pid, "VmRSS:").unwrap_or(0);
     let server_cpu_s = cpu_ticks(pid).unwrap_or(0).saturating_sub(cpu_before) as f64 / 100.0;
     latencies.sort();
     if latencies.is_empty() {

@@ -7,32 +7,13 @@
 
 use std::time::{Duration, Instant};
 
+use e2e::bench::{flag, ms, percentile, status_kib};
 use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const WARD: &str = "ward-bench";
 const NODE: &str = "edge-bench";
-
-fn flag(name: &str, default: usize) -> Result<usize, String> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} takes a number")),
-        None => Ok(default),
-    }
-}
-
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 #[tokio::main]
 async fn main() -> Result<(), String> {
@@ -137,15 +118,14 @@ async fn main() -> Result<(), String> {
         latencies.push(sent.elapsed());
     }
     latencies.sort();
-    let percentile = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!("sync: {tickets} tickets made offline, then the bridge started");
     println!("  backlog queryable at the bridge  {:.0} ms after it started", ms(backlog));
     println!("  bridge peak RSS                  {:.1} MiB", peak_rss as f64 / 1024.0);
     println!("live status, pharmacy request -> ward device feed ({changes} changes)");
     println!(
         "  p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
-        ms(percentile(0.50)),
-        ms(percentile(0.99)),
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
         ms(latencies[latencies.len() - 1])
     );
     Ok(())
