@@ -1,6 +1,9 @@
 //! What the benchmark binaries share: flags, /proc readings, percentiles.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
 
 /// The number after `name` on the command line, or `default`.
 pub fn flag(name: &str, default: usize) -> Result<usize, String> {
@@ -35,4 +38,54 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Pharmacy status changes of `ids` (acknowledged, picking, dispatched in
+/// turn), `changes` of them, each timed from the request to `pharmacy`'s
+/// transitions endpoint until the ward device's live feed (`events`, read
+/// as `nurse`) shows it. Returns the latencies, sorted.
+pub async fn live_status(
+    client: &reqwest::Client,
+    (events, nurse): (&str, &str),
+    (pharmacy, pharmacist): (&str, &str),
+    ids: &[String],
+    changes: usize,
+) -> Result<Vec<Duration>, String> {
+    let events = client.get(events).bearer_auth(nurse).send().await.map_err(|e| e.to_string())?;
+    let mut events = events.bytes_stream();
+    let mut buffer = String::new();
+    let mut latencies = Vec::with_capacity(changes);
+    for (i, id) in ids.iter().cycle().take(changes).enumerate() {
+        let to = ["acknowledged", "picking", "dispatched"][i / ids.len() % 3];
+        let expected = format!("\"status\":\"{to}\"");
+        let sent = Instant::now();
+        let url = format!("{pharmacy}/api/v1/tickets/{id}/transitions");
+        let response = client
+            .post(&url)
+            .bearer_auth(pharmacist)
+            .json(&json!({ "to": to }))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("transition {to} of {id}: {}", response.status()));
+        }
+        // Read the feed until this ticket shows the new status.
+        loop {
+            if let Some(end) = buffer.find("\n\n") {
+                let event: String = buffer.drain(..end + 2).collect();
+                if event.contains(id.as_str()) && event.contains(&expected) {
+                    break;
+                }
+                continue;
+            }
+            match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+                Ok(Some(Ok(chunk))) => buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return Err("the ward's live feed stalled".into()),
+            }
+        }
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    Ok(latencies)
 }

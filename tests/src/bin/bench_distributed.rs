@@ -12,6 +12,9 @@
 //! 2. Latency. An edge node writes `--rate` new tickets a second for
 //!    `--seconds`; each is timed from the edge's request to its arrival in
 //!    MongoDB, seen on a change stream.
+//! 3. Live status across instances: `--changes` pharmacy status changes
+//!    through the second bridge, each timed to the ward device's live feed
+//!    on the edge linked to the first.
 //!
 //! cargo build --release -p edge-node -p cloud-bridge -p e2e && target/release/bench-distributed
 
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use automerge::ActorId;
-use e2e::bench::{cpu_ticks, flag, ms, percentile, status_kib};
+use e2e::bench::{cpu_ticks, flag, live_status, ms, percentile, status_kib};
 use e2e::cloud::Cloud;
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::bson::{Bson, Document, doc};
@@ -149,7 +152,7 @@ async fn main() -> Result<(), String> {
     let partitions = flag("--partitions", 4)? as u32;
 
     // 1. The backlog reaches the topic with no projector running.
-    let mut cloud = Cloud::start("bench", 1, partitions);
+    let mut cloud = Cloud::start("bench", 2, partitions);
     cloud.projector.kill9();
     let database = cloud.database().await;
     let edge = cloud.edge(NODE, WARD, 0);
@@ -281,7 +284,7 @@ async fn main() -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     watcher.abort();
-    let arrivals = arrivals.lock().map_err(|_| "arrivals lock")?;
+    let arrivals = std::mem::take(&mut *arrivals.lock().map_err(|_| "arrivals lock")?);
     let mut latencies: Vec<Duration> = sent
         .iter()
         .filter_map(|(id, at)| arrivals.get(id).map(|arrived| arrived.saturating_duration_since(*at)))
@@ -290,6 +293,18 @@ async fn main() -> Result<(), String> {
         return Err(format!("{} of {total} writes reached mongodb within 2 minutes", latencies.len()));
     }
     latencies.sort();
+    // 4. A pharmacy status change through the other bridge instance, timed
+    // to the ward device's live feed on the edge linked to the first.
+    let ids: Vec<String> = sent.iter().take(100).map(|(id, _)| id.clone()).collect();
+    let pharmacist = cloud.pharmacist();
+    let live = live_status(
+        &client,
+        (&edge.url("/api/v1/events"), &nurse),
+        (&cloud.bridges[1].url(""), &pharmacist),
+        &ids,
+        flag("--changes", 300)?,
+    )
+    .await?;
     let bridge_rss = cloud.bridges[0].pid().and_then(|pid| status_kib(pid, "VmHWM:")).unwrap_or(0);
     let projector_rss = status_kib(projector_pid, "VmHWM:").unwrap_or(0);
 
@@ -314,6 +329,13 @@ async fn main() -> Result<(), String> {
         ms(percentile(&latencies, 0.50)),
         ms(percentile(&latencies, 0.99)),
         ms(latencies[latencies.len() - 1])
+    );
+    println!("live status, pharmacy request through bridge 2 -> ward device on bridge 1 ({} changes)", live.len());
+    println!(
+        "  p50 {:.0} ms   p99 {:.0} ms   max {:.0} ms",
+        ms(percentile(&live, 0.50)),
+        ms(percentile(&live, 0.99)),
+        ms(live[live.len() - 1])
     );
     println!(
         "  peak RSS: bridge {:.1} MiB, projector {:.1} MiB",

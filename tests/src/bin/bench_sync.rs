@@ -7,9 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::bench::{flag, ms, percentile, status_kib};
+use e2e::bench::{flag, live_status, ms, percentile, status_kib};
 use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer};
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const WARD: &str = "ward-bench";
@@ -82,42 +81,9 @@ async fn main() -> Result<(), String> {
     let peak_rss = status_kib(bridge_pid, "VmHWM:").unwrap_or(0);
 
     // Live status changes: pharmacy request -> ward device's feed.
-    let events = client.get(edge.url("/api/v1/events")).bearer_auth(&nurse).send().await.map_err(|e| e.to_string())?;
-    let mut events = events.bytes_stream();
-    let mut buffer = String::new();
-    let mut latencies = Vec::with_capacity(changes);
-    for (i, id) in ids.iter().cycle().take(changes).enumerate() {
-        let to = ["acknowledged", "picking", "dispatched"][i / ids.len() % 3];
-        let expected = format!("\"status\":\"{to}\"");
-        let sent = Instant::now();
-        let url = bridge.url(&format!("/api/v1/tickets/{id}/transitions"));
-        let response = client
-            .post(&url)
-            .bearer_auth(&pharmacist)
-            .json(&json!({ "to": to }))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if response.status() != 200 {
-            return Err(format!("transition {to} of {id}: {}", response.status()));
-        }
-        // Read the feed until this ticket shows the new status.
-        loop {
-            if let Some(end) = buffer.find("\n\n") {
-                let event: String = buffer.drain(..end + 2).collect();
-                if event.contains(id.as_str()) && event.contains(&expected) {
-                    break;
-                }
-                continue;
-            }
-            match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
-                Ok(Some(Ok(chunk))) => buffer.push_str(&String::from_utf8_lossy(&chunk)),
-                _ => return Err("the ward's live feed stalled".into()),
-            }
-        }
-        latencies.push(sent.elapsed());
-    }
-    latencies.sort();
+    let latencies =
+        live_status(&client, (&edge.url("/api/v1/events"), &nurse), (&bridge.url(""), &pharmacist), &ids, changes)
+            .await?;
     println!("sync: {tickets} tickets made offline, then the bridge started");
     println!("  backlog queryable at the bridge  {:.0} ms after it started", ms(backlog));
     println!("  bridge peak RSS                  {:.1} MiB", peak_rss as f64 / 1024.0);

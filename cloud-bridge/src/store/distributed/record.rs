@@ -171,6 +171,17 @@ mod tests {
         assert_eq!(PageCursor::decode(&Cursor::new(7u64.to_be_bytes().to_vec())), None, "an embedded cursor");
     }
 
+    #[test]
+    fn the_fuzz_seeds_are_valid_encodings() {
+        let seed = |name: &str| {
+            std::fs::read(format!("{}/fuzz/seeds/decode_records/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        };
+        for name in ["record", "record-pharmacy"] {
+            assert!(ChangeRecord::decode(&seed(name), 4_096).is_ok(), "{name} is stale: encode it again");
+        }
+        assert!(PageCursor::decode(&Cursor::new(seed("cursor"))).is_some(), "cursor is stale: encode it again");
+    }
+
     proptest! {
         #[test]
         fn records_round_trip(change in prop::collection::vec(any::<u8>(), 0..512), pharmacy in any::<bool>()) {
