@@ -184,3 +184,63 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
     let response = client.get(bridge.url("/api/v1/queue")).bearer_auth(offline).send().await.unwrap();
     assert_eq!(response.status(), 401, "an offline token is worth nothing at the bridge");
 }
+
+#[tokio::test]
+async fn the_admin_commands_and_two_instances_work_on_mongodb() {
+    let services = e2e::Services::from_env();
+    let namespace = e2e::services::namespace("auth-admin");
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let distributed = format!(
+        "[mongodb]\nuri = \"{}\"\ndatabase = \"{namespace}\"\n[redis]\nurl = \"{}\"\nkey_prefix = \"{namespace}\"\n",
+        services.mongodb_uri, services.redis_url
+    );
+    let config_for = |name: &str, port: u16| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, auth_config(&dir.path().join(name), &format!("127.0.0.1:{port}")) + &distributed)
+            .unwrap();
+        path
+    };
+    let first_config = config_for("first", free_port());
+    auth_admin(
+        &first_config,
+        &["add-user", "--username", "n.okafor", "--role", "nurse", "--ward", WARD],
+        NURSE_PASSWORD,
+    );
+    let credentials: Value =
+        serde_json::from_str(auth_admin(&first_config, &["add-edge-node", "--node", NODE, "--ward", WARD], "").trim())
+            .unwrap();
+    assert!(auth_admin(&first_config, &["rotate-key"], "").contains("published"));
+
+    // Two instances on the one store: what one issues, the other honours.
+    let first = ServiceProcess::start_auth(&dir.path().join("first"), &first_config);
+    let second_config = config_for("second", free_port());
+    let second = ServiceProcess::start_auth(&dir.path().join("second"), &second_config);
+    for auth in [&first, &second] {
+        assert_eq!(client.get(auth.url("/readyz")).send().await.unwrap().status(), 200);
+        let jwks: Value = client.get(auth.url("/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(jwks["keys"].as_array().unwrap().len(), 2, "the first key and the rotated one: {jwks}");
+        password_login(&client, auth, "n.okafor", NURSE_PASSWORD).await;
+    }
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", credentials["client_id"].as_str().unwrap()),
+        ("client_secret", credentials["client_secret"].as_str().unwrap()),
+    ];
+    let response = client.post(second.url("/oauth/token")).form(&form).send().await.unwrap();
+    assert_eq!(response.status(), 200, "the node enrolled through the first instance gets a token from the second");
+    // A name already taken is refused, whichever instance's store holds it.
+    let mut duplicate = std::process::Command::new(binary("auth-service"))
+        .arg("--config")
+        .arg(&second_config)
+        .args(["add-user", "--username", "n.okafor", "--role", "nurse"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    duplicate.stdin.take().unwrap().write_all(b"another long password\n").unwrap();
+    let output = duplicate.wait_with_output().unwrap();
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("already exists"));
+}
