@@ -1,5 +1,5 @@
 //! The distributed backend with real services (Kafka protocol, MongoDB,
-//! Redis; see `scripts/services`): two bridge instances and a projector.
+//! Redis; see `scripts/services`): two bridge instances and two projectors.
 #![allow(clippy::unwrap_used)] // test code: a failure is the test failing
 
 use std::time::{Duration, Instant};
@@ -53,8 +53,22 @@ async fn sees<B: AsRef<[u8]>>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn changes_through_either_bridge_reach_every_ward_and_a_replay_changes_nothing() {
+async fn changes_through_either_bridge_and_either_projector_reach_every_ward_and_a_replay_changes_nothing() {
     let cloud = Cloud::start("either", 2, 4);
+    // Two projectors of one consumer group share the topic's partitions.
+    let second_projector = cloud.start_projector("projector-2", None);
+    wait_for("the two projectors to share the partitions", Duration::from_secs(60), async || {
+        let mut shares = 0.0;
+        for projector in [&cloud.projector, &second_projector] {
+            let share = Cloud::metric(projector, "projector_assigned_partitions").await.unwrap_or(0.0);
+            if share == 0.0 {
+                return false;
+            }
+            shares += share;
+        }
+        shares == 4.0
+    })
+    .await;
     let ward_edge = cloud.edge("edge-ward-4b", "ward-4b", 0);
     let icu_edge = cloud.edge("edge-icu-2", "icu-2", 1);
     let client = reqwest::Client::new();
@@ -133,6 +147,11 @@ async fn changes_through_either_bridge_reach_every_ward_and_a_replay_changes_not
             true
         })
         .await;
+    }
+
+    for projector in [&cloud.projector, &second_projector] {
+        let records = Cloud::metric(projector, "projector_records_total").await.unwrap_or(0.0);
+        assert!(records > 0.0, "each projector of the group projected a share of the records");
     }
 
     // Replaying the whole topic (a projector of a new consumer group

@@ -333,7 +333,7 @@ type Written = Arc<Mutex<BTreeMap<i32, i64>>>;
 
 /// Keeps `projector_lag_records` current: records of the assigned
 /// partitions not written yet (the alert that matters: a growing lag means
-/// wards wait). Off the rounds' path: asking the brokers takes a round trip
+/// wards wait); and `projector_assigned_partitions`, this projector's share. Off the rounds' path: asking the brokers takes a round trip
 /// per partition.
 fn report_lag(consumer: Arc<StreamConsumer>, topic: String, written: Written, stop: CancellationToken) {
     tokio::spawn(async move {
@@ -346,6 +346,7 @@ fn report_lag(consumer: Arc<StreamConsumer>, topic: String, written: Written, st
             let (consumer, topic, written) = (Arc::clone(&consumer), topic.clone(), Arc::clone(&written));
             let lag = tokio::task::spawn_blocking(move || -> Option<i64> {
                 let assigned = consumer.assignment().ok()?;
+                metrics::gauge!("projector_assigned_partitions").set(assigned.elements_for_topic(&topic).len() as f64);
                 let positions = consumer.position().ok()?;
                 let mut lag = 0;
                 for element in assigned.elements_for_topic(&topic) {
