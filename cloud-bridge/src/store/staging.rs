@@ -12,8 +12,22 @@ use sync_protocol::wire::UpstreamChange;
 
 use super::StoreError;
 
-/// Stack of each staging thread.
-const STAGE_THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
+/// Stack of each thread that decodes or merges Automerge changes.
+const AUTOMERGE_THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
+
+/// A pool of threads, one per core, that decode and merge Automerge changes
+/// (the bridge's stagers, the projector's mergers), named `{name}-{n}`.
+pub(crate) fn automerge_pool(name: &'static str) -> Result<Arc<rayon::ThreadPool>, StoreError> {
+    // Automerge's decoder and merge run deep on the stack (an unoptimized
+    // build overflowed rayon's default 2 MiB), and a worker waiting in a
+    // join runs other tasks on top of its own: give them the main thread's 8 MiB.
+    rayon::ThreadPoolBuilder::new()
+        .thread_name(move |n| format!("{name}-{n}"))
+        .stack_size(AUTOMERGE_THREAD_STACK_BYTES)
+        .build()
+        .map(Arc::new)
+        .map_err(|e| StoreError::Corrupt(format!("cannot start the {name} threads: {e}")))
+}
 
 /// An upstream change with the work that needs no database done: decoded,
 /// its audit record checked against the node that sent it, and, for a
@@ -72,15 +86,7 @@ pub(crate) struct Stager {
 
 impl Stager {
     pub fn new(limits: Limits, replica: ActorId) -> Result<Self, StoreError> {
-        // Automerge's decoder and merge run deep on the stack (an unoptimized
-        // build overflowed rayon's default 2 MiB), and a worker waiting in a
-        // join runs other tasks on top of its own: give them the main thread's 8 MiB.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|n| format!("bridge-stage-{n}"))
-            .stack_size(STAGE_THREAD_STACK_BYTES)
-            .build()
-            .map_err(|e| StoreError::Corrupt(format!("cannot start the staging threads: {e}")))?;
-        Ok(Self { pool: Arc::new(pool), limits, replica })
+        Ok(Self { pool: automerge_pool("bridge-stage")?, limits, replica })
     }
 
     /// Decodes and checks a node's batch on every core.

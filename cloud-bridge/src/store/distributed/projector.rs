@@ -43,7 +43,7 @@ use super::mongo::{Db, PageChange, PageDoc, StoredTicket, TicketDoc, TicketWrite
 use super::record::{ChangeRecord, Origin, RECORD_OVERHEAD_BYTES_MAX};
 use crate::api::ApiError;
 use crate::config::Config;
-use crate::store::staging::TicketRow;
+use crate::store::staging::{TicketRow, automerge_pool};
 use crate::store::{StoreError, now_ms};
 
 /// Most changes in one feed page: well under an edge's batch limit, so a
@@ -62,8 +62,6 @@ const PREFETCH_KBYTES: &str = "16384";
 const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the lag query waits for the brokers.
 const LAG_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
-/// Stack of each merge thread: Automerge runs deep (see the bridge's stagers).
-const MERGE_THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -193,7 +191,7 @@ pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Re
         db: db.clone(),
         replica: ActorId::random(),
         record_bytes_max: config.session.limits.change_bytes_max + RECORD_OVERHEAD_BYTES_MAX,
-        mergers: merge_pool()?,
+        mergers: automerge_pool("projector-merge")?,
         next_round: 0,
     };
     let mut writer = Writer {
@@ -242,17 +240,6 @@ pub async fn run(config: &Config, health: Health, stop: CancellationToken) -> Re
     }
     tracing::info!("projector stopped");
     Ok(())
-}
-
-/// The threads that merge, one per core, with room on their stacks for
-/// Automerge (see the bridge's staging threads).
-fn merge_pool() -> Result<Arc<rayon::ThreadPool>, StoreError> {
-    rayon::ThreadPoolBuilder::new()
-        .thread_name(|n| format!("projector-merge-{n}"))
-        .stack_size(MERGE_THREAD_STACK_BYTES)
-        .build()
-        .map(Arc::new)
-        .map_err(|e| StoreError::Corrupt(format!("cannot start the merge threads: {e}")))
 }
 
 /// The projector's side of a failure: it reports unready, logs, and backs
