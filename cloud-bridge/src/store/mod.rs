@@ -59,7 +59,7 @@ pub struct WardNotice {
 }
 
 /// Filters of the pharmacy queue.
-#[derive(Debug, Clone, Default, Hash)]
+#[derive(Debug, Clone, Default)]
 pub struct QueueQuery {
     pub wards: Vec<WardId>,
     pub statuses: Vec<Status>,

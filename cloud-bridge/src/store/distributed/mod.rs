@@ -309,17 +309,11 @@ impl DistributedStore {
     }
 
     pub async fn queue(&self, query: QueueQuery) -> Result<QueuePage, StoreError> {
-        let names = |values: Vec<&str>| values.join(",");
         let wards = query.wards.iter().map(|w| w.as_str().to_owned()).collect::<Vec<_>>();
         let statuses = query.statuses.iter().map(|s| s.as_str().to_owned()).collect::<Vec<_>>();
         let priorities = query.priorities.iter().map(|p| p.as_str().to_owned()).collect::<Vec<_>>();
-        let name = format!(
-            "w={};s={};p={};l={}",
-            names(wards.iter().map(String::as_str).collect()),
-            names(statuses.iter().map(String::as_str).collect()),
-            names(priorities.iter().map(String::as_str).collect()),
-            query.limit
-        );
+        let name =
+            format!("w={};s={};p={};l={}", wards.join(","), statuses.join(","), priorities.join(","), query.limit);
         let cache = self.shared.cache.as_ref();
         let key = match cache {
             Some(cache) => cache.queue_key(&name).await.inspect_err(|e| cache_failed("queue key", e)).ok(),
