@@ -45,6 +45,8 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     pub shutdown: CancellationToken,
     pub metrics: PrometheusHandle,
+    /// The nodes with a sync session open on this instance.
+    pub sessions: Arc<sync::OpenSessions>,
 }
 
 pub async fn open_state(config: Config) -> Result<AppState, ServeError> {
@@ -67,6 +69,7 @@ pub async fn open_state(config: Config) -> Result<AppState, ServeError> {
         verifier: Arc::new(verifier),
         shutdown: CancellationToken::new(),
         metrics: service_kit::telemetry::prometheus(),
+        sessions: Arc::default(),
     })
 }
 

@@ -8,6 +8,8 @@
 //! node's cursor, wakes on notices of new changes, and falls back to polling
 //! so a missed notice only delays, never loses, a change.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
@@ -16,10 +18,11 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use sync_protocol::ids::{NodeId, Role};
+use sync_protocol::admission::{Admission, Claim};
+use sync_protocol::ids::{NodeId, Role, WardId};
 use sync_protocol::session::{BridgeAction, BridgePhase, BridgeSession};
 use sync_protocol::token::Principal;
-use sync_protocol::wire::{self, Message, RefusalReason, Refused};
+use sync_protocol::wire::{self, DatabaseId, Lease, Message, RefusalReason, Refused};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::api::{ApiError, bearer_principal};
@@ -30,6 +33,33 @@ use crate::{AppState, now_ms};
 const FEED_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Heartbeat checks.
 const TICK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The nodes with a sync session open on this bridge instance: a second
+/// session of a node is refused while the first is open (a copy of its
+/// database started beside the original; see `sync_protocol::admission`).
+#[derive(Debug, Default)]
+pub struct OpenSessions(Mutex<HashSet<NodeId>>);
+
+/// A node's place in [`OpenSessions`], given up when its session ends.
+#[derive(Debug)]
+struct OpenSession {
+    sessions: Arc<OpenSessions>,
+    node: NodeId,
+}
+
+impl OpenSessions {
+    /// Takes the node's place; `None` if another session of it holds it.
+    fn open(self: &Arc<Self>, node: &NodeId) -> Option<OpenSession> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        open.insert(node.clone()).then(|| OpenSession { sessions: Arc::clone(self), node: node.clone() })
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.sessions.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.node);
+    }
+}
 
 /// An edge node, authenticated at the upgrade.
 #[derive(Debug)]
@@ -84,6 +114,8 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
     let mut feed: Option<Feed> = None;
     let mut feed_wanted = false;
     let mut actions = Vec::new();
+    // Held while the session is open: the node's place and its database.
+    let mut admitted: Option<(OpenSession, DatabaseId)> = None;
     loop {
         while let Some(action) = (!actions.is_empty()).then(|| actions.remove(0)) {
             match action {
@@ -91,9 +123,21 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                     let frame = wire::encode(&message, &config.limits).map_err(axum::Error::new)?;
                     sink.send(WsMessage::Binary(frame.into())).await?;
                 }
-                BridgeAction::Authenticate { node, ward, token } => {
-                    let result = authenticate(&state, &principal, &node, &ward, &token).await;
+                BridgeAction::Authenticate { node, ward, token, database, lease } => {
+                    let result = match authenticate(&state, &principal, &node, &ward, &token) {
+                        Ok(()) => admit(&state, &node, &ward, database, lease).await,
+                        Err(refused) => Err(refused),
+                    };
+                    let result = result.map(|(open, lease)| {
+                        admitted = Some((open, database));
+                        lease
+                    });
                     actions.extend(session.authenticated(result, now_ms()));
+                }
+                BridgeAction::LeaseHeld { lease } => {
+                    if let (Some((node, _)), Some((_, database))) = (session.peer(), &admitted) {
+                        state.store.confirm_lease(node.clone(), *database, lease).await?;
+                    }
                 }
                 BridgeAction::Store { changes } => {
                     let (node, ward) =
@@ -174,15 +218,14 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
     }
 }
 
-/// Checks the hello against the token of the upgrade and returns the
-/// node's durable upstream position.
-async fn authenticate(
+/// Checks the hello against the token of the upgrade.
+fn authenticate(
     state: &AppState,
     principal: &Principal,
     node: &NodeId,
-    ward: &sync_protocol::ids::WardId,
+    ward: &WardId,
     token: &str,
-) -> Result<u64, Refused> {
+) -> Result<(), Refused> {
     let refuse = |reason, detail: String| Refused { reason, detail };
     let hello_principal = state
         .verifier
@@ -194,9 +237,42 @@ async fn authenticate(
     if !principal.wards.contains(ward) {
         return Err(refuse(RefusalReason::Forbidden, format!("the token does not cover {ward}")));
     }
-    state
-        .store
-        .acked_up_to(node)
-        .await
-        .map_err(|e| refuse(RefusalReason::Unavailable, format!("bridge storage unavailable: {e}")))
+    Ok(())
+}
+
+/// Admits the hello's database to speak for the node (the rule is
+/// `sync_protocol::admission::admit`): takes the node's place on this
+/// instance and stores the database's new lease, which is returned.
+async fn admit(
+    state: &AppState,
+    node: &NodeId,
+    ward: &WardId,
+    database: DatabaseId,
+    lease: Option<Lease>,
+) -> Result<(OpenSession, Lease), Refused> {
+    let open = state.sessions.open(node);
+    let claim = Claim { database, lease, connected_elsewhere: open.is_none() };
+    let offered = Lease(rand::random());
+    let admission = match state.store.admit(node.clone(), ward.clone(), claim, offered).await {
+        Ok(admission) => admission,
+        Err(e) => {
+            return Err(Refused {
+                reason: RefusalReason::Unavailable,
+                detail: format!("bridge storage unavailable: {e}"),
+            });
+        }
+    };
+    match admission {
+        Ok(Admission::Resumed) => {}
+        Ok(Admission::TookOver { replaced }) => {
+            let replaced = replaced.map(|id| id.to_string());
+            tracing::warn!(%node, %database, ?replaced, "a database the node never used took it over");
+        }
+        Err(refused) => {
+            tracing::warn!(%node, %database, reason = ?refused.reason, detail = %refused.detail, "sync hello refused");
+            return Err(refused);
+        }
+    }
+    // Admitted only with the place: a refusal above released it, if it had it.
+    Ok((open.expect("admission refuses a node connected elsewhere"), offered))
 }

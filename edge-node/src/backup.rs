@@ -5,14 +5,15 @@
 //! committed when it began (WAL mode lets writers go on meanwhile).
 //!
 //! A restore puts a backup in place of the database while the node is
-//! stopped, and marks it restored. The node then re-syncs on its next link:
-//! - its feed starts over (the cursor is cleared), and a bridge serves a
-//!   cursor-less node every change of its ward, its own included, so what it
-//!   made after the backup comes back; applying a change twice is harmless.
-//! - its outbox is renumbered above what the bridge has acknowledged from it
-//!   (`store::Write::ReconcileRestoredOutbox`), because the backup's outbox
-//!   numbers were reused after the backup, and a change numbered at or below
-//!   the bridge's acknowledgement would be dropped as already sent.
+//! stopped, as a new database: it gets a new id (`store::DATABASE_KEY`) and
+//! no lease, and its feed starts over (the cursor is cleared). On its next
+//! link the bridge sees a database the node never used, which takes the
+//! node over (`sync_protocol::admission`): the database it replaces is
+//! refused from then on, and the feed sends the node's own changes back, up
+//! to where the log stood, so what it made after the backup comes back;
+//! applying a change twice is harmless. Its outbox is sent whole, and an
+//! acknowledgement covers only what that connection carried, so no outbox
+//! number the backup shares with the replaced database can drop a change.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,9 +27,6 @@ use crate::store;
 /// A backup step held up by a lock is retried this often, this far apart.
 const BUSY_RETRIES_MAX: u32 = 100;
 const BUSY_RETRY_DELAY: Duration = Duration::from_millis(50);
-
-/// Marks a database restored from a backup (in `sync_state`).
-pub const RESTORED_KEY: &str = "restored";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -136,10 +134,10 @@ pub fn restore(data_dir: &Path, database: &Path, from: &Path) -> Result<(Summary
     copy(&source, &staged)?;
     {
         let conn = Connection::open(&staged)?;
-        conn.execute("DELETE FROM sync_state WHERE key = 'cursor'", [])?;
+        conn.execute("DELETE FROM sync_state WHERE key IN ('cursor', ?1)", [store::LEASE_KEY])?;
         conn.execute(
-            "INSERT INTO sync_state (key, value) VALUES (?1, x'01') ON CONFLICT (key) DO UPDATE SET value = x'01'",
-            [RESTORED_KEY],
+            "INSERT INTO sync_state (key, value) VALUES (?1, randomblob(16)) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [store::DATABASE_KEY],
         )?;
     }
     let kept = if database.exists() {

@@ -23,9 +23,8 @@ use service_kit::writer::{GroupWriter, QueueError};
 use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TicketDocument};
 use sync_protocol::ids::TicketId;
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
+use sync_protocol::wire::{Cursor, DatabaseId, Lease};
 use tokio::sync::{broadcast, oneshot};
-
-use crate::backup::RESTORED_KEY;
 
 use crate::config::StorageConfig;
 
@@ -60,7 +59,19 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL
     ) STRICT;
     "#,
+    // 2: the database's own id (see `DATABASE_KEY`), for databases made before it.
+    r#"
+    INSERT INTO sync_state (key, value) VALUES ('database', randomblob(16)) ON CONFLICT (key) DO NOTHING;
+    "#,
 ];
+
+/// `sync_state` key of the database's id (`wire::DatabaseId`): 16 random
+/// bytes, minted when the database is created and again by a restore, so
+/// the bridge can tell this database's history from another's under the
+/// same node (see `sync_protocol::admission`).
+pub const DATABASE_KEY: &str = "database";
+/// `sync_state` key of the lease the bridge last handed this database.
+pub const LEASE_KEY: &str = "lease";
 
 /// The schema version this build creates and reads.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -104,17 +115,16 @@ pub enum Write {
     Create { ticket: Box<Ticket>, document: Vec<u8>, change: Vec<u8> },
     /// Load a ticket's document, run the mutation, store the result.
     Mutate { id: TicketId, mutation: Mutation },
-    /// The bridge durably has every change up to this outbox sequence.
+    /// The bridge durably has every change up to this outbox sequence (all
+    /// of them sent on the connection that acknowledged them).
     Acked { up_to_seq: u64 },
     /// The bridge refused this change; keep it, visibly, and stop sending it.
     Stuck { seq: u64, code: String, message: String },
     /// Changes from the cloud, applied with the feed cursor after them in
     /// one transaction, so a crash can neither lose nor repeat them.
     ApplyRemote { changes: Vec<(TicketId, Vec<u8>)>, cursor: Vec<u8> },
-    /// The bridge has acknowledged this node's changes up to `acked_up_to`.
-    /// If the database was restored from a backup, its outbox is moved
-    /// above that (see `backup`); otherwise nothing happens.
-    ReconcileRestoredOutbox { acked_up_to: u64 },
+    /// The bridge handed this database a new lease; it replaces the one held.
+    HoldLease { lease: Lease },
 }
 
 impl std::fmt::Debug for Write {
@@ -127,9 +137,7 @@ impl std::fmt::Debug for Write {
             Write::ApplyRemote { changes, .. } => {
                 f.debug_struct("ApplyRemote").field("changes", &changes.len()).finish_non_exhaustive()
             }
-            Write::ReconcileRestoredOutbox { acked_up_to } => {
-                f.debug_struct("ReconcileRestoredOutbox").field("acked_up_to", acked_up_to).finish()
-            }
+            Write::HoldLease { .. } => f.debug_struct("HoldLease").finish_non_exhaustive(),
         }
     }
 }
@@ -336,21 +344,8 @@ impl WriterContext {
                 set_sync_state(conn, "last_sync_at", &now.to_be_bytes())?;
                 Ok(Vec::new())
             }
-            Write::ReconcileRestoredOutbox { acked_up_to } => {
-                if sync_state(conn, RESTORED_KEY)?.is_none() {
-                    return Ok(Vec::new());
-                }
-                // Two steps, so no row's new number collides with another's old one.
-                let shift = acked_up_to as i64;
-                conn.execute("UPDATE outbox SET seq = -seq", [])?;
-                conn.execute("UPDATE outbox SET seq = -seq + ?1", [shift])?;
-                conn.execute(
-                    "UPDATE sqlite_sequence SET seq = (SELECT coalesce(max(seq), 0) FROM outbox) + ?1
-                     WHERE name = 'outbox'",
-                    [shift],
-                )?;
-                conn.execute("DELETE FROM sync_state WHERE key = ?1", [RESTORED_KEY])?;
-                tracing::info!(acked_up_to, "restored database: outbox renumbered above the bridge's acknowledgement");
+            Write::HoldLease { lease } => {
+                set_sync_state(conn, LEASE_KEY, &lease.0)?;
                 Ok(Vec::new())
             }
             Write::Stuck { seq, code, message } => {
@@ -477,6 +472,29 @@ fn set_sync_state(conn: &Connection, key: &str, value: &[u8]) -> Result<(), Stor
 /// A value of the sync state (`cursor`, `last_sync_at`).
 pub fn sync_state(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(conn.query_row("SELECT value FROM sync_state WHERE key = ?1", [key], |row| row.get(0)).optional()?)
+}
+
+/// What a hello says of this database: its id, the lease it holds, and
+/// where its feed resumes.
+#[derive(Debug, Clone)]
+pub struct SyncIdentity {
+    pub database: DatabaseId,
+    pub lease: Option<Lease>,
+    pub cursor: Option<Cursor>,
+}
+
+pub fn sync_identity(conn: &Connection) -> Result<SyncIdentity, StoreError> {
+    let sixteen = |key: &str| -> Result<Option<[u8; 16]>, StoreError> {
+        sync_state(conn, key)?
+            .map(|bytes| <[u8; 16]>::try_from(bytes).map_err(|_| StoreError::Corrupt(format!("sync state {key}"))))
+            .transpose()
+    };
+    let database = sixteen(DATABASE_KEY)?.ok_or_else(|| StoreError::Corrupt("the database has no id".into()))?;
+    Ok(SyncIdentity {
+        database: DatabaseId(database),
+        lease: sixteen(LEASE_KEY)?.map(Lease),
+        cursor: sync_state(conn, "cursor")?.map(Cursor::new),
+    })
 }
 
 /// The next outbox entries to send: after `after_seq`, not stuck, at most

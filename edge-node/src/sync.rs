@@ -16,7 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 use sync_protocol::session::{EdgeAction, EdgePhase, EdgeSession, reconnect_delay_ms};
-use sync_protocol::wire::{self, Cursor, Hello, Message, PROTOCOL_VERSION, UpstreamChange};
+use sync_protocol::wire::{self, Hello, PROTOCOL_VERSION, UpstreamChange};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -98,9 +98,9 @@ async fn connect_once(
         Ok(token) => token,
         Err(reason) => return failed(reason),
     };
-    let cursor = match state.store.read(|conn| store::sync_state(conn, "cursor")).await {
-        Ok(cursor) => cursor.map(Cursor::new),
-        Err(e) => return failed(format!("cannot read the sync cursor: {e}")),
+    let identity = match state.store.read(store::sync_identity).await {
+        Ok(identity) => identity,
+        Err(e) => return failed(format!("cannot read the sync state: {e}")),
     };
     let mut request = match config.bridge_url.as_str().into_client_request() {
         Ok(request) => request,
@@ -132,8 +132,10 @@ async fn connect_once(
         node: state.config.node.id.clone(),
         ward: state.config.node.ward.clone(),
         token,
-        cursor,
+        cursor: identity.cursor,
         limits,
+        database: identity.database,
+        lease: identity.lease,
     };
     let (mut session, actions) = EdgeSession::start(hello, config.session, now_ms());
     let (mut sink, mut stream) = socket.split();
@@ -154,23 +156,26 @@ async fn connect_once(
                         .map_err(|e| format!("send: {e}")),
                     Err(e) => Err(format!("encode: {e}")),
                 },
-                EdgeAction::Acked { up_to_seq } => {
-                    if !established {
+                EdgeAction::HoldLease(lease) => {
+                    // Durable before anything else is sent: the next message confirms it.
+                    let held = state.store.write_all(Write::HoldLease { lease }, now).await;
+                    if held.is_ok() {
                         established = true;
                         set_status(status, |s| {
                             s.connected = true;
                             s.last_error = None;
                             s.needs_attention = false;
                         });
-                        tracing::info!(bridge = %config.bridge_url, "sync link up");
+                        tracing::info!(bridge = %config.bridge_url, database = %identity.database, "sync link up");
                     }
-                    state
-                        .store
-                        .write_all(Write::Acked { up_to_seq }, now)
-                        .await
-                        .map(|_| Vec::new())
-                        .map_err(|e| e.to_string())
+                    held.map(|_| Vec::new()).map_err(|e| format!("cannot store the lease: {e}"))
                 }
+                EdgeAction::Acked { up_to_seq } => state
+                    .store
+                    .write_all(Write::Acked { up_to_seq }, now)
+                    .await
+                    .map(|_| Vec::new())
+                    .map_err(|e| e.to_string()),
                 EdgeAction::Stuck { seq, code, message, .. } => state
                     .store
                     .write_all(Write::Stuck { seq, code: format!("{code:?}"), message }, now)
@@ -246,15 +251,7 @@ async fn connect_once(
         tokio::select! {
             frame = stream.next() => match frame {
                 Some(Ok(WsMessage::Binary(bytes))) => match wire::decode(&bytes, &limits) {
-                    Ok(message) => {
-                        if let Message::Welcome(welcome) = &message {
-                            let reconcile = Write::ReconcileRestoredOutbox { acked_up_to: welcome.acked_up_to };
-                            if let Err(e) = state.store.write_all(reconcile, now_ms()).await {
-                                return ended(format!("cannot reconcile the outbox: {e}"), true, established);
-                            }
-                        }
-                        queue.extend(session.on_message(message, now_ms()))
-                    }
+                    Ok(message) => queue.extend(session.on_message(message, now_ms())),
                     Err(error) => queue.extend(session.on_frame_error(&error)),
                 },
                 Some(Ok(WsMessage::Close(_))) | None => return ended("the bridge closed the connection".into(), true, established),

@@ -5,6 +5,7 @@
 //! This crate does no I/O and reads no clock: time, randomness and bytes are
 //! passed in, so everything here is deterministic and testable in isolation.
 
+pub mod admission;
 mod causal;
 pub mod document;
 pub mod fhir;

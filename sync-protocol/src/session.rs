@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{NodeId, TicketId, WardId};
 use crate::ticket::UnixMillis;
 use crate::wire::{
-    Cursor, DownstreamChange, ErrorCode, Hello, Message, PROTOCOL_VERSION, RefusalReason, Refused, TicketSnapshot,
-    UpstreamChange, Welcome, WireError, WireLimits,
+    Cursor, DatabaseId, DownstreamChange, ErrorCode, Hello, Lease, Message, PROTOCOL_VERSION, RefusalReason, Refused,
+    TicketSnapshot, UpstreamChange, Welcome, WireError, WireLimits,
 };
 
 /// Timing and windowing of a session. Both sides use the same defaults.
@@ -67,7 +67,10 @@ impl CloseReason {
         !matches!(
             self,
             CloseReason::Refused(Refused {
-                reason: RefusalReason::VersionMismatch { .. } | RefusalReason::Forbidden,
+                reason: RefusalReason::VersionMismatch { .. }
+                    | RefusalReason::Forbidden
+                    | RefusalReason::Superseded
+                    | RefusalReason::AlreadyConnected,
                 ..
             })
         )
@@ -121,6 +124,9 @@ impl Liveness {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EdgeAction {
     Send(Message),
+    /// Store this lease durably (it replaces the one held) before anything
+    /// else is sent: whatever the edge sends next confirms it to the bridge.
+    HoldLease(Lease),
     /// Delete outbox entries up to `up_to_seq`, except those marked stuck.
     Acked {
         up_to_seq: u64,
@@ -238,10 +244,12 @@ impl EdgeSession {
                 }
                 self.phase = EdgePhase::Established;
                 self.limits = tighter(self.config.limits, welcome.limits);
-                // Everything after the bridge's durable point is sent again;
-                // the bridge skips what it already has.
-                self.sent_up_to = welcome.acked_up_to;
-                vec![EdgeAction::Acked { up_to_seq: welcome.acked_up_to }]
+                // Acknowledgements cover only what this connection carried,
+                // so the whole outbox is sent again: whatever the database
+                // went through (a restore, a copy, a new disk), nothing is
+                // dropped that this bridge did not just store. The bridge
+                // skips by hash what it had already.
+                vec![EdgeAction::HoldLease(welcome.lease)]
             }
             (_, Message::Refused(refused)) => self.close(CloseReason::Refused(refused)),
             (_, Message::Error { code, message }) => self.close(CloseReason::PeerError { code, message }),
@@ -346,11 +354,14 @@ const DOWNSTREAM_CHANGE_OVERHEAD_BYTES: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BridgeAction {
     Send(Message),
-    /// Verify the token for this node and ward, then call [`BridgeSession::authenticated`].
+    /// Verify the token for this node and ward, admit the database
+    /// (`admission::admit`), then call [`BridgeSession::authenticated`].
     Authenticate {
         node: NodeId,
         ward: WardId,
         token: String,
+        database: DatabaseId,
+        lease: Option<Lease>,
     },
     /// Validate and durably store these changes, in the order the actions
     /// were given, then call [`BridgeSession::stored`] for each.
@@ -364,6 +375,11 @@ pub enum BridgeAction {
     /// The edge applied downstream changes up to `cursor` (for diagnostics).
     DownstreamAcked {
         cursor: Cursor,
+    },
+    /// The edge sent a message after the welcome that offered `lease`, so it
+    /// holds it durably: record that (`admission::confirm`).
+    LeaseHeld {
+        lease: Lease,
     },
     Close(CloseReason),
 }
@@ -391,7 +407,9 @@ pub struct BridgeSession {
     phase: BridgePhase,
     liveness: Liveness,
     hello: Option<Hello>,
-    /// Highest sequence passed to `Store` (or known durable from before).
+    /// The lease the welcome offered, until a message from the edge confirms it.
+    offered: Option<Lease>,
+    /// Highest sequence this connection passed to `Store`.
     received_up_to: u64,
     /// Last sequence of each `Store` the driver has not finished.
     pending_stores: VecDeque<u64>,
@@ -405,6 +423,7 @@ impl BridgeSession {
             phase: BridgePhase::AwaitingHello,
             liveness: Liveness::new(now),
             hello: None,
+            offered: None,
             received_up_to: 0,
             pending_stores: VecDeque::new(),
             downstream_in_flight: 0,
@@ -456,6 +475,18 @@ impl BridgeSession {
 
     pub fn on_message(&mut self, message: Message, now: UnixMillis) -> Vec<BridgeAction> {
         self.liveness.last_received = now;
+        // The edge stores its new lease before it sends anything after the
+        // welcome, so its first message proves it holds it.
+        let confirmed = match self.phase {
+            BridgePhase::Established => self.offered.take().map(|lease| BridgeAction::LeaseHeld { lease }),
+            _ => None,
+        };
+        let mut actions: Vec<BridgeAction> = confirmed.into_iter().collect();
+        actions.extend(self.on_message_in_phase(message, now));
+        actions
+    }
+
+    fn on_message_in_phase(&mut self, message: Message, now: UnixMillis) -> Vec<BridgeAction> {
         match (self.phase, message) {
             (BridgePhase::Closed, _) => Vec::new(),
             (BridgePhase::AwaitingHello, Message::Hello(hello)) => {
@@ -476,6 +507,8 @@ impl BridgeSession {
                     node: hello.node.clone(),
                     ward: hello.ward.clone(),
                     token: hello.token.clone(),
+                    database: hello.database,
+                    lease: hello.lease,
                 };
                 self.hello = Some(hello);
                 vec![action]
@@ -508,36 +541,38 @@ impl BridgeSession {
                 format!("more than {} upstream batches in flight", self.config.batches_in_flight_max),
             );
         }
-        // After a reconnect the edge resends from the last durable point;
-        // whatever was already passed to `Store` is dropped here.
-        let fresh: Vec<UpstreamChange> = changes.into_iter().filter(|c| c.seq > self.received_up_to).collect();
-        let Some(last) = fresh.last().map(|c| c.seq) else {
-            return match self.pending_stores.is_empty() {
-                true => vec![BridgeAction::Send(Message::Ack { up_to_seq: self.received_up_to })],
-                // The ack follows when the pending stores finish.
-                false => Vec::new(),
-            };
+        // Sequences only grow on one connection: an ack must never cover a
+        // change this connection did not carry.
+        let (Some(first), Some(last)) = (changes.first().map(|c| c.seq), changes.last().map(|c| c.seq)) else {
+            return self.violation(ErrorCode::Malformed, "an empty upstream batch".into());
         };
+        if first <= self.received_up_to {
+            return self.violation(
+                ErrorCode::Malformed,
+                format!("upstream sequence {first} after {} on this connection", self.received_up_to),
+            );
+        }
         self.received_up_to = last;
         self.pending_stores.push_back(last);
-        vec![BridgeAction::Store { changes: fresh }]
+        vec![BridgeAction::Store { changes }]
     }
 
-    /// The driver checked the hello's token. `Ok` carries the highest sequence
-    /// of this node already durable at the bridge.
-    pub fn authenticated(&mut self, result: Result<u64, Refused>, now: UnixMillis) -> Vec<BridgeAction> {
+    /// The driver checked the hello's token and admitted its database
+    /// (`admission::admit`). `Ok` carries the new lease the driver stored
+    /// for the database, which the welcome hands over.
+    pub fn authenticated(&mut self, result: Result<Lease, Refused>, now: UnixMillis) -> Vec<BridgeAction> {
         if self.phase != BridgePhase::Authenticating {
             return Vec::new();
         }
-        let acked_up_to = match result {
-            Ok(acked_up_to) => acked_up_to,
+        let lease = match result {
+            Ok(lease) => lease,
             Err(refused) => return self.refuse(refused),
         };
         self.phase = BridgePhase::Established;
-        self.received_up_to = acked_up_to;
+        self.offered = Some(lease);
         self.liveness.last_sent = now;
         let welcome =
-            Welcome { protocol_version: PROTOCOL_VERSION, acked_up_to, server_time: now, limits: self.config.limits };
+            Welcome { protocol_version: PROTOCOL_VERSION, server_time: now, limits: self.config.limits, lease };
         let cursor = self.hello.as_ref().and_then(|h| h.cursor.clone());
         vec![BridgeAction::Send(Message::Welcome(welcome)), BridgeAction::StartFeed { cursor }]
     }
@@ -620,8 +655,12 @@ mod tests {
             token: "token".into(),
             cursor: None,
             limits: WireLimits::default(),
+            database: DatabaseId([1; 16]),
+            lease: None,
         }
     }
+
+    const LEASE: Lease = Lease([5; 16]);
 
     fn change(seq: u64) -> UpstreamChange {
         UpstreamChange { seq, ticket: TicketId::new(1, [0; 10]), change: ByteBuf::from(vec![1, 2, 3]) }
@@ -637,17 +676,17 @@ mod tests {
 
     /// Runs an edge and a bridge session against each other, delivering
     /// every message the other sends.
-    fn established(acked_up_to: u64) -> (EdgeSession, BridgeSession) {
+    fn established() -> (EdgeSession, BridgeSession) {
         let config = SessionConfig::default();
         let (mut edge, actions) = EdgeSession::start(hello(), config, 0);
         let mut bridge = BridgeSession::new(config, 0);
         let hello = sent(&actions)[0].clone();
         let actions = bridge.on_message(hello, 1);
         assert!(matches!(&actions[0], BridgeAction::Authenticate { token, .. } if token == "token"));
-        let actions = bridge.authenticated(Ok(acked_up_to), 2);
+        let actions = bridge.authenticated(Ok(LEASE), 2);
         assert_eq!(actions[1], BridgeAction::StartFeed { cursor: None });
         let welcome = bridge_sent(&actions)[0].clone();
-        assert_eq!(edge.on_message(welcome, 3), vec![EdgeAction::Acked { up_to_seq: acked_up_to }]);
+        assert_eq!(edge.on_message(welcome, 3), vec![EdgeAction::HoldLease(LEASE)]);
         (edge, bridge)
     }
 
@@ -658,7 +697,7 @@ mod tests {
         assert_eq!(bridge.downstream_demand(), None, "no demand before the hello");
         let small = WireLimits { changes_per_batch_max: 50, ..WireLimits::default() };
         bridge.on_message(Message::Hello(Hello { limits: small, ..hello() }), 1);
-        bridge.authenticated(Ok(0), 2);
+        bridge.authenticated(Ok(LEASE), 2);
         let demand = bridge.downstream_demand().unwrap();
         assert_eq!(demand.changes_max, 50);
         assert!(demand.change_bytes_max < config.limits.frame_bytes_max);
@@ -671,7 +710,7 @@ mod tests {
 
     #[test]
     fn upstream_is_pipelined_up_to_the_window_and_acked_in_order() {
-        let (mut edge, mut bridge) = established(0);
+        let (mut edge, mut bridge) = established();
         let mut frames = Vec::new();
         let mut next = 1;
         while let Some(demand) = edge.upstream_demand() {
@@ -680,8 +719,12 @@ mod tests {
             next += 2;
         }
         assert_eq!(frames.len(), SessionConfig::default().batches_in_flight_max);
+        let mut frames = frames.into_iter();
+        let first = bridge.on_message(frames.next().unwrap(), 5);
+        assert_eq!(first[0], BridgeAction::LeaseHeld { lease: LEASE }, "the first message confirms the lease");
+        assert!(matches!(&first[1], BridgeAction::Store { .. }));
         for frame in frames {
-            assert!(matches!(&bridge.on_message(frame, 5)[0], BridgeAction::Store { .. }));
+            assert!(matches!(&bridge.on_message(frame, 5)[..], [BridgeAction::Store { .. }]));
         }
         let rejection = Rejection { seq: 2, ticket: change(2).ticket, message: "illegal transition".into() };
         let acks = bridge.stored(vec![rejection], 6);
@@ -695,12 +738,19 @@ mod tests {
     }
 
     #[test]
-    fn a_resent_batch_is_acked_without_storing_twice() {
-        let (_, mut bridge) = established(5);
-        let actions = bridge.on_message(Message::Upstream { changes: vec![change(4), change(5)] }, 1);
-        assert_eq!(bridge_sent(&actions), vec![&Message::Ack { up_to_seq: 5 }]);
-        let actions = bridge.on_message(Message::Upstream { changes: vec![change(5), change(6)] }, 1);
-        assert_eq!(actions, vec![BridgeAction::Store { changes: vec![change(6)] }]);
+    fn a_new_connection_sends_the_whole_outbox_again_and_acks_only_what_it_carried() {
+        // The edge's outbox holds 4..=6; whatever an earlier connection (or
+        // another database of the node) had acknowledged, this one starts over.
+        let (mut edge, mut bridge) = established();
+        assert_eq!(edge.upstream_demand().map(|d| d.after_seq), Some(0));
+        let frame = sent(&edge.send_upstream(vec![change(4), change(5), change(6)], 4))[0].clone();
+        let actions = bridge.on_message(frame, 5);
+        assert_eq!(actions[1], BridgeAction::Store { changes: vec![change(4), change(5), change(6)] });
+        let ack = bridge_sent(&bridge.stored(Vec::new(), 6))[0].clone();
+        assert_eq!(edge.on_message(ack, 7), vec![EdgeAction::Acked { up_to_seq: 6 }]);
+        // A batch that goes back on the same connection is a violation, not a silent ack.
+        let actions = bridge.on_message(Message::Upstream { changes: vec![change(6), change(7)] }, 8);
+        assert!(matches!(actions.last(), Some(BridgeAction::Close(CloseReason::ProtocolViolation(_)))), "{actions:?}");
     }
 
     #[test]
@@ -718,7 +768,7 @@ mod tests {
 
     #[test]
     fn silence_closes_a_half_open_connection() {
-        let (mut edge, _) = established(0);
+        let (mut edge, _) = established();
         let config = SessionConfig::default();
         let ping_at = 3 + config.heartbeat_interval_ms as i64;
         assert!(matches!(sent(&edge.on_tick(ping_at))[..], [Message::Ping { .. }]));
@@ -732,7 +782,7 @@ mod tests {
         let mut bridge = BridgeSession::new(SessionConfig::default(), 0);
         let actions = bridge.on_message(Message::Upstream { changes: vec![change(1)] }, 1);
         assert!(matches!(actions.last(), Some(BridgeAction::Close(CloseReason::ProtocolViolation(_)))));
-        let (mut edge, _) = established(0);
+        let (mut edge, _) = established();
         let actions = edge.on_message(Message::Ack { up_to_seq: 10 }, 1);
         assert!(matches!(actions.last(), Some(EdgeAction::Close(CloseReason::ProtocolViolation(_)))));
     }

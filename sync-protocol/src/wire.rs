@@ -24,8 +24,10 @@ use serde_bytes::ByteBuf;
 use crate::ids::{NodeId, TicketId, WardId};
 use crate::ticket::UnixMillis;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol version this build speaks. Version 3: acknowledgements
+/// cover only what was sent on the same connection, and the hello names the
+/// edge's database and the lease it holds.
+pub const PROTOCOL_VERSION: u16 = 3;
 const MAGIC: [u8; 2] = *b"MR";
 const HEADER_BYTES: usize = 4;
 
@@ -76,6 +78,29 @@ impl Cursor {
     }
 }
 
+/// One edge database: minted at random when the database is created and
+/// again when a backup is restored into it, so a database that holds another
+/// history than the node's last one is never mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DatabaseId(pub [u8; 16]);
+
+/// The right of one edge database to speak for its node: drawn by the bridge
+/// at every `Welcome`, held durably by the edge, shown in its next `Hello`.
+/// A copy of the database keeps the old lease and is refused once the
+/// original has taken a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease(pub [u8; 16]);
+
+fn write_hex(bytes: &[u8], f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    bytes.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+}
+
+impl std::fmt::Display for DatabaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write_hex(&self.0, f)
+    }
+}
+
 /// The first message on a connection, from the edge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -90,19 +115,24 @@ pub struct Hello {
     /// The limits the edge decodes frames with; the bridge sends within
     /// them (and its own). Since protocol version 2.
     pub limits: WireLimits,
+    /// The edge's database. Since protocol version 3.
+    pub database: DatabaseId,
+    /// The lease this database holds, if it was ever welcomed. Since
+    /// protocol version 3.
+    pub lease: Option<Lease>,
 }
 
 /// The bridge accepted the hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     pub protocol_version: u16,
-    /// The highest upstream sequence of this node the bridge has durably
-    /// processed: the edge may drop its outbox up to here at once.
-    pub acked_up_to: u64,
     /// The bridge's clock, so an edge can show drift.
     pub server_time: UnixMillis,
     /// The limits the bridge enforces; the edge batches within them.
     pub limits: WireLimits,
+    /// The database's new lease: the edge stores it durably before it sends
+    /// anything else, and shows it in its next hello.
+    pub lease: Lease,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +145,14 @@ pub enum RefusalReason {
     Forbidden,
     /// The bridge cannot serve now (its storage is down); retry later.
     Unavailable,
+    /// This database no longer speaks for the node: another database of
+    /// the node (a restore, a new install, or a copy that synced first)
+    /// took over. Since protocol version 3.
+    Superseded,
+    /// The node is connected right now through another connection: a copy
+    /// of its database runs elsewhere, or its last connection has not timed
+    /// out yet. Since protocol version 3.
+    AlreadyConnected,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,8 +209,9 @@ pub enum Message {
     Upstream {
         changes: Vec<UpstreamChange>,
     },
-    /// Bridge -> edge: every upstream change up to `up_to_seq` is durably
-    /// stored or was rejected (a `Rejected` for it came first).
+    /// Bridge -> edge: every upstream change sent on this connection up to
+    /// `up_to_seq` is durably stored or was rejected (a `Rejected` for it
+    /// came first). It never covers a change sent on another connection.
     Ack {
         up_to_seq: u64,
     },
@@ -345,6 +384,8 @@ mod tests {
             token: "eyJ...".into(),
             cursor: Some(Cursor::new(vec![0, 0, 0, 7])),
             limits: WireLimits::default(),
+            database: DatabaseId([7; 16]),
+            lease: Some(Lease([9; 16])),
         })
     }
 

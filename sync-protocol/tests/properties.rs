@@ -9,7 +9,8 @@ use sync_protocol::document::{NotesEdit, TicketDocument, TicketEdit, TransitionR
 use sync_protocol::ids::{Role, TicketId};
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket};
 use sync_protocol::wire::{
-    self, Cursor, DownstreamChange, ErrorCode, Hello, Message, TicketSnapshot, UpstreamChange, WireLimits,
+    self, Cursor, DatabaseId, DownstreamChange, ErrorCode, Hello, Lease, Message, TicketSnapshot, UpstreamChange,
+    Welcome, WireLimits,
 };
 
 /// One thing a replica does while offline, or a sync between two replicas.
@@ -307,8 +308,9 @@ fn message() -> impl Strategy<Value = Message> {
         "[ -~]{0,100}",
         prop::option::of(cursor()),
         (1..=4_194_304usize, 1..=2_048usize),
+        (any::<[u8; 16]>(), prop::option::of(any::<[u8; 16]>())),
     )
-        .prop_map(|(node, ward, token, cursor, (frame_bytes_max, changes_per_batch_max))| {
+        .prop_map(|(node, ward, token, cursor, (frame_bytes_max, changes_per_batch_max), (database, lease))| {
             Message::Hello(Hello {
                 protocol_version: wire::PROTOCOL_VERSION,
                 node: node.parse().unwrap(),
@@ -316,8 +318,18 @@ fn message() -> impl Strategy<Value = Message> {
                 token,
                 cursor,
                 limits: WireLimits { frame_bytes_max, changes_per_batch_max, ..WireLimits::default() },
+                database: DatabaseId(database),
+                lease: lease.map(Lease),
             })
         });
+    let welcome = (any::<i64>(), any::<[u8; 16]>()).prop_map(|(server_time, lease)| {
+        Message::Welcome(Welcome {
+            protocol_version: wire::PROTOCOL_VERSION,
+            server_time,
+            limits: WireLimits::default(),
+            lease: Lease(lease),
+        })
+    });
     let code = prop::sample::select(vec![
         ErrorCode::Malformed,
         ErrorCode::UnexpectedMessage,
@@ -327,6 +339,7 @@ fn message() -> impl Strategy<Value = Message> {
     ]);
     prop_oneof![
         hello,
+        welcome,
         upstream,
         downstream,
         snapshot,

@@ -223,7 +223,7 @@ async fn raw_session(
     sync_protocol::wire::Message,
 ) {
     use futures_util::SinkExt;
-    use sync_protocol::wire::{self, Hello, Message, PROTOCOL_VERSION, WireLimits};
+    use sync_protocol::wire::{self, DatabaseId, Hello, Message, PROTOCOL_VERSION, WireLimits};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = format!("ws://127.0.0.1:{port}/sync").into_client_request().unwrap();
     request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
@@ -236,6 +236,8 @@ async fn raw_session(
         token: token.into(),
         cursor: None,
         limits: WireLimits::default(),
+        database: DatabaseId([7; 16]),
+        lease: None,
     };
     let frame = wire::encode(&Message::Hello(hello), &WireLimits::default()).unwrap();
     sink.send(tokio_tungstenite::tungstenite::Message::Binary(frame.into())).await.unwrap();

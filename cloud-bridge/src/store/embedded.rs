@@ -23,11 +23,12 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_bytes::ByteBuf;
 use service_kit::sqlite::{self, ReadPool};
 use service_kit::writer::GroupWriter;
+use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{Mutation, ReceivedChange, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Limits, Ticket};
-use sync_protocol::wire::{Cursor, DownstreamChange, UpstreamChange};
+use sync_protocol::wire::{Cursor, DatabaseId, DownstreamChange, Lease, Refused, UpstreamChange};
 use tokio::sync::{broadcast, oneshot};
 
 use super::staging::{Outcome, Staged, Stager, TicketRow};
@@ -36,7 +37,8 @@ use super::{
     WardNotice, now_ms,
 };
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE changes (
         seq        INTEGER PRIMARY KEY AUTOINCREMENT,
         hash       TEXT NOT NULL UNIQUE,
@@ -76,7 +78,16 @@ const MIGRATIONS: &[&str] = &[r#"
         at       INTEGER NOT NULL,
         PRIMARY KEY (node, seq)
     ) STRICT;
-"#];
+"#,
+    // 2: which database speaks for each node (`admission::NodeLease`, JSON), the
+    // log position up to which its feed sends the node's own changes back, and
+    // when a database last took the node over.
+    r#"
+    ALTER TABLE nodes ADD COLUMN admission TEXT;
+    ALTER TABLE nodes ADD COLUMN own_until INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN taken_over_at INTEGER;
+"#,
+];
 
 const NOTICES_CAPACITY: usize = 1_024;
 /// Writer jobs committed in one transaction (each upstream job is a whole batch).
@@ -100,6 +111,19 @@ enum Job {
     Cursor {
         node: NodeId,
         seq: u64,
+    },
+    Admit {
+        node: NodeId,
+        ward: WardId,
+        claim: Claim,
+        offered: Lease,
+        reply: oneshot::Sender<Result<Result<Admission, Refused>, StoreError>>,
+    },
+    ConfirmLease {
+        node: NodeId,
+        database: DatabaseId,
+        lease: Lease,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -187,27 +211,36 @@ impl EmbeddedStore {
         }
     }
 
-    pub async fn acked_up_to(&self, node: &NodeId) -> Result<u64, StoreError> {
-        let node = node.clone();
-        self.read(move |conn| {
-            let acked: Option<i64> = conn
-                .query_row("SELECT acked_up_to FROM nodes WHERE node = ?1", [node.as_str()], |r| r.get(0))
-                .optional()?;
-            Ok(acked.unwrap_or(0) as u64)
-        })
-        .await
+    /// Runs on the writer thread, so two hellos of one node are decided one
+    /// after the other.
+    pub async fn admit(
+        &self,
+        node: NodeId,
+        ward: WardId,
+        claim: Claim,
+        offered: Lease,
+    ) -> Result<Result<Admission, Refused>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Job::Admit { node, ward, claim, offered, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    pub async fn open_feed(&self, cursor: Option<&Cursor>) -> Result<FeedState, StoreError> {
-        let own_until = match cursor {
-            Some(_) => 0,
-            None => {
-                self.read(|conn| {
-                    Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get::<_, i64>(0))? as u64)
-                })
-                .await?
-            }
-        };
+    pub async fn confirm_lease(&self, node: NodeId, database: DatabaseId, lease: Lease) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Job::ConfirmLease { node, database, lease, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub async fn open_feed(&self, node: &NodeId, cursor: Option<&Cursor>) -> Result<FeedState, StoreError> {
+        let node = node.clone();
+        let own_until = self
+            .read(move |conn| {
+                let own_until: Option<i64> = conn
+                    .query_row("SELECT own_until FROM nodes WHERE node = ?1", [node.as_str()], |r| r.get(0))
+                    .optional()?;
+                Ok(own_until.unwrap_or(0) as u64)
+            })
+            .await?;
         Ok(FeedState { after: cursor.and_then(seq_of).unwrap_or(0), own_until })
     }
 
@@ -361,6 +394,14 @@ impl Writer {
                         tx.prepare_cached("UPDATE nodes SET cursor = max(coalesce(cursor, 0), ?2) WHERE node = ?1")?
                             .execute(params![node.as_str(), seq as i64])?;
                     }
+                    Job::Admit { node, ward, claim, offered, reply } => {
+                        let outcome = raise(admit(&tx, &node, &ward, claim, offered))?;
+                        replies.push(hold(reply, outcome));
+                    }
+                    Job::ConfirmLease { node, database, lease, reply } => {
+                        let outcome = raise(confirm_lease(&tx, &node, database, lease))?;
+                        replies.push(hold(reply, outcome));
+                    }
                 }
             }
             pending.flush(&tx)?;
@@ -494,6 +535,60 @@ impl Writer {
     }
 }
 
+fn node_lease(conn: &Connection, node: &NodeId) -> Result<Option<NodeLease>, StoreError> {
+    let stored: Option<Option<String>> = conn
+        .prepare_cached("SELECT admission FROM nodes WHERE node = ?1")?
+        .query_row([node.as_str()], |r| r.get(0))
+        .optional()?;
+    stored
+        .flatten()
+        .map(|json| serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("node {node}: {e}"))))
+        .transpose()
+}
+
+fn lease_json(record: &NodeLease) -> Result<String, StoreError> {
+    serde_json::to_string(record).map_err(|e| StoreError::Corrupt(format!("node record: {e}")))
+}
+
+/// Decides a hello (`admission::admit`) and stores the node's new record;
+/// a database that takes the node over gets its own changes sent back up
+/// to the log's end now.
+fn admit(
+    conn: &Connection,
+    node: &NodeId,
+    ward: &WardId,
+    claim: Claim,
+    offered: Lease,
+) -> Result<Result<Admission, Refused>, StoreError> {
+    let (record, admission) = match admission::admit(node_lease(conn, node)?.as_ref(), claim, offered) {
+        Ok(admitted) => admitted,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    let now = now_ms();
+    let json = lease_json(&record)?;
+    conn.prepare_cached(
+        "INSERT INTO nodes (node, ward, acked_up_to, last_seen, admission) VALUES (?1, ?2, 0, ?3, ?4)
+         ON CONFLICT (node) DO UPDATE SET ward = ?2, last_seen = ?3, admission = ?4",
+    )?
+    .execute(params![node.as_str(), ward.as_str(), now, json])?;
+    if let Admission::TookOver { .. } = admission {
+        conn.prepare_cached(
+            "UPDATE nodes SET own_until = (SELECT coalesce(max(seq), 0) FROM changes), taken_over_at = ?2 WHERE node = ?1",
+        )?
+        .execute(params![node.as_str(), now])?;
+    }
+    Ok(Ok(admission))
+}
+
+fn confirm_lease(conn: &Connection, node: &NodeId, database: DatabaseId, lease: Lease) -> Result<(), StoreError> {
+    let Some(record) = node_lease(conn, node)? else { return Ok(()) };
+    if let Some(confirmed) = admission::confirm(&record, database, lease) {
+        conn.prepare_cached("UPDATE nodes SET admission = ?2 WHERE node = ?1")?
+            .execute(params![node.as_str(), lease_json(&confirmed)?])?;
+    }
+    Ok(())
+}
+
 /// The next changes of `ward` after the feed's position for `reader`. The
 /// reader's own changes are skipped (it has them) except those logged up to
 /// `own_until`. Returns the changes and the position after the last row read.
@@ -555,11 +650,12 @@ fn queue(conn: &Connection, query: &QueueQuery) -> Result<QueuePage, StoreError>
 fn diagnostics(conn: &Connection) -> Result<Vec<NodeDiagnostics>, StoreError> {
     let mut statement = conn.prepare_cached(
         "SELECT n.node, n.ward, n.acked_up_to, n.last_seen, n.cursor, n.rejected,
-                (SELECT count(*) FROM changes c WHERE c.ward = n.ward AND c.seq > coalesce(n.cursor, 0) AND c.origin != n.node)
+                (SELECT count(*) FROM changes c WHERE c.ward = n.ward AND c.seq > coalesce(n.cursor, 0) AND c.origin != n.node),
+                n.admission, n.taken_over_at
          FROM nodes n ORDER BY n.node",
     )?;
     let rows = statement.query_map([], |r| {
-        Ok(NodeDiagnostics {
+        let diagnostics = NodeDiagnostics {
             node: r.get(0)?,
             ward: r.get(1)?,
             acked_up_to: r.get::<_, i64>(2)? as u64,
@@ -567,7 +663,19 @@ fn diagnostics(conn: &Connection) -> Result<Vec<NodeDiagnostics>, StoreError> {
             cursor: r.get::<_, Option<i64>>(4)?.map(|c| FeedPosition::Log(c as u64)),
             rejected: r.get::<_, i64>(5)? as u64,
             backlog: r.get::<_, i64>(6)? as u64,
-        })
+            database: None,
+            taken_over_at: r.get(8)?,
+        };
+        Ok((diagnostics, r.get::<_, Option<String>>(7)?))
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    rows.map(|row| {
+        let (mut diagnostics, admission) = row?;
+        let record: Option<NodeLease> = admission
+            .map(|json| serde_json::from_str(&json))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("node {}: {e}", diagnostics.node)))?;
+        diagnostics.database = record.map(|r| r.database.to_string());
+        Ok(diagnostics)
+    })
+    .collect()
 }

@@ -18,11 +18,12 @@ use std::sync::Arc;
 
 use automerge::ActorId;
 use serde::{Deserialize, Serialize};
+use sync_protocol::admission::{Admission, Claim};
 use sync_protocol::document::{DocumentError, HistoryEntry, Mutation};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
-use sync_protocol::wire::{Cursor, DownstreamChange, UpstreamChange};
+use sync_protocol::wire::{Cursor, DatabaseId, DownstreamChange, Lease, Refused, UpstreamChange};
 use tokio::sync::broadcast;
 
 pub use distributed::DistributedStore;
@@ -109,6 +110,11 @@ pub struct NodeDiagnostics {
     pub ward: String,
     pub acked_up_to: u64,
     pub last_seen: UnixMillis,
+    /// The id of the database that speaks for the node (hex).
+    pub database: Option<String>,
+    /// When a database the node never used last took it over (a restore,
+    /// a new install).
+    pub taken_over_at: Option<UnixMillis>,
     pub cursor: Option<FeedPosition>,
     /// Changes of the node's ward after its cursor (bounded count in the
     /// distributed store).
@@ -184,23 +190,43 @@ impl Store {
         }
     }
 
-    /// The highest upstream sequence of `node` durably stored: what its
-    /// next session's `Welcome` acknowledges. Never more than was stored.
-    pub async fn acked_up_to(&self, node: &NodeId) -> Result<u64, StoreError> {
+    /// Decides whether the hello's database may speak for `node`
+    /// (`admission::admit` against the node's stored record) and, if so,
+    /// stores the record with the `offered` lease before answering. A
+    /// database that takes the node over gets the node's own changes back
+    /// in its feed, up to where the log stands now (see [`Self::open_feed`]).
+    pub async fn admit(
+        &self,
+        node: NodeId,
+        ward: WardId,
+        claim: Claim,
+        offered: Lease,
+    ) -> Result<Result<Admission, Refused>, StoreError> {
         match self {
-            Store::Embedded(store) => store.acked_up_to(node).await,
-            Store::Distributed(store) => store.acked_up_to(node).await,
+            Store::Embedded(store) => store.admit(node, ward, claim, offered).await,
+            Store::Distributed(store) => store.admit(node, ward, claim, offered).await,
         }
     }
 
-    /// Starts a session's feed at the node's `cursor`. A node without a
-    /// cursor may hold none of its own past changes (restored from a
-    /// backup, or new hardware under the same name): its feed includes
-    /// those stored before now. Otherwise a node's own changes are skipped.
+    /// Records that the node's database holds the lease its welcome offered
+    /// (`admission::confirm`): the lease it had before admits no one now.
+    pub async fn confirm_lease(&self, node: NodeId, database: DatabaseId, lease: Lease) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(store) => store.confirm_lease(node, database, lease).await,
+            Store::Distributed(store) => store.confirm_lease(node, database, lease).await,
+        }
+    }
+
+    /// Starts a session's feed at the node's `cursor`. A node's own changes
+    /// are skipped (it made them), except those logged before its database
+    /// took the node over: that database may hold none of them (restored
+    /// from a backup, or new hardware under the same name). The window is
+    /// stored with the node, so a re-read cut short by a restart goes on
+    /// sending them in the next session.
     pub async fn open_feed(&self, node: NodeId, ward: WardId, cursor: Option<&Cursor>) -> Result<Feed, StoreError> {
         let position = match self {
-            Store::Embedded(store) => FeedState::Embedded(store.open_feed(cursor).await?),
-            Store::Distributed(store) => FeedState::Distributed(store.open_feed(cursor).await?),
+            Store::Embedded(store) => FeedState::Embedded(store.open_feed(&node, cursor).await?),
+            Store::Distributed(store) => FeedState::Distributed(store.open_feed(&node, cursor).await?),
         };
         Ok(Feed { node, ward, position })
     }

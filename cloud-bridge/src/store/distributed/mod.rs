@@ -43,11 +43,12 @@ use std::time::Duration;
 use automerge::ActorId;
 use futures_util::StreamExt;
 use serde_bytes::ByteBuf;
+use sync_protocol::admission::{self, Admission, Claim};
 use sync_protocol::document::{Mutation, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::Limits;
-use sync_protocol::wire::{Cursor, DownstreamChange, UpstreamChange};
+use sync_protocol::wire::{Cursor, DatabaseId, DownstreamChange, Lease, Refused, UpstreamChange};
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +79,9 @@ const SETUP_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 const CURSOR_NOTES_IN_FLIGHT_MAX: usize = 8;
 /// Between attempts to resubscribe to the projector's notices.
 const SUBSCRIBE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Writes of a node's admission record tried before a hello is answered
+/// unavailable: each retry follows a write by another hello of the node.
+const ADMIT_ATTEMPTS_MAX: usize = 4;
 
 /// A ticket's document while a batch is checked: as stored, or as created
 /// by a change earlier in the batch (kept saved until needed).
@@ -112,7 +116,7 @@ struct Checked {
 pub struct FeedState {
     cursor: PageCursor,
     /// Per partition, the node's own changes in pages up to here are sent
-    /// back (a node without a cursor may not hold them); empty otherwise.
+    /// back (the database that took the node over may not hold them).
     own_until: Vec<i64>,
 }
 
@@ -259,16 +263,56 @@ impl DistributedStore {
         });
     }
 
-    pub async fn acked_up_to(&self, node: &NodeId) -> Result<u64, StoreError> {
-        let stored = self.shared.db.node(node.as_str()).await?;
-        Ok(stored.map_or(0, |n| u64::try_from(n.acked_up_to).unwrap_or(0)))
+    /// Decides a hello against the node's record and writes the new record
+    /// over the version it read; a hello that raced another (on any bridge)
+    /// is decided again against the record that won.
+    pub async fn admit(
+        &self,
+        node: NodeId,
+        ward: WardId,
+        claim: Claim,
+        offered: Lease,
+    ) -> Result<Result<Admission, Refused>, StoreError> {
+        let db = &self.shared.db;
+        for _ in 0..ADMIT_ATTEMPTS_MAX {
+            let stored = db.node(node.as_str()).await?;
+            let admitted = stored.as_ref().map_or(0, |n| n.admitted);
+            let (record, admission) =
+                match admission::admit(stored.as_ref().and_then(|n| n.admission.as_ref()), claim, offered) {
+                    Ok(admitted) => admitted,
+                    Err(refused) => return Ok(Err(refused)),
+                };
+            let own_until = match admission {
+                Admission::TookOver { .. } => Some(db.watermarks(self.shared.partitions).await?),
+                Admission::Resumed => None,
+            };
+            if db
+                .store_admission(node.as_str(), ward.as_str(), admitted, &record, own_until.as_deref(), now_ms())
+                .await?
+            {
+                return Ok(Ok(admission));
+            }
+        }
+        Err(StoreError::Unavailable(format!("the record of node {node} kept changing during its hello")))
     }
 
-    pub async fn open_feed(&self, cursor: Option<&Cursor>) -> Result<FeedState, StoreError> {
-        let own_until = match cursor {
-            Some(_) => Vec::new(),
-            None => self.shared.db.watermarks(self.shared.partitions).await?,
-        };
+    pub async fn confirm_lease(&self, node: NodeId, database: DatabaseId, lease: Lease) -> Result<(), StoreError> {
+        let db = &self.shared.db;
+        for _ in 0..ADMIT_ATTEMPTS_MAX {
+            let Some(stored) = db.node(node.as_str()).await? else { return Ok(()) };
+            let Some(confirmed) = stored.admission.as_ref().and_then(|r| admission::confirm(r, database, lease)) else {
+                return Ok(());
+            };
+            if db.store_admission(node.as_str(), &stored.ward, stored.admitted, &confirmed, None, now_ms()).await? {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Unavailable(format!("the record of node {node} kept changing during a lease confirmation")))
+    }
+
+    pub async fn open_feed(&self, node: &NodeId, cursor: Option<&Cursor>) -> Result<FeedState, StoreError> {
+        let stored = self.shared.db.node(node.as_str()).await?;
+        let own_until = stored.and_then(|n| n.own_until).unwrap_or_default();
         let cursor = cursor.and_then(PageCursor::decode).unwrap_or_default();
         Ok(FeedState { cursor, own_until })
     }
@@ -374,6 +418,8 @@ impl DistributedStore {
                 cursor: node.cursor.map(FeedPosition::Partitions),
                 backlog,
                 rejected: u64::try_from(node.rejected).unwrap_or(0),
+                database: node.admission.map(|record| record.database.to_string()),
+                taken_over_at: node.taken_over_at,
             });
         }
         Ok(diagnostics)

@@ -21,6 +21,8 @@ use mongodb::options::{ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
+use sync_protocol::admission::NodeLease;
+
 use crate::config::{MongoConfig, WriteConcernLevel};
 use crate::store::StoreError;
 
@@ -116,6 +118,19 @@ pub struct NodeDoc {
     pub rejected: i64,
     #[serde(default)]
     pub cursor: Option<Vec<i64>>,
+    /// Which database speaks for the node (`admission::NodeLease`).
+    #[serde(default)]
+    pub admission: Option<NodeLease>,
+    /// How many times `admission` was written: a hello's write applies only
+    /// over the version it read, so two bridges cannot both admit one node.
+    #[serde(default)]
+    pub admitted: i64,
+    /// Per partition, the offset up to which the node's feed sends its own
+    /// changes back (set when a database took the node over).
+    #[serde(default)]
+    pub own_until: Option<Vec<i64>>,
+    #[serde(default)]
+    pub taken_over_at: Option<i64>,
 }
 
 /// The reply of an `update` command.
@@ -532,6 +547,40 @@ impl Db {
             .await
             .map(|_| ())
             .map_err(mongo_error)
+    }
+
+    /// Writes the node's admission record over the version `admitted` it
+    /// was read at (and, for a takeover, the offsets up to which its feed
+    /// sends its own changes back). `false`: another write came first.
+    pub async fn store_admission(
+        &self,
+        node: &str,
+        ward: &str,
+        admitted: i64,
+        record: &NodeLease,
+        own_until: Option<&[i64]>,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let filter = match admitted {
+            // A record from before admissions has no counter yet.
+            0 => doc! { "_id": node, "$or": [{ "admitted": 0 }, { "admitted": { "$exists": false } }] },
+            _ => doc! { "_id": node, "admitted": admitted },
+        };
+        let record = bson::to_bson(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut set = doc! { "ward": ward, "last_seen": now, "admission": record, "admitted": admitted + 1 };
+        if let Some(own_until) = own_until {
+            set.insert("own_until", own_until);
+            set.insert("taken_over_at", now);
+        }
+        let update = doc! { "$set": set, "$setOnInsert": { "acked_up_to": 0_i64, "rejected": 0_i64 } };
+        match self.nodes.update_one(filter, update).upsert(true).await {
+            Ok(_) => Ok(true),
+            // The upsert found the node under another version and tried to insert it again.
+            Err(error) if matches!(&*error.kind, ErrorKind::Write(mongodb::error::WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY) => {
+                Ok(false)
+            }
+            Err(error) => Err(mongo_error(error)),
+        }
     }
 
     pub async fn note_cursor(&self, node: &str, cursor: &[i64]) -> Result<(), StoreError> {

@@ -1,0 +1,206 @@
+//! Which edge database may speak for a node: the bridge's rule at `Hello`.
+//!
+//! A node's database can be restored from a backup, replaced by an empty
+//! one (a new disk, a reinstalled ward PC), or copied to a second machine.
+//! The first two are takeovers a person chose; the third must be refused,
+//! or two databases would sync under one name and each would never receive
+//! the other's changes (a feed skips its node's own changes).
+//!
+//! - Each database has a [`DatabaseId`], minted when it is created and again
+//!   when a backup is restored into it. An id the node has not used before
+//!   takes the node over; the one it replaces is retired and refused from
+//!   then on.
+//! - Each welcome hands the database a fresh [`Lease`] (drawn by the
+//!   driver). The bridge accepts the lease it last offered or the one it
+//!   last saw confirmed, so an edge that crashed before storing its new
+//!   lease still gets in. A copy keeps the lease of the moment it was made:
+//!   once the original has been welcomed again and confirmed its new lease,
+//!   the copy is refused for good.
+//! - While a session of the node is open, another is refused: a copy started
+//!   beside its running original gets that refusal at once.
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{DatabaseId, Lease, RefusalReason, Refused};
+
+/// Databases a node has retired that are still recognised and refused by name.
+pub const RETIRED_MAX: usize = 16;
+
+/// What the bridge keeps per node to decide who may speak for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLease {
+    /// The database that speaks for the node.
+    pub database: DatabaseId,
+    /// The lease the database confirmed holding (it sent a message after
+    /// the welcome that offered it); `None` before its first confirmation.
+    pub held: Option<Lease>,
+    /// The lease the last welcome offered and no message has confirmed yet.
+    pub offered: Option<Lease>,
+    /// Databases this node used before, newest last; refused by name.
+    pub retired: Vec<DatabaseId>,
+}
+
+/// How a hello was admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The database that already spoke for the node.
+    Resumed,
+    /// A database the node never used: its first, a restore or a new
+    /// install. It may lack the node's own changes, so the node's feed sends
+    /// them back up to where the log stands now.
+    TookOver { replaced: Option<DatabaseId> },
+}
+
+/// The hello that asks to be admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub database: DatabaseId,
+    pub lease: Option<Lease>,
+    /// Whether another session of the node is open right now.
+    pub connected_elsewhere: bool,
+}
+
+/// Decides a hello against the node's record. On admission returns the
+/// record to store (with `offered` as the new lease) before the welcome.
+pub fn admit(record: Option<&NodeLease>, claim: Claim, offered: Lease) -> Result<(NodeLease, Admission), Refused> {
+    let fresh =
+        |retired: Vec<DatabaseId>| NodeLease { database: claim.database, held: None, offered: Some(offered), retired };
+    if record.is_some_and(|record| record.retired.contains(&claim.database)) {
+        return Err(refused(
+            RefusalReason::Superseded,
+            format!(
+                "database {} was replaced by another database of this node (a restore or a new install); \
+                 it must not sync again",
+                claim.database
+            ),
+        ));
+    }
+    if claim.connected_elsewhere {
+        return Err(refused(
+            RefusalReason::AlreadyConnected,
+            "this node is connected right now through another connection: if a copy of its database runs on \
+             another machine, stop it; a dropped connection of this node is closed within the heartbeat timeout"
+                .into(),
+        ));
+    }
+    let Some(record) = record else {
+        return Ok((fresh(Vec::new()), Admission::TookOver { replaced: None }));
+    };
+    if claim.database != record.database {
+        let mut retired = record.retired.clone();
+        retired.push(record.database);
+        let excess = retired.len().saturating_sub(RETIRED_MAX);
+        retired.drain(..excess);
+        return Ok((fresh(retired), Admission::TookOver { replaced: Some(record.database) }));
+    }
+    let known = [record.held, record.offered];
+    let holds = match claim.lease {
+        Some(lease) => known.contains(&Some(lease)),
+        // Never confirmed a lease: admitted only while none was confirmed.
+        None => record.held.is_none(),
+    };
+    if !holds {
+        return Err(refused(
+            RefusalReason::Superseded,
+            format!(
+                "database {} holds an outdated lease: a copy of it synced after this one was made; \
+                 this copy must not sync (restore a current backup with `edge-node restore` to take the node over)",
+                claim.database
+            ),
+        ));
+    }
+    let held = if claim.lease.is_some() { claim.lease } else { record.held };
+    Ok((NodeLease { held, offered: Some(offered), ..record.clone() }, Admission::Resumed))
+}
+
+/// The database sent a message after the welcome that offered `lease`: it
+/// holds it durably, and the lease it had before no longer admits anyone.
+/// Returns the record to store, or `None` when there is nothing to change
+/// (another database took over meanwhile, or it was confirmed already).
+pub fn confirm(record: &NodeLease, database: DatabaseId, lease: Lease) -> Option<NodeLease> {
+    (record.database == database && record.offered == Some(lease)).then(|| NodeLease {
+        held: Some(lease),
+        offered: None,
+        ..record.clone()
+    })
+}
+
+fn refused(reason: RefusalReason, detail: String) -> Refused {
+    Refused { reason, detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGINAL: DatabaseId = DatabaseId([1; 16]);
+    const RESTORED: DatabaseId = DatabaseId([2; 16]);
+
+    fn claim(database: DatabaseId, lease: Option<Lease>) -> Claim {
+        Claim { database, lease, connected_elsewhere: false }
+    }
+
+    /// Admits and confirms, as a welcome followed by any message does.
+    fn welcomed(record: Option<&NodeLease>, database: DatabaseId, lease: Option<Lease>, next: u8) -> NodeLease {
+        let (record, _) = admit(record, claim(database, lease), Lease([next; 16])).unwrap();
+        confirm(&record, database, Lease([next; 16])).unwrap()
+    }
+
+    #[test]
+    fn a_copy_is_refused_once_the_original_has_taken_a_new_lease() {
+        let record = welcomed(None, ORIGINAL, None, 10);
+        // The copy is made now: it holds lease 10, as the original does.
+        let record = welcomed(Some(&record), ORIGINAL, Some(Lease([10; 16])), 11);
+        let refusal = admit(Some(&record), claim(ORIGINAL, Some(Lease([10; 16]))), Lease([12; 16])).unwrap_err();
+        assert_eq!(refusal.reason, RefusalReason::Superseded);
+        assert!(refusal.detail.contains("outdated lease"), "{}", refusal.detail);
+    }
+
+    #[test]
+    fn a_copy_beside_its_connected_original_is_refused_at_once() {
+        let record = welcomed(None, ORIGINAL, None, 10);
+        let copy = Claim { connected_elsewhere: true, ..claim(ORIGINAL, Some(Lease([10; 16]))) };
+        assert_eq!(admit(Some(&record), copy, Lease([11; 16])).unwrap_err().reason, RefusalReason::AlreadyConnected);
+    }
+
+    #[test]
+    fn an_edge_that_did_not_store_its_new_lease_still_gets_in() {
+        let record = welcomed(None, ORIGINAL, None, 10);
+        // Welcomed with lease 11, then crashed before storing it: shows 10.
+        let (record, _) = admit(Some(&record), claim(ORIGINAL, Some(Lease([10; 16]))), Lease([11; 16])).unwrap();
+        let (record, admission) =
+            admit(Some(&record), claim(ORIGINAL, Some(Lease([10; 16]))), Lease([12; 16])).unwrap();
+        assert_eq!(admission, Admission::Resumed);
+        // Stored 12 but crashed before any message confirmed it: shows 12.
+        let (_, admission) = admit(Some(&record), claim(ORIGINAL, Some(Lease([12; 16]))), Lease([13; 16])).unwrap();
+        assert_eq!(admission, Admission::Resumed);
+    }
+
+    #[test]
+    fn a_restore_takes_over_and_the_replaced_database_is_refused_by_name() {
+        let record = welcomed(None, ORIGINAL, None, 10);
+        let (record, admission) = admit(Some(&record), claim(RESTORED, None), Lease([20; 16])).unwrap();
+        assert_eq!(admission, Admission::TookOver { replaced: Some(ORIGINAL) });
+        assert_eq!(record.retired, vec![ORIGINAL]);
+        let refusal = admit(Some(&record), claim(ORIGINAL, Some(Lease([10; 16]))), Lease([21; 16])).unwrap_err();
+        assert_eq!(refusal.reason, RefusalReason::Superseded);
+        assert!(refusal.detail.contains("was replaced"), "{}", refusal.detail);
+    }
+
+    #[test]
+    fn a_database_that_never_confirmed_a_lease_is_refused_once_one_was_confirmed() {
+        let record = welcomed(None, ORIGINAL, None, 10);
+        assert!(admit(Some(&record), claim(ORIGINAL, None), Lease([11; 16])).is_err());
+        assert_eq!(confirm(&record, ORIGINAL, Lease([10; 16])), None, "confirmed already");
+    }
+
+    #[test]
+    fn retired_databases_are_bounded() {
+        let mut record = welcomed(None, DatabaseId([0; 16]), None, 0);
+        for n in 1..=(RETIRED_MAX as u8 + 4) {
+            record = welcomed(Some(&record), DatabaseId([n; 16]), None, n);
+        }
+        assert_eq!(record.retired.len(), RETIRED_MAX);
+        assert_eq!(record.retired.last(), Some(&DatabaseId([RETIRED_MAX as u8 + 3; 16])));
+    }
+}
