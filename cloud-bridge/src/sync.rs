@@ -8,7 +8,7 @@
 //! node's cursor, wakes on notices of new changes, and falls back to polling
 //! so a missed notice only delays, never loses, a change.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,10 +23,11 @@ use sync_protocol::ids::{NodeId, Role, WardId};
 use sync_protocol::session::{BridgeAction, BridgePhase, BridgeSession};
 use sync_protocol::token::Principal;
 use sync_protocol::wire::{self, DatabaseId, Lease, Message, RefusalReason, Refused};
+use tokio::sync::Notify;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::api::{ApiError, bearer_principal};
-use crate::store::{self, Feed, FeedLimits};
+use crate::store::{self, Feed, FeedLimits, LeaseUpdate};
 use crate::{AppState, now_ms};
 
 /// How often a feed looks for changes when no notice arrived.
@@ -35,29 +36,49 @@ const FEED_POLL_INTERVAL: Duration = Duration::from_secs(1);
 const TICK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The nodes with a sync session open on this bridge instance: a second
-/// session of a node is refused while the first is open (a copy of its
-/// database started beside the original; see `sync_protocol::admission`).
+/// session of a node is refused while the first is open, and the first is
+/// asked to take a new lease (a copy of its database started beside it;
+/// see `sync_protocol::admission`).
 #[derive(Debug, Default)]
-pub struct OpenSessions(Mutex<HashSet<NodeId>>);
+pub struct OpenSessions(Mutex<HashMap<NodeId, Arc<Notify>>>);
 
 /// A node's place in [`OpenSessions`], given up when its session ends.
 #[derive(Debug)]
 struct OpenSession {
     sessions: Arc<OpenSessions>,
     node: NodeId,
+    /// Notified when another connection showed this database's lease.
+    renew: Arc<Notify>,
 }
 
 impl OpenSessions {
-    /// Takes the node's place; `None` if another session of it holds it.
-    fn open(self: &Arc<Self>, node: &NodeId) -> Option<OpenSession> {
+    /// Takes the node's place; `Err` with the open session's renewal signal
+    /// if another session of it holds the place.
+    fn open(self: &Arc<Self>, node: &NodeId) -> Result<OpenSession, Arc<Notify>> {
         let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        open.insert(node.clone()).then(|| OpenSession { sessions: Arc::clone(self), node: node.clone() })
+        if let Some(renew) = open.get(node) {
+            return Err(Arc::clone(renew));
+        }
+        let renew = Arc::new(Notify::new());
+        open.insert(node.clone(), Arc::clone(&renew));
+        Ok(OpenSession { sessions: Arc::clone(self), node: node.clone(), renew })
     }
 }
 
 impl Drop for OpenSession {
     fn drop(&mut self) {
         self.sessions.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.node);
+    }
+}
+
+/// Waits until the open session is asked to take a new lease; never, before admission.
+async fn renewal_asked(admitted: &Option<(OpenSession, DatabaseId)>) -> DatabaseId {
+    match admitted {
+        Some((open, database)) => {
+            open.renew.notified().await;
+            *database
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -136,7 +157,8 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                 }
                 BridgeAction::LeaseHeld { lease } => {
                     if let (Some((node, _)), Some((_, database))) = (session.peer(), &admitted) {
-                        state.store.confirm_lease(node.clone(), *database, lease).await?;
+                        let update = LeaseUpdate::Confirm { database: *database, lease };
+                        state.store.update_lease(node.clone(), update).await?;
                     }
                 }
                 BridgeAction::Store { changes } => {
@@ -208,6 +230,13 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                     };
                 }
             }
+            database = renewal_asked(&admitted) => {
+                let lease = Lease(rand::random());
+                let node = session.peer().map(|(node, _)| node.clone()).expect("admitted after hello");
+                if state.store.update_lease(node, LeaseUpdate::Offer { database, lease }).await? {
+                    actions.extend(session.offer_lease(lease, now_ms()));
+                }
+            }
             _ = poll.tick() => feed_wanted = true,
             _ = ticks.tick() => actions.extend(session.on_tick(now_ms())),
             _ = state.shutdown.cancelled() => {
@@ -251,7 +280,7 @@ async fn admit(
     lease: Option<Lease>,
 ) -> Result<(OpenSession, Lease), Refused> {
     let open = state.sessions.open(node);
-    let claim = Claim { database, lease, connected_elsewhere: open.is_none() };
+    let claim = Claim { database, lease, connected_elsewhere: open.is_err() };
     let offered = Lease(rand::random());
     let admission = match state.store.admit(node.clone(), ward.clone(), claim, offered).await {
         Ok(admission) => admission,
@@ -270,6 +299,11 @@ async fn admit(
         }
         Err(refused) => {
             tracing::warn!(%node, %database, reason = ?refused.reason, detail = %refused.detail, "sync hello refused");
+            if let (RefusalReason::AlreadyConnected, Err(renew)) = (refused.reason, &open) {
+                // It showed a lease that admits: a copy of the open session's
+                // database. That session takes a new one, voiding the copy's.
+                renew.notify_one();
+            }
             return Err(refused);
         }
     }

@@ -159,7 +159,7 @@ async fn connect_once(
                 EdgeAction::HoldLease(lease) => {
                     // Durable before anything else is sent: the next message confirms it.
                     let held = state.store.write_all(Write::HoldLease { lease }, now).await;
-                    if held.is_ok() {
+                    if held.is_ok() && !established {
                         established = true;
                         set_status(status, |s| {
                             s.connected = true;

@@ -11,13 +11,22 @@
 //!   takes the node over; the one it replaces is retired and refused from
 //!   then on.
 //! - Each welcome hands the database a fresh [`Lease`] (drawn by the
-//!   driver). The bridge accepts the lease it last offered or the one it
-//!   last saw confirmed, so an edge that crashed before storing its new
-//!   lease still gets in. A copy keeps the lease of the moment it was made:
-//!   once the original has been welcomed again and confirmed its new lease,
-//!   the copy is refused for good.
-//! - While a session of the node is open, another is refused: a copy started
-//!   beside its running original gets that refusal at once.
+//!   driver), which the edge stores and then confirms (`LeaseHeld`). The
+//!   bridge accepts the lease it last offered or the one last confirmed, so
+//!   an edge that crashed before storing or confirming its new lease still
+//!   gets in. A copy keeps the lease of the moment it was made: once the
+//!   original has confirmed a newer one, the copy is refused for good.
+//! - While a session of the node is open, another is refused; if the
+//!   newcomer held a valid lease (a copy started beside its running
+//!   original), the open session takes a new lease at once ([`offer`]), so
+//!   the copy stays refused when the original goes offline later.
+//!
+//! What this cannot tell apart: a copy that connects first, while its
+//! original is offline and has not synced since the copy was made, is
+//! indistinguishable from the original; it takes the node, and the original
+//! is refused when it comes back. Nothing is lost either way: a refused
+//! database keeps its outbox, and a person decides (restore the one to keep
+//! with `edge-node restore`, which takes the node over).
 
 use serde::{Deserialize, Serialize};
 
@@ -62,18 +71,15 @@ pub struct Claim {
 
 /// Decides a hello against the node's record. On admission returns the
 /// record to store (with `offered` as the new lease) before the welcome.
+///
+/// A refusal for `AlreadyConnected` means the claim holds a valid lease, as
+/// a copy of the connected database does: the caller then has the open
+/// session take a new lease ([`offer`]), so the copy's turns void.
 pub fn admit(record: Option<&NodeLease>, claim: Claim, offered: Lease) -> Result<(NodeLease, Admission), Refused> {
     let fresh =
         |retired: Vec<DatabaseId>| NodeLease { database: claim.database, held: None, offered: Some(offered), retired };
-    if record.is_some_and(|record| record.retired.contains(&claim.database)) {
-        return Err(refused(
-            RefusalReason::Superseded,
-            format!(
-                "database {} was replaced by another database of this node (a restore or a new install); \
-                 it must not sync again",
-                claim.database
-            ),
-        ));
+    if let Some(record) = record {
+        stale(record, claim)?;
     }
     if claim.connected_elsewhere {
         return Err(refused(
@@ -93,28 +99,51 @@ pub fn admit(record: Option<&NodeLease>, claim: Claim, offered: Lease) -> Result
         retired.drain(..excess);
         return Ok((fresh(retired), Admission::TookOver { replaced: Some(record.database) }));
     }
-    let known = [record.held, record.offered];
-    let holds = match claim.lease {
-        Some(lease) => known.contains(&Some(lease)),
-        // Never confirmed a lease: admitted only while none was confirmed.
-        None => record.held.is_none(),
-    };
-    if !holds {
-        return Err(refused(
-            RefusalReason::Superseded,
-            format!(
-                "database {} holds an outdated lease: a copy of it synced after this one was made; \
-                 this copy must not sync (restore a current backup with `edge-node restore` to take the node over)",
-                claim.database
-            ),
-        ));
-    }
     let held = if claim.lease.is_some() { claim.lease } else { record.held };
     Ok((NodeLease { held, offered: Some(offered), ..record.clone() }, Admission::Resumed))
 }
 
-/// The database sent a message after the welcome that offered `lease`: it
-/// holds it durably, and the lease it had before no longer admits anyone.
+/// Refuses a retired database, and the node's database showing a lease it
+/// no longer holds.
+fn stale(record: &NodeLease, claim: Claim) -> Result<(), Refused> {
+    if record.retired.contains(&claim.database) {
+        return Err(refused(
+            RefusalReason::Superseded,
+            format!(
+                "database {} was replaced by another database of this node (a restore or a new install); \
+                 it must not sync again",
+                claim.database
+            ),
+        ));
+    }
+    let holds = match claim.lease {
+        Some(lease) => [record.held, record.offered].contains(&Some(lease)),
+        // Never confirmed a lease: admitted only while none was confirmed.
+        None => record.held.is_none(),
+    };
+    if claim.database == record.database && !holds {
+        return Err(refused(
+            RefusalReason::Superseded,
+            format!(
+                "database {} holds an outdated lease: it is a copy, and the database it was copied from \
+                 has synced since; this copy must not sync (restore a current backup with `edge-node restore` \
+                 to take the node over)",
+                claim.database
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An open session of `database` takes the new lease `lease`, as at a
+/// welcome: the one it held stops admitting anyone once it confirms.
+/// `None` when another database speaks for the node now.
+pub fn offer(record: &NodeLease, database: DatabaseId, lease: Lease) -> Option<NodeLease> {
+    (record.database == database).then(|| NodeLease { offered: Some(lease), ..record.clone() })
+}
+
+/// The database says it holds `lease`, which a welcome (or [`offer`])
+/// offered, durably: the lease it had before no longer admits anyone.
 /// Returns the record to store, or `None` when there is nothing to change
 /// (another database took over meanwhile, or it was confirmed already).
 pub fn confirm(record: &NodeLease, database: DatabaseId, lease: Lease) -> Option<NodeLease> {
@@ -161,6 +190,23 @@ mod tests {
         let record = welcomed(None, ORIGINAL, None, 10);
         let copy = Claim { connected_elsewhere: true, ..claim(ORIGINAL, Some(Lease([10; 16]))) };
         assert_eq!(admit(Some(&record), copy, Lease([11; 16])).unwrap_err().reason, RefusalReason::AlreadyConnected);
+    }
+
+    #[test]
+    fn a_copy_refused_beside_its_original_stays_refused_once_the_original_takes_a_new_lease() {
+        let record = welcomed(None, ORIGINAL, None, 10);
+        let copy = claim(ORIGINAL, Some(Lease([10; 16])));
+        // The original is connected: the copy is refused, and the original takes a new lease.
+        let refusal = admit(Some(&record), Claim { connected_elsewhere: true, ..copy }, Lease([11; 16])).unwrap_err();
+        assert_eq!(refusal.reason, RefusalReason::AlreadyConnected);
+        let record = offer(&record, ORIGINAL, Lease([12; 16])).unwrap();
+        let record = confirm(&record, ORIGINAL, Lease([12; 16])).unwrap();
+        // Offline or not, the original's old lease admits no one now.
+        for connected_elsewhere in [true, false] {
+            let refusal = admit(Some(&record), Claim { connected_elsewhere, ..copy }, Lease([13; 16])).unwrap_err();
+            assert_eq!(refusal.reason, RefusalReason::Superseded);
+        }
+        assert_eq!(offer(&record, RESTORED, Lease([14; 16])), None, "only the node's database takes leases");
     }
 
     #[test]

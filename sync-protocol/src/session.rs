@@ -124,8 +124,8 @@ impl Liveness {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EdgeAction {
     Send(Message),
-    /// Store this lease durably (it replaces the one held) before anything
-    /// else is sent: whatever the edge sends next confirms it to the bridge.
+    /// Store this lease durably (it replaces the one held) before the next
+    /// action, which tells the bridge it is held.
     HoldLease(Lease),
     /// Delete outbox entries up to `up_to_seq`, except those marked stuck.
     Acked {
@@ -249,8 +249,9 @@ impl EdgeSession {
                 // went through (a restore, a copy, a new disk), nothing is
                 // dropped that this bridge did not just store. The bridge
                 // skips by hash what it had already.
-                vec![EdgeAction::HoldLease(welcome.lease)]
+                self.hold_lease(welcome.lease, now)
             }
+            (EdgePhase::Established, Message::NewLease { lease }) => self.hold_lease(lease, now),
             (_, Message::Refused(refused)) => self.close(CloseReason::Refused(refused)),
             (_, Message::Error { code, message }) => self.close(CloseReason::PeerError { code, message }),
             (EdgePhase::Established, Message::Ack { up_to_seq }) => {
@@ -275,6 +276,12 @@ impl EdgeSession {
             (_, Message::Pong { .. }) => Vec::new(),
             (phase, other) => self.violation(format!("unexpected {} while {phase:?}", other.kind())),
         }
+    }
+
+    /// Stores the lease, then tells the bridge it is held.
+    fn hold_lease(&mut self, lease: Lease, now: UnixMillis) -> Vec<EdgeAction> {
+        let held = Message::LeaseHeld { lease };
+        self.sent(vec![EdgeAction::HoldLease(lease), EdgeAction::Send(held)], now)
     }
 
     pub fn on_tick(&mut self, now: UnixMillis) -> Vec<EdgeAction> {
@@ -376,8 +383,8 @@ pub enum BridgeAction {
     DownstreamAcked {
         cursor: Cursor,
     },
-    /// The edge sent a message after the welcome that offered `lease`, so it
-    /// holds it durably: record that (`admission::confirm`).
+    /// The edge holds the lease the welcome offered, durably: record that
+    /// (`admission::confirm`).
     LeaseHeld {
         lease: Lease,
     },
@@ -407,7 +414,7 @@ pub struct BridgeSession {
     phase: BridgePhase,
     liveness: Liveness,
     hello: Option<Hello>,
-    /// The lease the welcome offered, until a message from the edge confirms it.
+    /// The lease the welcome offered, until the edge says it holds it.
     offered: Option<Lease>,
     /// Highest sequence this connection passed to `Store`.
     received_up_to: u64,
@@ -475,18 +482,6 @@ impl BridgeSession {
 
     pub fn on_message(&mut self, message: Message, now: UnixMillis) -> Vec<BridgeAction> {
         self.liveness.last_received = now;
-        // The edge stores its new lease before it sends anything after the
-        // welcome, so its first message proves it holds it.
-        let confirmed = match self.phase {
-            BridgePhase::Established => self.offered.take().map(|lease| BridgeAction::LeaseHeld { lease }),
-            _ => None,
-        };
-        let mut actions: Vec<BridgeAction> = confirmed.into_iter().collect();
-        actions.extend(self.on_message_in_phase(message, now));
-        actions
-    }
-
-    fn on_message_in_phase(&mut self, message: Message, now: UnixMillis) -> Vec<BridgeAction> {
         match (self.phase, message) {
             (BridgePhase::Closed, _) => Vec::new(),
             (BridgePhase::AwaitingHello, Message::Hello(hello)) => {
@@ -512,6 +507,13 @@ impl BridgeSession {
                 };
                 self.hello = Some(hello);
                 vec![action]
+            }
+            (BridgePhase::Established, Message::LeaseHeld { lease }) => {
+                if self.offered != Some(lease) {
+                    return self.violation(ErrorCode::UnexpectedMessage, "lease held is not the one offered".into());
+                }
+                self.offered = None;
+                vec![BridgeAction::LeaseHeld { lease }]
             }
             (BridgePhase::Established, Message::Upstream { changes }) => self.on_upstream(changes),
             (BridgePhase::Established, Message::DownstreamAck { cursor }) => {
@@ -602,6 +604,17 @@ impl BridgeSession {
         actions
     }
 
+    /// Hands the edge a new lease mid-session (the driver stored it as
+    /// offered, `admission::offer`); its `LeaseHeld` confirms it.
+    pub fn offer_lease(&mut self, lease: Lease, now: UnixMillis) -> Vec<BridgeAction> {
+        if self.phase != BridgePhase::Established {
+            return Vec::new();
+        }
+        self.offered = Some(lease);
+        self.liveness.last_sent = now;
+        vec![BridgeAction::Send(Message::NewLease { lease })]
+    }
+
     /// Whether another downstream batch may be sent now.
     pub fn downstream_window_open(&self) -> bool {
         self.phase == BridgePhase::Established && self.downstream_in_flight < self.config.batches_in_flight_max
@@ -686,7 +699,10 @@ mod tests {
         let actions = bridge.authenticated(Ok(LEASE), 2);
         assert_eq!(actions[1], BridgeAction::StartFeed { cursor: None });
         let welcome = bridge_sent(&actions)[0].clone();
-        assert_eq!(edge.on_message(welcome, 3), vec![EdgeAction::HoldLease(LEASE)]);
+        let actions = edge.on_message(welcome, 3);
+        assert_eq!(actions[0], EdgeAction::HoldLease(LEASE), "stored before the bridge is told");
+        let held = sent(&actions)[0].clone();
+        assert_eq!(bridge.on_message(held, 4), vec![BridgeAction::LeaseHeld { lease: LEASE }]);
         (edge, bridge)
     }
 
@@ -719,12 +735,8 @@ mod tests {
             next += 2;
         }
         assert_eq!(frames.len(), SessionConfig::default().batches_in_flight_max);
-        let mut frames = frames.into_iter();
-        let first = bridge.on_message(frames.next().unwrap(), 5);
-        assert_eq!(first[0], BridgeAction::LeaseHeld { lease: LEASE }, "the first message confirms the lease");
-        assert!(matches!(&first[1], BridgeAction::Store { .. }));
         for frame in frames {
-            assert!(matches!(&bridge.on_message(frame, 5)[..], [BridgeAction::Store { .. }]));
+            assert!(matches!(&bridge.on_message(frame, 5)[0], BridgeAction::Store { .. }));
         }
         let rejection = Rejection { seq: 2, ticket: change(2).ticket, message: "illegal transition".into() };
         let acks = bridge.stored(vec![rejection], 6);
@@ -745,7 +757,7 @@ mod tests {
         assert_eq!(edge.upstream_demand().map(|d| d.after_seq), Some(0));
         let frame = sent(&edge.send_upstream(vec![change(4), change(5), change(6)], 4))[0].clone();
         let actions = bridge.on_message(frame, 5);
-        assert_eq!(actions[1], BridgeAction::Store { changes: vec![change(4), change(5), change(6)] });
+        assert_eq!(actions[0], BridgeAction::Store { changes: vec![change(4), change(5), change(6)] });
         let ack = bridge_sent(&bridge.stored(Vec::new(), 6))[0].clone();
         assert_eq!(edge.on_message(ack, 7), vec![EdgeAction::Acked { up_to_seq: 6 }]);
         // A batch that goes back on the same connection is a violation, not a silent ack.
@@ -782,9 +794,22 @@ mod tests {
         let mut bridge = BridgeSession::new(SessionConfig::default(), 0);
         let actions = bridge.on_message(Message::Upstream { changes: vec![change(1)] }, 1);
         assert!(matches!(actions.last(), Some(BridgeAction::Close(CloseReason::ProtocolViolation(_)))));
-        let (mut edge, _) = established();
+        let (mut edge, mut bridge) = established();
         let actions = edge.on_message(Message::Ack { up_to_seq: 10 }, 1);
         assert!(matches!(actions.last(), Some(EdgeAction::Close(CloseReason::ProtocolViolation(_)))));
+        let actions = bridge.on_message(Message::LeaseHeld { lease: LEASE }, 5);
+        assert!(matches!(actions.last(), Some(BridgeAction::Close(_))), "a lease is confirmed once: {actions:?}");
+    }
+
+    #[test]
+    fn an_open_session_takes_a_new_lease_when_asked() {
+        let (mut edge, mut bridge) = established();
+        let renewed = Lease([6; 16]);
+        let offer = bridge_sent(&bridge.offer_lease(renewed, 5))[0].clone();
+        let actions = edge.on_message(offer, 6);
+        assert_eq!(actions[0], EdgeAction::HoldLease(renewed));
+        let held = sent(&actions)[0].clone();
+        assert_eq!(bridge.on_message(held, 7), vec![BridgeAction::LeaseHeld { lease: renewed }]);
     }
 
     #[test]

@@ -248,6 +248,16 @@ pub enum Message {
         code: ErrorCode,
         message: String,
     },
+    /// Edge -> bridge, right after a `Welcome` or `NewLease`: the edge
+    /// stored the lease offered, durably; the one it held before is void.
+    LeaseHeld {
+        lease: Lease,
+    },
+    /// Bridge -> edge: take this lease instead of the one held (another
+    /// connection showed the one held: a copy of this database).
+    NewLease {
+        lease: Lease,
+    },
 }
 
 impl Message {
@@ -266,6 +276,8 @@ impl Message {
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
             Message::Error { .. } => "error",
+            Message::LeaseHeld { .. } => "lease-held",
+            Message::NewLease { .. } => "new-lease",
         }
     }
 }
@@ -348,7 +360,12 @@ fn check_limits(message: &Message, limits: &WireLimits) -> Result<(), WireError>
             hello.cursor.as_ref().map_or(Ok(()), cursor)
         }
         Message::Refused(refused) => text(&refused.detail),
-        Message::Welcome(_) | Message::Ack { .. } | Message::Ping { .. } | Message::Pong { .. } => Ok(()),
+        Message::Welcome(_)
+        | Message::Ack { .. }
+        | Message::Ping { .. }
+        | Message::Pong { .. }
+        | Message::LeaseHeld { .. }
+        | Message::NewLease { .. } => Ok(()),
         Message::Upstream { changes: batch } => {
             changes(batch.len())?;
             batch.iter().try_for_each(|c| change(&c.change))?;

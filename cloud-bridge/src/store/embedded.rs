@@ -28,13 +28,13 @@ use sync_protocol::document::{Mutation, ReceivedChange, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Limits, Ticket};
-use sync_protocol::wire::{Cursor, DatabaseId, DownstreamChange, Lease, Refused, UpstreamChange};
+use sync_protocol::wire::{Cursor, DownstreamChange, Lease, Refused, UpstreamChange};
 use tokio::sync::{broadcast, oneshot};
 
 use super::staging::{Outcome, Staged, Stager, TicketRow};
 use super::{
-    FeedLimits, FeedPosition, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery, StoreError, TicketView,
-    WardNotice, now_ms,
+    FeedLimits, FeedPosition, LeaseUpdate, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery, StoreError,
+    TicketView, WardNotice, now_ms,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -119,11 +119,10 @@ enum Job {
         offered: Lease,
         reply: oneshot::Sender<Result<Result<Admission, Refused>, StoreError>>,
     },
-    ConfirmLease {
+    UpdateLease {
         node: NodeId,
-        database: DatabaseId,
-        lease: Lease,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        update: LeaseUpdate,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
     },
 }
 
@@ -225,9 +224,9 @@ impl EmbeddedStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    pub async fn confirm_lease(&self, node: NodeId, database: DatabaseId, lease: Lease) -> Result<(), StoreError> {
+    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.writer.send(Job::ConfirmLease { node, database, lease, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.writer.send(Job::UpdateLease { node, update, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -398,8 +397,8 @@ impl Writer {
                         let outcome = raise(admit(&tx, &node, &ward, claim, offered))?;
                         replies.push(hold(reply, outcome));
                     }
-                    Job::ConfirmLease { node, database, lease, reply } => {
-                        let outcome = raise(confirm_lease(&tx, &node, database, lease))?;
+                    Job::UpdateLease { node, update, reply } => {
+                        let outcome = raise(update_lease(&tx, &node, update))?;
                         replies.push(hold(reply, outcome));
                     }
                 }
@@ -580,13 +579,11 @@ fn admit(
     Ok(Ok(admission))
 }
 
-fn confirm_lease(conn: &Connection, node: &NodeId, database: DatabaseId, lease: Lease) -> Result<(), StoreError> {
-    let Some(record) = node_lease(conn, node)? else { return Ok(()) };
-    if let Some(confirmed) = admission::confirm(&record, database, lease) {
-        conn.prepare_cached("UPDATE nodes SET admission = ?2 WHERE node = ?1")?
-            .execute(params![node.as_str(), lease_json(&confirmed)?])?;
-    }
-    Ok(())
+fn update_lease(conn: &Connection, node: &NodeId, update: LeaseUpdate) -> Result<bool, StoreError> {
+    let Some(updated) = node_lease(conn, node)?.and_then(|record| update.apply(&record)) else { return Ok(false) };
+    conn.prepare_cached("UPDATE nodes SET admission = ?2 WHERE node = ?1")?
+        .execute(params![node.as_str(), lease_json(&updated)?])?;
+    Ok(true)
 }
 
 /// The next changes of `ward` after the feed's position for `reader`. The

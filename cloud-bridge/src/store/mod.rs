@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use automerge::ActorId;
 use serde::{Deserialize, Serialize};
-use sync_protocol::admission::{Admission, Claim};
+use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{DocumentError, HistoryEntry, Mutation};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
@@ -122,6 +122,25 @@ pub struct NodeDiagnostics {
     pub rejected: u64,
 }
 
+/// A change to the lease of a node's database during its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseUpdate {
+    /// It holds the lease offered (`admission::confirm`).
+    Confirm { database: DatabaseId, lease: Lease },
+    /// It is to take a new lease (`admission::offer`).
+    Offer { database: DatabaseId, lease: Lease },
+}
+
+impl LeaseUpdate {
+    /// The record to store, or `None` to leave it as it is.
+    pub fn apply(self, record: &NodeLease) -> Option<NodeLease> {
+        match self {
+            LeaseUpdate::Confirm { database, lease } => admission::confirm(record, database, lease),
+            LeaseUpdate::Offer { database, lease } => admission::offer(record, database, lease),
+        }
+    }
+}
+
 /// A session's reading position in its ward's feed.
 #[derive(Debug, Clone)]
 pub struct Feed {
@@ -208,12 +227,13 @@ impl Store {
         }
     }
 
-    /// Records that the node's database holds the lease its welcome offered
-    /// (`admission::confirm`): the lease it had before admits no one now.
-    pub async fn confirm_lease(&self, node: NodeId, database: DatabaseId, lease: Lease) -> Result<(), StoreError> {
+    /// Changes the lease of the node's database during a session; returns
+    /// whether the record changed (not when another database took the node
+    /// over meanwhile, or there was nothing to change).
+    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<bool, StoreError> {
         match self {
-            Store::Embedded(store) => store.confirm_lease(node, database, lease).await,
-            Store::Distributed(store) => store.confirm_lease(node, database, lease).await,
+            Store::Embedded(store) => store.update_lease(node, update).await,
+            Store::Distributed(store) => store.update_lease(node, update).await,
         }
     }
 

@@ -48,7 +48,7 @@ use sync_protocol::document::{Mutation, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::Limits;
-use sync_protocol::wire::{Cursor, DatabaseId, DownstreamChange, Lease, Refused, UpstreamChange};
+use sync_protocol::wire::{Cursor, DownstreamChange, Lease, Refused, UpstreamChange};
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -58,8 +58,8 @@ use self::mongo::{Db, PageDoc};
 use self::record::{ChangeRecord, Origin, PageCursor, PartialPage};
 use super::staging::{Outcome, Staged, Stager, TicketRow};
 use super::{
-    FeedLimits, FeedPosition, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery, StoreError, TicketView,
-    WardNotice, now_ms,
+    FeedLimits, FeedPosition, LeaseUpdate, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery, StoreError,
+    TicketView, WardNotice, now_ms,
 };
 use crate::config::Config;
 
@@ -296,18 +296,18 @@ impl DistributedStore {
         Err(StoreError::Unavailable(format!("the record of node {node} kept changing during its hello")))
     }
 
-    pub async fn confirm_lease(&self, node: NodeId, database: DatabaseId, lease: Lease) -> Result<(), StoreError> {
+    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<bool, StoreError> {
         let db = &self.shared.db;
         for _ in 0..ADMIT_ATTEMPTS_MAX {
-            let Some(stored) = db.node(node.as_str()).await? else { return Ok(()) };
-            let Some(confirmed) = stored.admission.as_ref().and_then(|r| admission::confirm(r, database, lease)) else {
-                return Ok(());
+            let Some(stored) = db.node(node.as_str()).await? else { return Ok(false) };
+            let Some(updated) = stored.admission.as_ref().and_then(|record| update.apply(record)) else {
+                return Ok(false);
             };
-            if db.store_admission(node.as_str(), &stored.ward, stored.admitted, &confirmed, None, now_ms()).await? {
-                return Ok(());
+            if db.store_admission(node.as_str(), &stored.ward, stored.admitted, &updated, None, now_ms()).await? {
+                return Ok(true);
             }
         }
-        Err(StoreError::Unavailable(format!("the record of node {node} kept changing during a lease confirmation")))
+        Err(StoreError::Unavailable(format!("the record of node {node} kept changing during a lease update")))
     }
 
     pub async fn open_feed(&self, node: &NodeId, cursor: Option<&Cursor>) -> Result<FeedState, StoreError> {
