@@ -32,8 +32,7 @@ impl Side {
     fn embedded() -> Self {
         let issuer = TestIssuer::new("key-1");
         let dir = tempfile::tempdir().unwrap();
-        let bridge =
-            BridgeProcess::start_bridge(dir.path(), &format!("127.0.0.1:{}", free_port()), &issuer.jwks(), "");
+        let bridge = BridgeProcess::start_bridge(dir.path(), &format!("127.0.0.1:{}", free_port()), &issuer.jwks(), "");
         Side::Embedded { issuer, bridge, _dir: dir }
     }
 
@@ -334,7 +333,11 @@ async fn a_copy_beside_the_original_is_refused(mut side: Side) {
     refused_for(&["Superseded"]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pharmacist = side.pharmacist();
-    assert_eq!(cloud_total(&client, &mut side, &pharmacist).await, Some(made.len() as u64), "the copy's tickets stay out");
+    assert_eq!(
+        cloud_total(&client, &mut side, &pharmacist).await,
+        Some(made.len() as u64),
+        "the copy's tickets stay out"
+    );
     let status = sync_status(&client, &copy, &nurse).await;
     assert_eq!(status["outbox"]["pending"], copy_made.len(), "the copy keeps what it made: {status}");
 }
