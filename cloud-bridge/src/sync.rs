@@ -167,6 +167,14 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                     let rejections = state.store.store_upstream(node, ward, changes).await?;
                     actions.extend(session.stored(rejections, now_ms()));
                 }
+                BridgeAction::CheckHeads { tickets, last } => {
+                    let ward = session.peer().map(|(_, ward)| ward.clone()).expect("checks only after hello");
+                    let missing = state.store.missing_heads(ward, tickets).await?;
+                    if !missing.is_empty() {
+                        tracing::warn!(node = %principal.user, tickets = missing.len(), "a node holds changes the cloud lacks");
+                    }
+                    actions.extend(session.heads_checked(missing, last, now_ms()));
+                }
                 BridgeAction::StartFeed { cursor } => {
                     let (node, ward) =
                         session.peer().map(|(n, w)| (n.clone(), w.clone())).expect("the feed starts after hello");
@@ -231,9 +239,9 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                 }
             }
             database = renewal_asked(&admitted) => {
-                let lease = Lease(rand::random());
                 let node = session.peer().map(|(node, _)| node.clone()).expect("admitted after hello");
-                if state.store.update_lease(node, LeaseUpdate::Offer { database, lease }).await? {
+                let offer = LeaseUpdate::Offer { database, nonce: rand::random() };
+                if let Some(lease) = state.store.update_lease(node, offer).await?.and_then(|record| record.offered) {
                     actions.extend(session.offer_lease(lease, now_ms()));
                 }
             }
@@ -281,8 +289,7 @@ async fn admit(
 ) -> Result<(OpenSession, Lease), Refused> {
     let open = state.sessions.open(node);
     let claim = Claim { database, lease, connected_elsewhere: open.is_err() };
-    let offered = Lease(rand::random());
-    let admission = match state.store.admit(node.clone(), ward.clone(), claim, offered).await {
+    let admission = match state.store.admit(node.clone(), ward.clone(), claim, rand::random()).await {
         Ok(admission) => admission,
         Err(e) => {
             return Err(Refused {
@@ -291,11 +298,16 @@ async fn admit(
             });
         }
     };
-    match admission {
-        Ok(Admission::Resumed) => {}
-        Ok(Admission::TookOver { replaced }) => {
+    let record = match admission {
+        Ok((Admission::Resumed, record)) => record,
+        Ok((Admission::Recovered, record)) => {
+            tracing::warn!(%node, %database, "the node shows a lease newer than its record here: was the store restored?");
+            record
+        }
+        Ok((Admission::TookOver { replaced }, record)) => {
             let replaced = replaced.map(|id| id.to_string());
             tracing::warn!(%node, %database, ?replaced, "a database the node never used took it over");
+            record
         }
         Err(refused) => {
             tracing::warn!(%node, %database, reason = ?refused.reason, detail = %refused.detail, "sync hello refused");
@@ -306,7 +318,8 @@ async fn admit(
             }
             return Err(refused);
         }
-    }
+    };
+    let offered = record.offered.expect("an admission offers a lease");
     // Admitted only with the place: a refusal above released it, if it had it.
     Ok((open.expect("admission refuses a node connected elsewhere"), offered))
 }

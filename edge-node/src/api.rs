@@ -10,6 +10,7 @@
 //! | POST   | /api/v1/tickets/{id}/transitions       | nurse, admin        | cancel, confirm receipt (`delivered`), resolve a conflict |
 //! | GET    | /api/v1/events                         | nurse, admin        | live ticket changes (Server-Sent Events) |
 //! | GET    | /api/v1/sync                           | nurse, admin        | sync state |
+//! | POST   | /api/v1/sync/reconcile                 | admin               | compare every ticket with the cloud and send again what it lacks (202) |
 //! | POST   | /api/v1/login                          | ward staff          | offline login while the cloud is unreachable: `{username, password}` -> token |
 //! | GET    | /healthz, /readyz, /metrics            | anyone on the port  | liveness, readiness, Prometheus |
 //!
@@ -116,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tickets/{id}/transitions", post(transition_ticket))
         .route("/events", get(live_events))
         .route("/sync", get(sync_status))
+        .route("/sync/reconcile", post(request_reconcile))
         .route("/login", post(offline_login));
     let body_bytes_max = state.config.http.body_bytes_max;
     let timeout = Duration::from_millis(state.config.http.request_timeout_ms);
@@ -296,20 +298,46 @@ struct SyncStatus {
     /// When the bridge last acknowledged or sent changes (ms since the epoch).
     last_sync_at: Option<i64>,
     outbox: store::OutboxCounts,
+    /// Whether every ticket is to be compared with the cloud on the link
+    /// (after a restore, or asked for); when that last finished.
+    reconcile_requested: bool,
+    reconciled_at: Option<i64>,
+}
+
+fn millis(bytes: Option<Vec<u8>>) -> Option<i64> {
+    bytes.and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok()).map(i64::from_be_bytes)
 }
 
 async fn sync_status(State(state): State<AppState>, _caller: Caller) -> Result<Json<SyncStatus>, ApiError> {
-    let (outbox, last_sync_at) = state
+    let (outbox, last_sync_at, reconcile_requested, reconciled_at) = state
         .store
         .read(|conn| {
-            let last = store::sync_state(conn, "last_sync_at")?
-                .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-                .map(i64::from_be_bytes);
-            Ok((store::outbox_counts(conn)?, last))
+            Ok((
+                store::outbox_counts(conn)?,
+                millis(store::sync_state(conn, "last_sync_at")?),
+                store::sync_state(conn, store::RECONCILE_KEY)?.is_some(),
+                millis(store::sync_state(conn, store::RECONCILED_AT_KEY)?),
+            ))
         })
         .await?;
     let link = state.link.lock().map(|link| link.clone()).unwrap_or_default();
-    Ok(Json(SyncStatus { bridge_configured: state.config.sync.is_some(), link, last_sync_at, outbox }))
+    let bridge_configured = state.config.sync.is_some();
+    Ok(Json(SyncStatus { bridge_configured, link, last_sync_at, outbox, reconcile_requested, reconciled_at }))
+}
+
+/// An operator asks for every ticket to be compared with the cloud: on the
+/// link, what the cloud lacks of this node's changes is sent again.
+async fn request_reconcile(State(state): State<AppState>, Caller(actor): Caller) -> Result<StatusCode, ApiError> {
+    if actor.role != Role::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_role",
+            "a reconciliation is an admin's to ask for",
+        ));
+    }
+    state.store.write_all(Write::RequestReconcile, now_ms()).await?;
+    tracing::info!(user = %actor.user, "reconciliation with the cloud requested");
+    Ok(StatusCode::ACCEPTED)
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,6 +14,8 @@
 //! applying a change twice is harmless. Its outbox is sent whole, and an
 //! acknowledgement covers only what that connection carried, so no outbox
 //! number the backup shares with the replaced database can drop a change.
+//! And it compares every ticket with the cloud (a reconciliation), putting
+//! what the cloud lacks of its changes into the outbox again.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -138,6 +140,12 @@ pub fn restore(data_dir: &Path, database: &Path, from: &Path) -> Result<(Summary
         conn.execute(
             "INSERT INTO sync_state (key, value) VALUES (?1, randomblob(16)) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [store::DATABASE_KEY],
+        )?;
+        // The cloud may lack what the backup holds and the replaced database
+        // had not sent: compare every ticket on the next link.
+        conn.execute(
+            "INSERT INTO sync_state (key, value) VALUES (?1, x'01') ON CONFLICT (key) DO UPDATE SET value = x'01'",
+            [store::RECONCILE_KEY],
         )?;
     }
     let kept = if database.exists() {

@@ -21,9 +21,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use service_kit::sqlite::{self, ReadPool};
 use service_kit::writer::{GroupWriter, QueueError};
 use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TicketDocument};
-use sync_protocol::ids::TicketId;
+use sync_protocol::ids::{NodeId, TicketId};
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
-use sync_protocol::wire::{Cursor, DatabaseId, Lease};
+use sync_protocol::wire::{Cursor, DatabaseId, HEADS_PER_TICKET_MAX, Lease, TicketHeads};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::config::StorageConfig;
@@ -72,6 +72,11 @@ const MIGRATIONS: &[&str] = &[
 pub const DATABASE_KEY: &str = "database";
 /// `sync_state` key of the lease the bridge last handed this database.
 pub const LEASE_KEY: &str = "lease";
+/// `sync_state` key set when every ticket is to be compared with the cloud
+/// (after a restore, or at an operator's request), cleared when done.
+pub const RECONCILE_KEY: &str = "reconcile";
+/// `sync_state` key of when the last reconciliation finished (ms, big-endian).
+pub const RECONCILED_AT_KEY: &str = "reconciled_at";
 
 /// The schema version this build creates and reads.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
@@ -125,6 +130,13 @@ pub enum Write {
     ApplyRemote { changes: Vec<(TicketId, Vec<u8>)>, cursor: Vec<u8> },
     /// The bridge handed this database a new lease; it replaces the one held.
     HoldLease { lease: Lease },
+    /// Compare every ticket with the cloud on the next link (`RECONCILE_KEY`).
+    RequestReconcile,
+    /// A reconciliation found tickets whose changes the cloud lacks: this
+    /// node's changes of them beyond the cloud's heads go into the outbox again.
+    Resend { missing: Vec<TicketHeads>, node: NodeId },
+    /// The reconciliation compared every ticket.
+    ReconcileDone,
 }
 
 impl std::fmt::Debug for Write {
@@ -138,6 +150,9 @@ impl std::fmt::Debug for Write {
                 f.debug_struct("ApplyRemote").field("changes", &changes.len()).finish_non_exhaustive()
             }
             Write::HoldLease { .. } => f.debug_struct("HoldLease").finish_non_exhaustive(),
+            Write::RequestReconcile => f.write_str("RequestReconcile"),
+            Write::Resend { missing, .. } => f.debug_struct("Resend").field("tickets", &missing.len()).finish(),
+            Write::ReconcileDone => f.write_str("ReconcileDone"),
         }
     }
 }
@@ -345,7 +360,21 @@ impl WriterContext {
                 Ok(Vec::new())
             }
             Write::HoldLease { lease } => {
-                set_sync_state(conn, LEASE_KEY, &lease.0)?;
+                set_sync_state(conn, LEASE_KEY, &lease.to_bytes())?;
+                Ok(Vec::new())
+            }
+            Write::RequestReconcile => {
+                set_sync_state(conn, RECONCILE_KEY, &now.to_be_bytes())?;
+                Ok(Vec::new())
+            }
+            Write::Resend { missing, node } => {
+                self.resend(conn, &missing, &node, now)?;
+                Ok(Vec::new())
+            }
+            Write::ReconcileDone => {
+                conn.execute("DELETE FROM sync_state WHERE key = ?1", [RECONCILE_KEY])?;
+                set_sync_state(conn, RECONCILED_AT_KEY, &now.to_be_bytes())?;
+                tracing::info!("reconciliation done: every ticket was compared with the cloud");
                 Ok(Vec::new())
             }
             Write::Stuck { seq, code, message } => {
@@ -399,6 +428,31 @@ impl WriterContext {
                 Ok(changed)
             }
         }
+    }
+
+    /// Puts this node's changes the cloud lacks back into the outbox, in an
+    /// order the cloud can apply them; the bridge skips any it has by hash.
+    /// Changes of others (the pharmacy's) are the cloud's to hold: a node
+    /// may not relay them.
+    fn resend(
+        &self,
+        conn: &Connection,
+        missing: &[TicketHeads],
+        node: &NodeId,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let mut resent = 0usize;
+        for ticket in missing {
+            let Some(mut document) = self.load(conn, ticket.ticket)? else { continue };
+            for change in document.changes_beyond(&ticket.heads) {
+                if change.audit().actor.device == *node {
+                    append_outbox(conn, ticket.ticket, change.bytes(), now)?;
+                    resent += 1;
+                }
+            }
+        }
+        tracing::warn!(tickets = missing.len(), changes = resent, "the cloud lacked changes of this node; sent again");
+        Ok(())
     }
 
     fn load(&self, conn: &Connection, id: TicketId) -> Result<Option<TicketDocument>, StoreError> {
@@ -484,17 +538,37 @@ pub struct SyncIdentity {
 }
 
 pub fn sync_identity(conn: &Connection) -> Result<SyncIdentity, StoreError> {
-    let sixteen = |key: &str| -> Result<Option<[u8; 16]>, StoreError> {
-        sync_state(conn, key)?
-            .map(|bytes| <[u8; 16]>::try_from(bytes).map_err(|_| StoreError::Corrupt(format!("sync state {key}"))))
-            .transpose()
-    };
-    let database = sixteen(DATABASE_KEY)?.ok_or_else(|| StoreError::Corrupt("the database has no id".into()))?;
+    let corrupt = |key: &str| StoreError::Corrupt(format!("sync state {key}"));
+    let database = sync_state(conn, DATABASE_KEY)?.ok_or_else(|| corrupt(DATABASE_KEY))?;
+    let database = <[u8; 16]>::try_from(database).map_err(|_| corrupt(DATABASE_KEY))?;
+    let lease = sync_state(conn, LEASE_KEY)?.map(|bytes| Lease::from_bytes(&bytes).ok_or_else(|| corrupt(LEASE_KEY)));
     Ok(SyncIdentity {
         database: DatabaseId(database),
-        lease: sixteen(LEASE_KEY)?.map(Lease),
+        lease: lease.transpose()?,
         cursor: sync_state(conn, "cursor")?.map(Cursor::new),
     })
+}
+
+/// The heads of the tickets after `after`, in ticket order, at most `max`.
+pub fn ticket_heads(
+    conn: &Connection,
+    replica: &ActorId,
+    after: Option<TicketId>,
+    max: usize,
+) -> Result<Vec<TicketHeads>, StoreError> {
+    let mut statement = conn.prepare_cached("SELECT id, document FROM tickets WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+    let after = after.map(|id| id.to_string()).unwrap_or_default();
+    let mut rows = statement.query(params![after, max as i64])?;
+    let mut tickets = Vec::with_capacity(max);
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        let ticket = id.parse().map_err(|e| StoreError::Corrupt(format!("ticket id: {e}")))?;
+        let mut document = TicketDocument::load(&row.get::<_, Vec<u8>>(1)?, replica.clone())?;
+        let mut heads = document.head_hashes();
+        heads.truncate(HEADS_PER_TICKET_MAX);
+        tickets.push(TicketHeads { ticket, heads });
+    }
+    Ok(tickets)
 }
 
 /// The next outbox entries to send: after `after_seq`, not stuck, at most

@@ -170,6 +170,16 @@ async fn connect_once(
                     }
                     held.map(|_| Vec::new()).map_err(|e| format!("cannot store the lease: {e}"))
                 }
+                EdgeAction::Resend { missing } => {
+                    let resend = Write::Resend { missing, node: state.config.node.id.clone() };
+                    state.store.write_all(resend, now).await.map(|_| Vec::new()).map_err(|e| e.to_string())
+                }
+                EdgeAction::ReconcileDone => state
+                    .store
+                    .write_all(Write::ReconcileDone, now)
+                    .await
+                    .map(|_| Vec::new())
+                    .map_err(|e| e.to_string()),
                 EdgeAction::Acked { up_to_seq } => state
                     .store
                     .write_all(Write::Acked { up_to_seq }, now)
@@ -220,6 +230,16 @@ async fn connect_once(
                 Err(reason) => return ended(reason, true, established),
             }
         }
+        // Compare the next tickets with the cloud, while a reconciliation runs.
+        if let Some(demand) = session.reconcile_demand() {
+            let replica = state.store.replica().clone();
+            let read = move |conn: &_| store::ticket_heads(conn, &replica, demand.after, demand.tickets_max);
+            match state.store.read(read).await {
+                Ok(tickets) => queue.extend(session.send_reconcile(tickets, now_ms())),
+                Err(e) => return ended(format!("cannot read the tickets to reconcile: {e}"), true, established),
+            }
+            continue;
+        }
         // Fill the upstream window from the outbox.
         if let Some(demand) = session.upstream_demand() {
             let batch = state
@@ -260,7 +280,16 @@ async fn connect_once(
             },
             // A local write: there may be something new to send.
             _ = events.recv() => {}
-            _ = ticks.tick() => queue.extend(session.on_tick(now_ms())),
+            _ = ticks.tick() => {
+                queue.extend(session.on_tick(now_ms()));
+                if established && !session.reconciling() {
+                    match state.store.read(|conn| store::sync_state(conn, store::RECONCILE_KEY)).await {
+                        Ok(Some(_)) => session.start_reconcile(),
+                        Ok(None) => {}
+                        Err(e) => return ended(format!("cannot read the sync state: {e}"), true, established),
+                    }
+                }
+            }
             _ = shutdown.cancelled() => {
                 let _ = sink.close().await;
                 return ended("shutting down".into(), true, established);

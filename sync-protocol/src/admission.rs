@@ -40,13 +40,20 @@ pub const RETIRED_MAX: usize = 16;
 pub struct NodeLease {
     /// The database that speaks for the node.
     pub database: DatabaseId,
-    /// The lease the database confirmed holding (it sent a message after
-    /// the welcome that offered it); `None` before its first confirmation.
+    /// The lease the database confirmed holding (`LeaseHeld`); `None`
+    /// before its first confirmation.
     pub held: Option<Lease>,
-    /// The lease the last welcome offered and no message has confirmed yet.
+    /// The lease last offered that the database has not confirmed yet.
     pub offered: Option<Lease>,
     /// Databases this node used before, newest last; refused by name.
     pub retired: Vec<DatabaseId>,
+}
+
+impl NodeLease {
+    /// The newest generation issued for the node.
+    fn generation(&self) -> u64 {
+        [self.held, self.offered].iter().flatten().map(|lease| lease.generation).max().unwrap_or(0)
+    }
 }
 
 /// How a hello was admitted.
@@ -54,6 +61,10 @@ pub struct NodeLease {
 pub enum Admission {
     /// The database that already spoke for the node.
     Resumed,
+    /// The node's database, showing a lease newer than any the record
+    /// knows: the bridge's store was restored from a backup (or lost the
+    /// record). Admitted; operators should know.
+    Recovered,
     /// A database the node never used: its first, a restore or a new
     /// install. It may lack the node's own changes, so the node's feed sends
     /// them back up to where the log stands now.
@@ -70,17 +81,17 @@ pub struct Claim {
 }
 
 /// Decides a hello against the node's record. On admission returns the
-/// record to store (with `offered` as the new lease) before the welcome.
+/// record to store before the welcome; its `offered` is the new lease (of
+/// the next generation, with `nonce`).
 ///
 /// A refusal for `AlreadyConnected` means the claim holds a valid lease, as
 /// a copy of the connected database does: the caller then has the open
 /// session take a new lease ([`offer`]), so the copy's turns void.
-pub fn admit(record: Option<&NodeLease>, claim: Claim, offered: Lease) -> Result<(NodeLease, Admission), Refused> {
-    let fresh =
-        |retired: Vec<DatabaseId>| NodeLease { database: claim.database, held: None, offered: Some(offered), retired };
-    if let Some(record) = record {
-        stale(record, claim)?;
-    }
+pub fn admit(record: Option<&NodeLease>, claim: Claim, nonce: [u8; 16]) -> Result<(NodeLease, Admission), Refused> {
+    let recovered = match record {
+        Some(record) => standing(record, claim)?,
+        None => false,
+    };
     if claim.connected_elsewhere {
         return Err(refused(
             RefusalReason::AlreadyConnected,
@@ -89,6 +100,10 @@ pub fn admit(record: Option<&NodeLease>, claim: Claim, offered: Lease) -> Result
                 .into(),
         ));
     }
+    let shown = claim.lease.map_or(0, |lease| lease.generation);
+    let generation = record.map_or(0, NodeLease::generation).max(shown) + 1;
+    let offered = Some(Lease { generation, nonce });
+    let fresh = |retired: Vec<DatabaseId>| NodeLease { database: claim.database, held: None, offered, retired };
     let Some(record) = record else {
         return Ok((fresh(Vec::new()), Admission::TookOver { replaced: None }));
     };
@@ -100,12 +115,14 @@ pub fn admit(record: Option<&NodeLease>, claim: Claim, offered: Lease) -> Result
         return Ok((fresh(retired), Admission::TookOver { replaced: Some(record.database) }));
     }
     let held = if claim.lease.is_some() { claim.lease } else { record.held };
-    Ok((NodeLease { held, offered: Some(offered), ..record.clone() }, Admission::Resumed))
+    let admission = if recovered { Admission::Recovered } else { Admission::Resumed };
+    Ok((NodeLease { held, offered, ..record.clone() }, admission))
 }
 
 /// Refuses a retired database, and the node's database showing a lease it
-/// no longer holds.
-fn stale(record: &NodeLease, claim: Claim) -> Result<(), Refused> {
+/// no longer holds. `Ok(true)`: it shows a lease newer than the record
+/// knows (the record was restored from a backup).
+fn standing(record: &NodeLease, claim: Claim) -> Result<bool, Refused> {
     if record.retired.contains(&claim.database) {
         return Err(refused(
             RefusalReason::Superseded,
@@ -116,12 +133,16 @@ fn stale(record: &NodeLease, claim: Claim) -> Result<(), Refused> {
             ),
         ));
     }
+    if claim.database != record.database {
+        return Ok(false);
+    }
+    let newer = claim.lease.is_some_and(|lease| lease.generation > record.generation());
     let holds = match claim.lease {
         Some(lease) => [record.held, record.offered].contains(&Some(lease)),
         // Never confirmed a lease: admitted only while none was confirmed.
         None => record.held.is_none(),
     };
-    if claim.database == record.database && !holds {
+    if !holds && !newer {
         return Err(refused(
             RefusalReason::Superseded,
             format!(
@@ -132,14 +153,15 @@ fn stale(record: &NodeLease, claim: Claim) -> Result<(), Refused> {
             ),
         ));
     }
-    Ok(())
+    Ok(newer)
 }
 
-/// An open session of `database` takes the new lease `lease`, as at a
-/// welcome: the one it held stops admitting anyone once it confirms.
-/// `None` when another database speaks for the node now.
-pub fn offer(record: &NodeLease, database: DatabaseId, lease: Lease) -> Option<NodeLease> {
-    (record.database == database).then(|| NodeLease { offered: Some(lease), ..record.clone() })
+/// An open session of `database` takes a new lease (the next generation,
+/// with `nonce`), as at a welcome: the one it held stops admitting anyone
+/// once it confirms. `None` when another database speaks for the node now.
+pub fn offer(record: &NodeLease, database: DatabaseId, nonce: [u8; 16]) -> Option<NodeLease> {
+    let offered = Lease { generation: record.generation() + 1, nonce };
+    (record.database == database).then(|| NodeLease { offered: Some(offered), ..record.clone() })
 }
 
 /// The database says it holds `lease`, which a welcome (or [`offer`])
@@ -169,82 +191,95 @@ mod tests {
         Claim { database, lease, connected_elsewhere: false }
     }
 
-    /// Admits and confirms, as a welcome followed by any message does.
-    fn welcomed(record: Option<&NodeLease>, database: DatabaseId, lease: Option<Lease>, next: u8) -> NodeLease {
-        let (record, _) = admit(record, claim(database, lease), Lease([next; 16])).unwrap();
-        confirm(&record, database, Lease([next; 16])).unwrap()
+    /// Admits and confirms, as a welcome answered by `LeaseHeld` does;
+    /// returns the record and the lease the database now holds.
+    fn welcomed(
+        record: Option<&NodeLease>,
+        database: DatabaseId,
+        lease: Option<Lease>,
+        nonce: u8,
+    ) -> (NodeLease, Lease) {
+        let (record, _) = admit(record, claim(database, lease), [nonce; 16]).unwrap();
+        let offered = record.offered.unwrap();
+        (confirm(&record, database, offered).unwrap(), offered)
     }
 
     #[test]
     fn a_copy_is_refused_once_the_original_has_taken_a_new_lease() {
-        let record = welcomed(None, ORIGINAL, None, 10);
-        // The copy is made now: it holds lease 10, as the original does.
-        let record = welcomed(Some(&record), ORIGINAL, Some(Lease([10; 16])), 11);
-        let refusal = admit(Some(&record), claim(ORIGINAL, Some(Lease([10; 16]))), Lease([12; 16])).unwrap_err();
+        let (record, first) = welcomed(None, ORIGINAL, None, 10);
+        // The copy is made now: it holds the first lease, as the original does.
+        let (record, second) = welcomed(Some(&record), ORIGINAL, Some(first), 11);
+        assert!(second.generation > first.generation);
+        let refusal = admit(Some(&record), claim(ORIGINAL, Some(first)), [12; 16]).unwrap_err();
         assert_eq!(refusal.reason, RefusalReason::Superseded);
         assert!(refusal.detail.contains("outdated lease"), "{}", refusal.detail);
     }
 
     #[test]
-    fn a_copy_beside_its_connected_original_is_refused_at_once() {
-        let record = welcomed(None, ORIGINAL, None, 10);
-        let copy = Claim { connected_elsewhere: true, ..claim(ORIGINAL, Some(Lease([10; 16]))) };
-        assert_eq!(admit(Some(&record), copy, Lease([11; 16])).unwrap_err().reason, RefusalReason::AlreadyConnected);
-    }
-
-    #[test]
     fn a_copy_refused_beside_its_original_stays_refused_once_the_original_takes_a_new_lease() {
-        let record = welcomed(None, ORIGINAL, None, 10);
-        let copy = claim(ORIGINAL, Some(Lease([10; 16])));
+        let (record, first) = welcomed(None, ORIGINAL, None, 10);
+        let copy = claim(ORIGINAL, Some(first));
         // The original is connected: the copy is refused, and the original takes a new lease.
-        let refusal = admit(Some(&record), Claim { connected_elsewhere: true, ..copy }, Lease([11; 16])).unwrap_err();
+        let refusal = admit(Some(&record), Claim { connected_elsewhere: true, ..copy }, [11; 16]).unwrap_err();
         assert_eq!(refusal.reason, RefusalReason::AlreadyConnected);
-        let record = offer(&record, ORIGINAL, Lease([12; 16])).unwrap();
-        let record = confirm(&record, ORIGINAL, Lease([12; 16])).unwrap();
+        let record = offer(&record, ORIGINAL, [12; 16]).unwrap();
+        let record = confirm(&record, ORIGINAL, record.offered.unwrap()).unwrap();
         // Offline or not, the original's old lease admits no one now.
         for connected_elsewhere in [true, false] {
-            let refusal = admit(Some(&record), Claim { connected_elsewhere, ..copy }, Lease([13; 16])).unwrap_err();
+            let refusal = admit(Some(&record), Claim { connected_elsewhere, ..copy }, [13; 16]).unwrap_err();
             assert_eq!(refusal.reason, RefusalReason::Superseded);
         }
-        assert_eq!(offer(&record, RESTORED, Lease([14; 16])), None, "only the node's database takes leases");
+        assert_eq!(offer(&record, RESTORED, [14; 16]), None, "only the node's database takes leases");
     }
 
     #[test]
-    fn an_edge_that_did_not_store_its_new_lease_still_gets_in() {
-        let record = welcomed(None, ORIGINAL, None, 10);
-        // Welcomed with lease 11, then crashed before storing it: shows 10.
-        let (record, _) = admit(Some(&record), claim(ORIGINAL, Some(Lease([10; 16]))), Lease([11; 16])).unwrap();
-        let (record, admission) =
-            admit(Some(&record), claim(ORIGINAL, Some(Lease([10; 16]))), Lease([12; 16])).unwrap();
+    fn an_edge_that_did_not_store_or_confirm_its_new_lease_still_gets_in() {
+        let (record, first) = welcomed(None, ORIGINAL, None, 10);
+        // Offered a second lease, then crashed before storing it: shows the first.
+        let (record, _) = admit(Some(&record), claim(ORIGINAL, Some(first)), [11; 16]).unwrap();
+        let (record, admission) = admit(Some(&record), claim(ORIGINAL, Some(first)), [12; 16]).unwrap();
         assert_eq!(admission, Admission::Resumed);
-        // Stored 12 but crashed before any message confirmed it: shows 12.
-        let (_, admission) = admit(Some(&record), claim(ORIGINAL, Some(Lease([12; 16]))), Lease([13; 16])).unwrap();
+        // Stored the third but crashed before confirming it: shows the third.
+        let third = record.offered.unwrap();
+        let (_, admission) = admit(Some(&record), claim(ORIGINAL, Some(third)), [13; 16]).unwrap();
         assert_eq!(admission, Admission::Resumed);
+    }
+
+    #[test]
+    fn a_lease_newer_than_the_record_means_the_bridge_lost_it_and_is_admitted() {
+        let (old_record, first) = welcomed(None, ORIGINAL, None, 10);
+        let (record, second) = welcomed(Some(&old_record), ORIGINAL, Some(first), 11);
+        // The bridge's store is restored to `old_record`; the node shows its newer lease.
+        let (restored, admission) = admit(Some(&old_record), claim(ORIGINAL, Some(second)), [12; 16]).unwrap();
+        assert_eq!(admission, Admission::Recovered);
+        assert!(restored.offered.unwrap().generation > second.generation);
+        // A copy still holding the first lease is refused by the current record.
+        assert!(admit(Some(&record), claim(ORIGINAL, Some(first)), [13; 16]).is_err());
     }
 
     #[test]
     fn a_restore_takes_over_and_the_replaced_database_is_refused_by_name() {
-        let record = welcomed(None, ORIGINAL, None, 10);
-        let (record, admission) = admit(Some(&record), claim(RESTORED, None), Lease([20; 16])).unwrap();
+        let (record, first) = welcomed(None, ORIGINAL, None, 10);
+        let (record, admission) = admit(Some(&record), claim(RESTORED, None), [20; 16]).unwrap();
         assert_eq!(admission, Admission::TookOver { replaced: Some(ORIGINAL) });
         assert_eq!(record.retired, vec![ORIGINAL]);
-        let refusal = admit(Some(&record), claim(ORIGINAL, Some(Lease([10; 16]))), Lease([21; 16])).unwrap_err();
+        let refusal = admit(Some(&record), claim(ORIGINAL, Some(first)), [21; 16]).unwrap_err();
         assert_eq!(refusal.reason, RefusalReason::Superseded);
         assert!(refusal.detail.contains("was replaced"), "{}", refusal.detail);
     }
 
     #[test]
     fn a_database_that_never_confirmed_a_lease_is_refused_once_one_was_confirmed() {
-        let record = welcomed(None, ORIGINAL, None, 10);
-        assert!(admit(Some(&record), claim(ORIGINAL, None), Lease([11; 16])).is_err());
-        assert_eq!(confirm(&record, ORIGINAL, Lease([10; 16])), None, "confirmed already");
+        let (record, first) = welcomed(None, ORIGINAL, None, 10);
+        assert!(admit(Some(&record), claim(ORIGINAL, None), [11; 16]).is_err());
+        assert_eq!(confirm(&record, ORIGINAL, first), None, "confirmed already");
     }
 
     #[test]
     fn retired_databases_are_bounded() {
-        let mut record = welcomed(None, DatabaseId([0; 16]), None, 0);
+        let (mut record, _) = welcomed(None, DatabaseId([0; 16]), None, 0);
         for n in 1..=(RETIRED_MAX as u8 + 4) {
-            record = welcomed(Some(&record), DatabaseId([n; 16]), None, n);
+            record = welcomed(Some(&record), DatabaseId([n; 16]), None, n).0;
         }
         assert_eq!(record.retired.len(), RETIRED_MAX);
         assert_eq!(record.retired.last(), Some(&DatabaseId([RETIRED_MAX as u8 + 3; 16])));

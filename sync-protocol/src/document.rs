@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use automerge::transaction::Transactable;
-use automerge::{ActorId, AutoCommit, Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value, hydrate};
+use automerge::{ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value, hydrate};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Role, TicketId, UserId, WardId};
@@ -293,6 +293,33 @@ impl TicketDocument {
     /// Hashes of the current heads, hex encoded.
     pub fn heads(&mut self) -> Vec<String> {
         self.doc.get_heads().iter().map(ToString::to_string).collect()
+    }
+
+    /// Hashes of the current heads: what a peer holding this document holds.
+    pub fn head_hashes(&mut self) -> Vec<[u8; 32]> {
+        self.doc.get_heads().into_iter().map(|hash| hash.0).collect()
+    }
+
+    /// Whether some of `heads` (a peer's) are changes this document lacks.
+    pub fn lacks_any(&mut self, heads: &[[u8; 32]]) -> bool {
+        heads.iter().any(|&head| self.doc.get_change_by_hash(&ChangeHash(head)).is_none())
+    }
+
+    /// The changes a peer whose document has the heads `theirs` lacks, in
+    /// an order it can apply them (heads this document does not know are
+    /// passed over: the peer has those and what they build on).
+    pub fn changes_beyond(&mut self, theirs: &[[u8; 32]]) -> Vec<ReceivedChange> {
+        let known: Vec<ChangeHash> = theirs
+            .iter()
+            .map(|&head| ChangeHash(head))
+            .filter(|hash| self.doc.get_change_by_hash(hash).is_some())
+            .collect();
+        self.doc
+            .get_changes(&known)
+            .into_iter()
+            // Every change in a stored document was audited when it came in.
+            .filter_map(|change| ReceivedChange::decode(change.raw_bytes()).ok())
+            .collect()
     }
 
     /// Applies changes that arrived from another replica, after checking them

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{NodeId, TicketId, WardId};
 use crate::ticket::UnixMillis;
 use crate::wire::{
-    Cursor, DatabaseId, DownstreamChange, ErrorCode, Hello, Lease, Message, PROTOCOL_VERSION, RefusalReason, Refused,
-    TicketSnapshot, UpstreamChange, Welcome, WireError, WireLimits,
+    Cursor, DatabaseId, DownstreamChange, ErrorCode, HEADS_PER_TICKET_MAX, Hello, Lease, Message, PROTOCOL_VERSION,
+    RefusalReason, Refused, TicketHeads, TicketSnapshot, UpstreamChange, Welcome, WireError, WireLimits,
 };
 
 /// Timing and windowing of a session. Both sides use the same defaults.
@@ -151,6 +151,14 @@ pub enum EdgeAction {
         cursor: Cursor,
         last: bool,
     },
+    /// A reconciliation found changes the cloud lacks: put this node's
+    /// changes of these tickets beyond the cloud's heads into the outbox
+    /// again, before the next action.
+    Resend {
+        missing: Vec<TicketHeads>,
+    },
+    /// Every ticket was compared, and what was missing is in the outbox.
+    ReconcileDone,
     Close(CloseReason),
 }
 
@@ -173,6 +181,28 @@ pub struct UpstreamDemand {
 
 /// Framing cost per upstream change beyond its bytes: sequence, ticket id, lengths.
 const UPSTREAM_CHANGE_OVERHEAD_BYTES: usize = 64;
+/// Tickets compared per reconciliation message.
+const RECONCILE_TICKETS_MAX: usize = 256;
+/// The most one ticket's heads take in a reconciliation message.
+const TICKET_HEADS_BYTES_MAX: usize = HEADS_PER_TICKET_MAX * 32 + 64;
+
+/// What the edge driver should read for the next reconciliation message:
+/// the heads of its tickets after `after` (in ticket order), at most `tickets_max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileDemand {
+    pub after: Option<TicketId>,
+    pub tickets_max: usize,
+}
+
+/// A reconciliation in progress: the edge compares every ticket it holds
+/// with the cloud, one message at a time.
+#[derive(Debug, Clone, Default)]
+struct Reconciling {
+    after: Option<TicketId>,
+    in_flight: bool,
+    /// The message with the last tickets was sent.
+    sent_last: bool,
+}
 
 /// The edge node's side of a connection.
 #[derive(Debug, Clone)]
@@ -184,6 +214,7 @@ pub struct EdgeSession {
     sent_up_to: u64,
     /// The last sequence of each batch sent and not yet acknowledged.
     in_flight: VecDeque<u64>,
+    reconciling: Option<Reconciling>,
 }
 
 impl EdgeSession {
@@ -196,6 +227,7 @@ impl EdgeSession {
             limits: config.limits,
             sent_up_to: 0,
             in_flight: VecDeque::new(),
+            reconciling: None,
         };
         (session, vec![EdgeAction::Send(Message::Hello(hello))])
     }
@@ -252,6 +284,7 @@ impl EdgeSession {
                 self.hold_lease(welcome.lease, now)
             }
             (EdgePhase::Established, Message::NewLease { lease }) => self.hold_lease(lease, now),
+            (EdgePhase::Established, Message::Reconciled { missing, last }) => self.on_reconciled(missing, last),
             (_, Message::Refused(refused)) => self.close(CloseReason::Refused(refused)),
             (_, Message::Error { code, message }) => self.close(CloseReason::PeerError { code, message }),
             (EdgePhase::Established, Message::Ack { up_to_seq }) => {
@@ -276,6 +309,56 @@ impl EdgeSession {
             (_, Message::Pong { .. }) => Vec::new(),
             (phase, other) => self.violation(format!("unexpected {} while {phase:?}", other.kind())),
         }
+    }
+
+    /// Starts comparing every ticket with the cloud (after a restore, or
+    /// when an operator asks); nothing happens if one is under way.
+    pub fn start_reconcile(&mut self) {
+        if self.phase == EdgePhase::Established && self.reconciling.is_none() {
+            self.reconciling = Some(Reconciling::default());
+        }
+    }
+
+    pub fn reconciling(&self) -> bool {
+        self.reconciling.is_some()
+    }
+
+    /// What to read for the next reconciliation message; `None` while one
+    /// is answered, or when there is none to send.
+    pub fn reconcile_demand(&self) -> Option<ReconcileDemand> {
+        let reconciling = self.reconciling.as_ref().filter(|r| !r.in_flight && !r.sent_last)?;
+        let fitting = self.limits.frame_bytes_max / TICKET_HEADS_BYTES_MAX;
+        let tickets_max = RECONCILE_TICKETS_MAX.min(self.limits.changes_per_batch_max).min(fitting).max(1);
+        Some(ReconcileDemand { after: reconciling.after, tickets_max })
+    }
+
+    /// Sends the heads read in answer to [`Self::reconcile_demand`]; fewer
+    /// tickets than asked for means there are no more.
+    pub fn send_reconcile(&mut self, tickets: Vec<TicketHeads>, now: UnixMillis) -> Vec<EdgeAction> {
+        let demand = self.reconcile_demand().expect("send_reconcile called without demand");
+        assert!(tickets.len() <= demand.tickets_max, "more tickets than the demand");
+        let last = tickets.len() < demand.tickets_max;
+        let reconciling = self.reconciling.as_mut().expect("a demand means a reconciliation");
+        reconciling.after = tickets.last().map(|t| t.ticket).or(reconciling.after);
+        reconciling.in_flight = true;
+        reconciling.sent_last = last;
+        self.sent(vec![EdgeAction::Send(Message::Reconcile { tickets, last })], now)
+    }
+
+    fn on_reconciled(&mut self, missing: Vec<TicketHeads>, last: bool) -> Vec<EdgeAction> {
+        let Some(reconciling) = self.reconciling.as_mut().filter(|r| r.in_flight && r.sent_last == last) else {
+            return self.violation("a reconciliation answer nothing asked for".into());
+        };
+        reconciling.in_flight = false;
+        let mut actions = Vec::new();
+        if !missing.is_empty() {
+            actions.push(EdgeAction::Resend { missing });
+        }
+        if last {
+            self.reconciling = None;
+            actions.push(EdgeAction::ReconcileDone);
+        }
+        actions
     }
 
     /// Stores the lease, then tells the bridge it is held.
@@ -378,6 +461,13 @@ pub enum BridgeAction {
     /// Start the downstream feed from `cursor`; `None`: send a snapshot first.
     StartFeed {
         cursor: Option<Cursor>,
+    },
+    /// Find which of these tickets of the session's ward the store lacks
+    /// some heads of (with the heads it has; none for a ticket it lacks),
+    /// then call [`BridgeSession::heads_checked`].
+    CheckHeads {
+        tickets: Vec<TicketHeads>,
+        last: bool,
     },
     /// The edge applied downstream changes up to `cursor` (for diagnostics).
     DownstreamAcked {
@@ -516,6 +606,9 @@ impl BridgeSession {
                 vec![BridgeAction::LeaseHeld { lease }]
             }
             (BridgePhase::Established, Message::Upstream { changes }) => self.on_upstream(changes),
+            (BridgePhase::Established, Message::Reconcile { tickets, last }) => {
+                vec![BridgeAction::CheckHeads { tickets, last }]
+            }
             (BridgePhase::Established, Message::DownstreamAck { cursor }) => {
                 if self.downstream_in_flight == 0 {
                     return self
@@ -604,6 +697,15 @@ impl BridgeSession {
         actions
     }
 
+    /// The driver checked a reconciliation message's tickets.
+    pub fn heads_checked(&mut self, missing: Vec<TicketHeads>, last: bool, now: UnixMillis) -> Vec<BridgeAction> {
+        if self.phase != BridgePhase::Established {
+            return Vec::new();
+        }
+        self.liveness.last_sent = now;
+        vec![BridgeAction::Send(Message::Reconciled { missing, last })]
+    }
+
     /// Hands the edge a new lease mid-session (the driver stored it as
     /// offered, `admission::offer`); its `LeaseHeld` confirms it.
     pub fn offer_lease(&mut self, lease: Lease, now: UnixMillis) -> Vec<BridgeAction> {
@@ -673,7 +775,7 @@ mod tests {
         }
     }
 
-    const LEASE: Lease = Lease([5; 16]);
+    const LEASE: Lease = Lease { generation: 1, nonce: [5; 16] };
 
     fn change(seq: u64) -> UpstreamChange {
         UpstreamChange { seq, ticket: TicketId::new(1, [0; 10]), change: ByteBuf::from(vec![1, 2, 3]) }
@@ -802,9 +904,35 @@ mod tests {
     }
 
     #[test]
+    fn a_reconciliation_compares_every_ticket_one_message_at_a_time() {
+        let (mut edge, mut bridge) = established();
+        assert_eq!(edge.reconcile_demand(), None, "none asked for");
+        edge.start_reconcile();
+        let demand = edge.reconcile_demand().unwrap();
+        assert_eq!((demand.after, demand.tickets_max), (None, RECONCILE_TICKETS_MAX));
+        let heads = |n: usize| TicketHeads { ticket: TicketId::new(1 + n as i64, [0; 10]), heads: vec![[n as u8; 32]] };
+        let full: Vec<TicketHeads> = (0..RECONCILE_TICKETS_MAX).map(heads).collect();
+        let frame = sent(&edge.send_reconcile(full, 5))[0].clone();
+        assert_eq!(edge.reconcile_demand(), None, "one message in flight");
+        let BridgeAction::CheckHeads { tickets, last } = bridge.on_message(frame, 6).remove(0) else { panic!() };
+        assert!(!last);
+        let answer = bridge_sent(&bridge.heads_checked(vec![tickets[3].clone()], last, 7))[0].clone();
+        assert_eq!(edge.on_message(answer, 8), vec![EdgeAction::Resend { missing: vec![heads(3)] }]);
+        let demand = edge.reconcile_demand().unwrap();
+        assert_eq!(demand.after, Some(heads(RECONCILE_TICKETS_MAX - 1).ticket));
+        let frame = sent(&edge.send_reconcile(vec![heads(1_000)], 9))[0].clone();
+        let BridgeAction::CheckHeads { last, .. } = bridge.on_message(frame, 10).remove(0) else { panic!() };
+        let answer = bridge_sent(&bridge.heads_checked(Vec::new(), last, 11))[0].clone();
+        assert_eq!(edge.on_message(answer.clone(), 12), vec![EdgeAction::ReconcileDone]);
+        assert!(!edge.reconciling());
+        let actions = edge.on_message(answer, 13);
+        assert!(matches!(actions.last(), Some(EdgeAction::Close(CloseReason::ProtocolViolation(_)))), "unasked");
+    }
+
+    #[test]
     fn an_open_session_takes_a_new_lease_when_asked() {
         let (mut edge, mut bridge) = established();
-        let renewed = Lease([6; 16]);
+        let renewed = Lease { generation: 2, nonce: [6; 16] };
         let offer = bridge_sent(&bridge.offer_lease(renewed, 5))[0].clone();
         let actions = edge.on_message(offer, 6);
         assert_eq!(actions[0], EdgeAction::HoldLease(renewed));

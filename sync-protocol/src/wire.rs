@@ -84,12 +84,33 @@ impl Cursor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DatabaseId(pub [u8; 16]);
 
-/// The right of one edge database to speak for its node: drawn by the bridge
-/// at every `Welcome`, held durably by the edge, shown in its next `Hello`.
-/// A copy of the database keeps the old lease and is refused once the
-/// original has taken a new one.
+/// The right of one edge database to speak for its node: issued by the
+/// bridge at every `Welcome`, held durably by the edge, shown in its next
+/// `Hello`. A copy of the database keeps the old lease and is refused once
+/// the original has taken a new one. Generations only grow, so a lease newer
+/// than any the bridge knows tells it its own store was restored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Lease(pub [u8; 16]);
+pub struct Lease {
+    pub generation: u64,
+    /// Drawn at random: two leases of one generation are never the same.
+    pub nonce: [u8; 16],
+}
+
+impl Lease {
+    pub const BYTES: usize = 24;
+
+    pub fn to_bytes(self) -> [u8; Self::BYTES] {
+        let mut bytes = [0; Self::BYTES];
+        bytes[..8].copy_from_slice(&self.generation.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.nonce);
+        bytes
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (generation, nonce) = bytes.split_first_chunk::<8>()?;
+        Some(Lease { generation: u64::from_be_bytes(*generation), nonce: nonce.try_into().ok()? })
+    }
+}
 
 fn write_hex(bytes: &[u8], f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
     bytes.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
@@ -177,6 +198,17 @@ pub struct DownstreamChange {
     pub change: ByteBuf,
 }
 
+/// Most heads a ticket shows in a reconciliation: concurrent branches of
+/// one ticket are few; a ticket with more shows this many of them.
+pub const HEADS_PER_TICKET_MAX: usize = 64;
+
+/// A ticket's heads (change hashes) as one replica holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketHeads {
+    pub ticket: TicketId,
+    pub heads: Vec<[u8; 32]>,
+}
+
 /// A whole ticket document, for bootstrapping a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TicketSnapshot {
@@ -258,6 +290,20 @@ pub enum Message {
     NewLease {
         lease: Lease,
     },
+    /// Edge -> bridge: the heads of some of the edge's tickets, in ticket
+    /// order, one message in flight at a time (a reconciliation).
+    Reconcile {
+        tickets: Vec<TicketHeads>,
+        /// Whether these are the edge's last tickets.
+        last: bool,
+    },
+    /// Bridge -> edge, answering `Reconcile`: the tickets whose heads the
+    /// cloud lacks some of, each with the heads the cloud holds (none: the
+    /// cloud lacks the ticket).
+    Reconciled {
+        missing: Vec<TicketHeads>,
+        last: bool,
+    },
 }
 
 impl Message {
@@ -278,6 +324,8 @@ impl Message {
             Message::Error { .. } => "error",
             Message::LeaseHeld { .. } => "lease-held",
             Message::NewLease { .. } => "new-lease",
+            Message::Reconcile { .. } => "reconcile",
+            Message::Reconciled { .. } => "reconciled",
         }
     }
 }
@@ -381,6 +429,10 @@ fn check_limits(message: &Message, limits: &WireLimits) -> Result<(), WireError>
             cursor(c)
         }
         Message::DownstreamAck { cursor: c } => cursor(c),
+        Message::Reconcile { tickets, .. } | Message::Reconciled { missing: tickets, .. } => {
+            changes(tickets.len())?;
+            tickets.iter().try_for_each(|t| at_most("ticket heads", t.heads.len(), HEADS_PER_TICKET_MAX))
+        }
         Message::Snapshot { tickets, cursor: c, .. } => {
             changes(tickets.len())?;
             tickets.iter().try_for_each(|t| change(&t.document))?;
@@ -402,7 +454,7 @@ mod tests {
             cursor: Some(Cursor::new(vec![0, 0, 0, 7])),
             limits: WireLimits::default(),
             database: DatabaseId([7; 16]),
-            lease: Some(Lease([9; 16])),
+            lease: Some(Lease { generation: 3, nonce: [9; 16] }),
         })
     }
 

@@ -308,7 +308,7 @@ fn message() -> impl Strategy<Value = Message> {
         "[ -~]{0,100}",
         prop::option::of(cursor()),
         (1..=4_194_304usize, 1..=2_048usize),
-        (any::<[u8; 16]>(), prop::option::of(any::<[u8; 16]>())),
+        (any::<[u8; 16]>(), prop::option::of((any::<u64>(), any::<[u8; 16]>()))),
     )
         .prop_map(|(node, ward, token, cursor, (frame_bytes_max, changes_per_batch_max), (database, lease))| {
             Message::Hello(Hello {
@@ -319,15 +319,15 @@ fn message() -> impl Strategy<Value = Message> {
                 cursor,
                 limits: WireLimits { frame_bytes_max, changes_per_batch_max, ..WireLimits::default() },
                 database: DatabaseId(database),
-                lease: lease.map(Lease),
+                lease: lease.map(|(generation, nonce)| Lease { generation, nonce }),
             })
         });
-    let welcome = (any::<i64>(), any::<[u8; 16]>()).prop_map(|(server_time, lease)| {
+    let welcome = (any::<i64>(), any::<u64>(), any::<[u8; 16]>()).prop_map(|(server_time, generation, nonce)| {
         Message::Welcome(Welcome {
             protocol_version: wire::PROTOCOL_VERSION,
             server_time,
             limits: WireLimits::default(),
-            lease: Lease(lease),
+            lease: Lease { generation, nonce },
         })
     });
     let code = prop::sample::select(vec![

@@ -217,8 +217,14 @@ impl World {
                     }
                 }
                 EdgeAction::Close(_) => self.connection = None,
-                EdgeAction::Stuck { .. } | EdgeAction::ApplyDownstream { .. } | EdgeAction::ApplySnapshot { .. } => {
-                    unreachable!("the simulated bridge refuses nothing and sends no feed")
+                EdgeAction::Stuck { .. }
+                | EdgeAction::ApplyDownstream { .. }
+                | EdgeAction::ApplySnapshot { .. }
+                | EdgeAction::Resend { .. }
+                | EdgeAction::ReconcileDone => {
+                    unreachable!(
+                        "the simulated bridge refuses nothing, sends no feed and is asked to reconcile nothing"
+                    )
                 }
             }
         }
@@ -231,9 +237,10 @@ impl World {
             match action {
                 BridgeAction::Send(message) => connection.down.push_back(message),
                 BridgeAction::Authenticate { database, lease, .. } => {
-                    let offered = Lease(self.random16());
+                    let nonce = self.random16();
                     let claim = Claim { database, lease, connected_elsewhere: false };
-                    let result = admission::admit(self.record.as_ref(), claim, offered).map(|(record, _)| {
+                    let result = admission::admit(self.record.as_ref(), claim, nonce).map(|(record, _)| {
+                        let offered = record.offered.expect("an admission offers a lease");
                         self.record = Some(record);
                         offered
                     });
@@ -253,6 +260,7 @@ impl World {
                     queue.extend(connection.bridge.stored(Vec::new(), self.now));
                 }
                 BridgeAction::StartFeed { .. } | BridgeAction::DownstreamAcked { .. } => {}
+                BridgeAction::CheckHeads { .. } => unreachable!("the simulated edge does not reconcile"),
                 BridgeAction::Close(_) => self.connection = None,
             }
         }

@@ -24,7 +24,7 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The cloud side: the embedded bridge, or a bridge and a projector on
 /// Kafka, MongoDB and Redis.
 enum Side {
-    Embedded { issuer: TestIssuer, bridge: BridgeProcess, _dir: tempfile::TempDir },
+    Embedded { issuer: TestIssuer, bridge: BridgeProcess, dir: tempfile::TempDir },
     Distributed(Cloud),
 }
 
@@ -33,7 +33,7 @@ impl Side {
         let issuer = TestIssuer::new("key-1");
         let dir = tempfile::tempdir().unwrap();
         let bridge = BridgeProcess::start_bridge(dir.path(), &format!("127.0.0.1:{}", free_port()), &issuer.jwks(), "");
-        Side::Embedded { issuer, bridge, _dir: dir }
+        Side::Embedded { issuer, bridge, dir }
     }
 
     fn distributed(test: &str) -> Self {
@@ -399,4 +399,85 @@ async fn embedded_a_re_read_cut_by_a_bridge_restart_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_a_re_read_cut_by_a_bridge_restart_completes() {
     a_re_read_cut_by_a_bridge_restart_completes(Side::distributed("re-read"), 1_000).await;
+}
+
+/// Removes a ticket's changes from the cloud's store behind the bridge's
+/// back, as a restore of the cloud from an older backup would.
+async fn cloud_loses(side: &mut Side, ids: &[String]) {
+    match side {
+        Side::Embedded { bridge, dir, .. } => {
+            bridge.terminate();
+            let conn = rusqlite::Connection::open(dir.path().join("cloud-bridge.sqlite3")).unwrap();
+            for id in ids {
+                conn.execute("DELETE FROM tickets WHERE id = ?1", [id]).unwrap();
+                conn.execute("DELETE FROM changes WHERE ticket_id = ?1", [id]).unwrap();
+            }
+            drop(conn);
+            bridge.restart();
+        }
+        Side::Distributed(cloud) => {
+            let tickets = cloud.database().await.collection::<mongodb::bson::Document>("tickets");
+            tickets.delete_many(mongodb::bson::doc! { "_id": { "$in": ids } }).await.unwrap();
+        }
+    }
+}
+
+/// How many of `ids` the cloud's store holds (behind the bridge: the
+/// distributed store's cached reads may still show what it lost).
+async fn held_by_cloud(client: &reqwest::Client, side: &mut Side, ids: &[String]) -> usize {
+    match side {
+        Side::Embedded { .. } => {
+            let pharmacist = side.pharmacist();
+            let mut held = 0;
+            for id in ids {
+                let url = side.bridge().url(&format!("/api/v1/tickets/{id}"));
+                held += usize::from(client.get(url).bearer_auth(&pharmacist).send().await.unwrap().status() == 200);
+            }
+            held
+        }
+        Side::Distributed(cloud) => {
+            let tickets = cloud.database().await.collection::<mongodb::bson::Document>("tickets");
+            tickets.count_documents(mongodb::bson::doc! { "_id": { "$in": ids } }).await.unwrap() as usize
+        }
+    }
+}
+
+/// The cloud lost tickets the edge had synced (its outbox is empty, so the
+/// edge cannot know): an admin asks the edge to reconcile, and what the
+/// cloud lacks of the node's changes reaches it again.
+async fn a_reconciliation_sends_again_what_the_cloud_lost(mut side: Side) {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, nurse) = (client(), side.nurse());
+    let admin = side.issuer().token("it.admin", &["admin"], &[WARD]);
+    let edge = side.edge(dir.path(), "");
+    let made: BTreeSet<String> = make(&client, &edge, &nurse, 0, 60).await.into_iter().collect();
+    converged(&client, &mut side, &edge, &nurse, &made).await;
+    let lost: Vec<String> = made.iter().take(25).cloned().collect();
+    cloud_loses(&mut side, &lost).await;
+    assert_eq!(held_by_cloud(&client, &mut side, &lost).await, 0, "the cloud lost them");
+    assert_eq!(sync_status(&client, &edge, &nurse).await["outbox"]["pending"], 0, "the edge has nothing to send");
+
+    let reconcile = |token: &str| client.post(edge.url("/api/v1/sync/reconcile")).bearer_auth(token.to_owned()).send();
+    assert_eq!(reconcile(&nurse).await.unwrap().status(), 403, "an admin's to ask for");
+    assert_eq!(reconcile(&admin).await.unwrap().status(), 202);
+    wait_for("the cloud to hold what it lost", CONVERGE_TIMEOUT, async || {
+        held_by_cloud(&client, &mut side, &lost).await == lost.len()
+    })
+    .await;
+    converged(&client, &mut side, &edge, &nurse, &made).await;
+    wait_for("the reconciliation to finish", Duration::from_secs(30), async || {
+        let status = sync_status(&client, &edge, &nurse).await;
+        status["reconcile_requested"] == false && status["reconciled_at"].is_i64()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_reconciliation_sends_again_what_the_cloud_lost() {
+    a_reconciliation_sends_again_what_the_cloud_lost(Side::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_a_reconciliation_sends_again_what_the_cloud_lost() {
+    a_reconciliation_sends_again_what_the_cloud_lost(Side::distributed("reconcile")).await;
 }

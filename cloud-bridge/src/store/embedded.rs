@@ -28,13 +28,13 @@ use sync_protocol::document::{Mutation, ReceivedChange, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Limits, Ticket};
-use sync_protocol::wire::{Cursor, DownstreamChange, Lease, Refused, UpstreamChange};
+use sync_protocol::wire::{Cursor, DownstreamChange, TicketHeads, UpstreamChange};
 use tokio::sync::{broadcast, oneshot};
 
 use super::staging::{Outcome, Staged, Stager, TicketRow};
 use super::{
-    FeedLimits, FeedPosition, LeaseUpdate, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery, StoreError,
-    TicketView, WardNotice, now_ms,
+    Admitted, FeedLimits, FeedPosition, LeaseUpdate, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery,
+    StoreError, TicketView, WardNotice, compare_heads, now_ms,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -116,13 +116,13 @@ enum Job {
         node: NodeId,
         ward: WardId,
         claim: Claim,
-        offered: Lease,
-        reply: oneshot::Sender<Result<Result<Admission, Refused>, StoreError>>,
+        nonce: [u8; 16],
+        reply: oneshot::Sender<Result<Admitted, StoreError>>,
     },
     UpdateLease {
         node: NodeId,
         update: LeaseUpdate,
-        reply: oneshot::Sender<Result<bool, StoreError>>,
+        reply: oneshot::Sender<Result<Option<NodeLease>, StoreError>>,
     },
 }
 
@@ -217,14 +217,14 @@ impl EmbeddedStore {
         node: NodeId,
         ward: WardId,
         claim: Claim,
-        offered: Lease,
-    ) -> Result<Result<Admission, Refused>, StoreError> {
+        nonce: [u8; 16],
+    ) -> Result<Admitted, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.writer.send(Job::Admit { node, ward, claim, offered, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.writer.send(Job::Admit { node, ward, claim, nonce, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<bool, StoreError> {
+    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<Option<NodeLease>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer.send(Job::UpdateLease { node, update, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -257,6 +257,22 @@ impl EmbeddedStore {
         }
         state.after = after;
         Ok(Some((changes, cursor_of(after))))
+    }
+
+    pub async fn missing_heads(&self, ward: WardId, tickets: Vec<TicketHeads>) -> Result<Vec<TicketHeads>, StoreError> {
+        let replica = self.replica.clone();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached("SELECT document FROM tickets WHERE id = ?1")?;
+            let mut missing = Vec::new();
+            for theirs in tickets {
+                let bytes: Option<Vec<u8>> =
+                    statement.query_row([theirs.ticket.to_string()], |r| r.get(0)).optional()?;
+                let stored = bytes.map(|bytes| TicketDocument::load(&bytes, replica.clone())).transpose()?;
+                missing.extend(compare_heads(stored, &ward, theirs)?);
+            }
+            Ok(missing)
+        })
+        .await
     }
 
     pub async fn queue(&self, query: QueueQuery) -> Result<QueuePage, StoreError> {
@@ -393,8 +409,8 @@ impl Writer {
                         tx.prepare_cached("UPDATE nodes SET cursor = max(coalesce(cursor, 0), ?2) WHERE node = ?1")?
                             .execute(params![node.as_str(), seq as i64])?;
                     }
-                    Job::Admit { node, ward, claim, offered, reply } => {
-                        let outcome = raise(admit(&tx, &node, &ward, claim, offered))?;
+                    Job::Admit { node, ward, claim, nonce, reply } => {
+                        let outcome = raise(admit(&tx, &node, &ward, claim, nonce))?;
                         replies.push(hold(reply, outcome));
                     }
                     Job::UpdateLease { node, update, reply } => {
@@ -557,9 +573,9 @@ fn admit(
     node: &NodeId,
     ward: &WardId,
     claim: Claim,
-    offered: Lease,
-) -> Result<Result<Admission, Refused>, StoreError> {
-    let (record, admission) = match admission::admit(node_lease(conn, node)?.as_ref(), claim, offered) {
+    nonce: [u8; 16],
+) -> Result<Admitted, StoreError> {
+    let (record, admission) = match admission::admit(node_lease(conn, node)?.as_ref(), claim, nonce) {
         Ok(admitted) => admitted,
         Err(refused) => return Ok(Err(refused)),
     };
@@ -576,14 +592,14 @@ fn admit(
         )?
         .execute(params![node.as_str(), now])?;
     }
-    Ok(Ok(admission))
+    Ok(Ok((admission, record)))
 }
 
-fn update_lease(conn: &Connection, node: &NodeId, update: LeaseUpdate) -> Result<bool, StoreError> {
-    let Some(updated) = node_lease(conn, node)?.and_then(|record| update.apply(&record)) else { return Ok(false) };
+fn update_lease(conn: &Connection, node: &NodeId, update: LeaseUpdate) -> Result<Option<NodeLease>, StoreError> {
+    let Some(updated) = node_lease(conn, node)?.and_then(|record| update.apply(&record)) else { return Ok(None) };
     conn.prepare_cached("UPDATE nodes SET admission = ?2 WHERE node = ?1")?
         .execute(params![node.as_str(), lease_json(&updated)?])?;
-    Ok(true)
+    Ok(Some(updated))
 }
 
 /// The next changes of `ward` after the feed's position for `reader`. The

@@ -19,11 +19,13 @@ use std::sync::Arc;
 use automerge::ActorId;
 use serde::{Deserialize, Serialize};
 use sync_protocol::admission::{self, Admission, Claim, NodeLease};
-use sync_protocol::document::{DocumentError, HistoryEntry, Mutation};
+use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
-use sync_protocol::wire::{Cursor, DatabaseId, DownstreamChange, Lease, Refused, UpstreamChange};
+use sync_protocol::wire::{
+    Cursor, DatabaseId, DownstreamChange, HEADS_PER_TICKET_MAX, Lease, Refused, TicketHeads, UpstreamChange,
+};
 use tokio::sync::broadcast;
 
 pub use distributed::DistributedStore;
@@ -122,13 +124,17 @@ pub struct NodeDiagnostics {
     pub rejected: u64,
 }
 
+/// A hello's database admitted, with how and the node's record as stored
+/// (its `offered` is the new lease), or the refusal.
+pub type Admitted = Result<(Admission, NodeLease), Refused>;
+
 /// A change to the lease of a node's database during its session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseUpdate {
     /// It holds the lease offered (`admission::confirm`).
     Confirm { database: DatabaseId, lease: Lease },
     /// It is to take a new lease (`admission::offer`).
-    Offer { database: DatabaseId, lease: Lease },
+    Offer { database: DatabaseId, nonce: [u8; 16] },
 }
 
 impl LeaseUpdate {
@@ -136,7 +142,7 @@ impl LeaseUpdate {
     pub fn apply(self, record: &NodeLease) -> Option<NodeLease> {
         match self {
             LeaseUpdate::Confirm { database, lease } => admission::confirm(record, database, lease),
-            LeaseUpdate::Offer { database, lease } => admission::offer(record, database, lease),
+            LeaseUpdate::Offer { database, nonce } => admission::offer(record, database, nonce),
         }
     }
 }
@@ -211,26 +217,27 @@ impl Store {
 
     /// Decides whether the hello's database may speak for `node`
     /// (`admission::admit` against the node's stored record) and, if so,
-    /// stores the record with the `offered` lease before answering. A
-    /// database that takes the node over gets the node's own changes back
-    /// in its feed, up to where the log stands now (see [`Self::open_feed`]).
+    /// stores the record with the new lease (its `offered`) before
+    /// answering. A database that takes the node over gets the node's own
+    /// changes back in its feed, up to where the log stands now (see
+    /// [`Self::open_feed`]).
     pub async fn admit(
         &self,
         node: NodeId,
         ward: WardId,
         claim: Claim,
-        offered: Lease,
-    ) -> Result<Result<Admission, Refused>, StoreError> {
+        nonce: [u8; 16],
+    ) -> Result<Admitted, StoreError> {
         match self {
-            Store::Embedded(store) => store.admit(node, ward, claim, offered).await,
-            Store::Distributed(store) => store.admit(node, ward, claim, offered).await,
+            Store::Embedded(store) => store.admit(node, ward, claim, nonce).await,
+            Store::Distributed(store) => store.admit(node, ward, claim, nonce).await,
         }
     }
 
     /// Changes the lease of the node's database during a session; returns
-    /// whether the record changed (not when another database took the node
-    /// over meanwhile, or there was nothing to change).
-    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<bool, StoreError> {
+    /// the record stored, or `None` when it was left as it was (another
+    /// database took the node over meanwhile, or there was nothing to change).
+    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<Option<NodeLease>, StoreError> {
         match self {
             Store::Embedded(store) => store.update_lease(node, update).await,
             Store::Distributed(store) => store.update_lease(node, update).await,
@@ -268,6 +275,17 @@ impl Store {
                 store.read_feed(&feed.node, &feed.ward, state, limits).await
             }
             _ => Err(StoreError::Corrupt("a feed was opened on another store".into())),
+        }
+    }
+
+    /// Of a node's tickets of `ward` and their heads as the node holds them
+    /// (a reconciliation), those whose heads the cloud lacks some of, each
+    /// with the cloud's heads (none: the cloud lacks the ticket). Tickets of
+    /// other wards are left out: they are not the node's to compare.
+    pub async fn missing_heads(&self, ward: WardId, tickets: Vec<TicketHeads>) -> Result<Vec<TicketHeads>, StoreError> {
+        match self {
+            Store::Embedded(store) => store.missing_heads(ward, tickets).await,
+            Store::Distributed(store) => store.missing_heads(ward, tickets).await,
         }
     }
 
@@ -316,6 +334,25 @@ impl Store {
             Store::Distributed(store) => store.close().await,
         }
     }
+}
+
+/// Compares a node's heads of a ticket with the cloud's document of it
+/// (`None`: the cloud lacks the ticket): what the node should hear back,
+/// if anything.
+fn compare_heads(
+    stored: Option<TicketDocument>,
+    ward: &WardId,
+    theirs: TicketHeads,
+) -> Result<Option<TicketHeads>, StoreError> {
+    let Some(mut document) = stored else {
+        return Ok(Some(TicketHeads { ticket: theirs.ticket, heads: Vec::new() }));
+    };
+    if document.ticket()?.ward != *ward || !document.lacks_any(&theirs.heads) {
+        return Ok(None);
+    }
+    let mut heads = document.head_hashes();
+    heads.truncate(HEADS_PER_TICKET_MAX);
+    Ok(Some(TicketHeads { ticket: theirs.ticket, heads }))
 }
 
 pub fn now_ms() -> i64 {

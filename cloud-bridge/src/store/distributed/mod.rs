@@ -43,12 +43,12 @@ use std::time::Duration;
 use automerge::ActorId;
 use futures_util::StreamExt;
 use serde_bytes::ByteBuf;
-use sync_protocol::admission::{self, Admission, Claim};
+use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{Mutation, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::Limits;
-use sync_protocol::wire::{Cursor, DownstreamChange, Lease, Refused, UpstreamChange};
+use sync_protocol::wire::{Cursor, DownstreamChange, TicketHeads, UpstreamChange};
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -58,8 +58,8 @@ use self::mongo::{Db, PageDoc};
 use self::record::{ChangeRecord, Origin, PageCursor, PartialPage};
 use super::staging::{Outcome, Staged, Stager, TicketRow};
 use super::{
-    FeedLimits, FeedPosition, LeaseUpdate, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery, StoreError,
-    TicketView, WardNotice, now_ms,
+    Admitted, FeedLimits, FeedPosition, LeaseUpdate, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery,
+    StoreError, TicketView, WardNotice, compare_heads, now_ms,
 };
 use crate::config::Config;
 
@@ -271,40 +271,40 @@ impl DistributedStore {
         node: NodeId,
         ward: WardId,
         claim: Claim,
-        offered: Lease,
-    ) -> Result<Result<Admission, Refused>, StoreError> {
+        nonce: [u8; 16],
+    ) -> Result<Admitted, StoreError> {
         let db = &self.shared.db;
         for _ in 0..ADMIT_ATTEMPTS_MAX {
             let stored = db.node(node.as_str()).await?;
             let admitted = stored.as_ref().map_or(0, |n| n.admitted);
             let (record, admission) =
-                match admission::admit(stored.as_ref().and_then(|n| n.admission.as_ref()), claim, offered) {
+                match admission::admit(stored.as_ref().and_then(|n| n.admission.as_ref()), claim, nonce) {
                     Ok(admitted) => admitted,
                     Err(refused) => return Ok(Err(refused)),
                 };
             let own_until = match admission {
                 Admission::TookOver { .. } => Some(db.watermarks(self.shared.partitions).await?),
-                Admission::Resumed => None,
+                Admission::Resumed | Admission::Recovered => None,
             };
             if db
                 .store_admission(node.as_str(), ward.as_str(), admitted, &record, own_until.as_deref(), now_ms())
                 .await?
             {
-                return Ok(Ok(admission));
+                return Ok(Ok((admission, record)));
             }
         }
         Err(StoreError::Unavailable(format!("the record of node {node} kept changing during its hello")))
     }
 
-    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<bool, StoreError> {
+    pub async fn update_lease(&self, node: NodeId, update: LeaseUpdate) -> Result<Option<NodeLease>, StoreError> {
         let db = &self.shared.db;
         for _ in 0..ADMIT_ATTEMPTS_MAX {
-            let Some(stored) = db.node(node.as_str()).await? else { return Ok(false) };
+            let Some(stored) = db.node(node.as_str()).await? else { return Ok(None) };
             let Some(updated) = stored.admission.as_ref().and_then(|record| update.apply(record)) else {
-                return Ok(false);
+                return Ok(None);
             };
             if db.store_admission(node.as_str(), &stored.ward, stored.admitted, &updated, None, now_ms()).await? {
-                return Ok(true);
+                return Ok(Some(updated));
             }
         }
         Err(StoreError::Unavailable(format!("the record of node {node} kept changing during a lease update")))
@@ -350,6 +350,21 @@ impl DistributedStore {
             return Ok(None);
         }
         Ok(Some((changes, state.cursor.encode())))
+    }
+
+    pub async fn missing_heads(&self, ward: WardId, tickets: Vec<TicketHeads>) -> Result<Vec<TicketHeads>, StoreError> {
+        let ids: Vec<String> = tickets.iter().map(|t| t.ticket.to_string()).collect();
+        let mut stored: HashMap<String, Vec<u8>> =
+            self.shared.db.stored_tickets(&ids).await?.into_iter().map(|t| (t.id, t.document)).collect();
+        let mut missing = Vec::new();
+        for theirs in tickets {
+            let document = stored
+                .remove(&theirs.ticket.to_string())
+                .map(|bytes| TicketDocument::load(&bytes, self.shared.replica.clone()))
+                .transpose()?;
+            missing.extend(compare_heads(document, &ward, theirs)?);
+        }
+        Ok(missing)
     }
 
     pub async fn queue(&self, query: QueueQuery) -> Result<QueuePage, StoreError> {
