@@ -467,6 +467,15 @@ mod tests {
     }
 
     #[test]
+    fn the_fuzz_seeds_are_frames_of_this_version() {
+        for name in ["ack", "ping", "hello", "reconcile"] {
+            let path = format!("{}/fuzz/seeds/decode_frame/{name}", env!("CARGO_MANIFEST_DIR"));
+            let frame = std::fs::read(&path).unwrap();
+            assert!(decode(&frame, &WireLimits::default()).is_ok(), "{name} is stale: encode it again");
+        }
+    }
+
+    #[test]
     fn other_versions_are_named_not_guessed() {
         let limits = WireLimits::default();
         let mut frame = encode(&hello(), &limits).unwrap();

@@ -393,7 +393,7 @@ async fn a_re_read_cut_by_a_bridge_restart_completes(mut side: Side, tickets: us
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_a_re_read_cut_by_a_bridge_restart_completes() {
-    a_re_read_cut_by_a_bridge_restart_completes(Side::embedded(), 3_000).await;
+    a_re_read_cut_by_a_bridge_restart_completes(Side::embedded(), 1_500).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
