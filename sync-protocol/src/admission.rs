@@ -158,10 +158,14 @@ fn standing(record: &NodeLease, claim: Claim) -> Result<bool, Refused> {
 
 /// An open session of `database` takes a new lease (the next generation,
 /// with `nonce`), as at a welcome: the one it held stops admitting anyone
-/// once it confirms. `None` when another database speaks for the node now.
+/// once it confirms. `None` when another database speaks for the node now,
+/// or while a lease offered is not confirmed: which one the edge holds is
+/// not known then, and replacing the offer could void the one it stored
+/// (its connection may have dropped before its `LeaseHeld` arrived).
 pub fn offer(record: &NodeLease, database: DatabaseId, nonce: [u8; 16]) -> Option<NodeLease> {
     let offered = Lease { generation: record.generation() + 1, nonce };
-    (record.database == database).then(|| NodeLease { offered: Some(offered), ..record.clone() })
+    (record.database == database && record.offered.is_none())
+        .then(|| NodeLease { offered: Some(offered), ..record.clone() })
 }
 
 /// The database says it holds `lease`, which a welcome (or [`offer`])
@@ -230,6 +234,19 @@ mod tests {
             assert_eq!(refusal.reason, RefusalReason::Superseded);
         }
         assert_eq!(offer(&record, RESTORED, [14; 16]), None, "only the node's database takes leases");
+    }
+
+    #[test]
+    fn no_new_lease_is_offered_over_one_not_yet_confirmed() {
+        // Welcomed with a lease the edge stored, but its confirmation was
+        // lost with the connection; it reconnects while the old session is
+        // still open here, which is asked to renew.
+        let (record, first) = welcomed(None, ORIGINAL, None, 10);
+        let (record, _) = admit(Some(&record), claim(ORIGINAL, Some(first)), [11; 16]).unwrap();
+        let stored_by_the_edge = record.offered.unwrap();
+        assert_eq!(offer(&record, ORIGINAL, [12; 16]), None);
+        let (_, admission) = admit(Some(&record), claim(ORIGINAL, Some(stored_by_the_edge)), [13; 16]).unwrap();
+        assert_eq!(admission, Admission::Resumed);
     }
 
     #[test]
