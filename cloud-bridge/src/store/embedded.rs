@@ -6,8 +6,9 @@
 //!   cursor is a position in it, and its feed is the log filtered by ward.
 //! - `tickets`: each ticket's merged document and materialized columns, for
 //!   the pharmacy queue.
-//! - `nodes`: per edge node, the highest upstream sequence durably processed
-//!   (what `Welcome.acked_up_to` reports), last seen, rejected count.
+//! - `nodes`: per edge node, the last upstream sequence stored (of the
+//!   node's current database; diagnostics), last seen, rejected count, which
+//!   database speaks for it (`admission`) and its own-change window.
 //! - `rejected_changes`: changes refused by validation, for diagnostics.
 //!
 //! One writer thread applies upstream batches and pharmacy writes, each job
@@ -482,7 +483,7 @@ impl Writer {
         }
         conn.prepare_cached(
             "INSERT INTO nodes (node, ward, acked_up_to, last_seen, rejected) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (node) DO UPDATE SET acked_up_to = max(acked_up_to, ?3), last_seen = ?4, rejected = rejected + ?5, ward = ?2",
+             ON CONFLICT (node) DO UPDATE SET acked_up_to = ?3, last_seen = ?4, rejected = rejected + ?5, ward = ?2",
         )?
         .execute(params![node.as_str(), ward.as_str(), highest as i64, now, rejections.len() as i64])?;
         Ok(rejections)
@@ -588,7 +589,8 @@ fn admit(
     .execute(params![node.as_str(), ward.as_str(), now, json])?;
     if let Admission::TookOver { .. } = admission {
         conn.prepare_cached(
-            "UPDATE nodes SET own_until = (SELECT coalesce(max(seq), 0) FROM changes), taken_over_at = ?2 WHERE node = ?1",
+            "UPDATE nodes SET own_until = (SELECT coalesce(max(seq), 0) FROM changes), taken_over_at = ?2, acked_up_to = 0
+             WHERE node = ?1",
         )?
         .execute(params![node.as_str(), now])?;
     }

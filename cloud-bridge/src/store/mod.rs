@@ -110,6 +110,8 @@ pub enum FeedPosition {
 pub struct NodeDiagnostics {
     pub node: String,
     pub ward: String,
+    /// The last upstream sequence stored from the node's current database
+    /// (its outbox numbers; they start over with a new database).
     pub acked_up_to: u64,
     pub last_seen: UnixMillis,
     /// The id of the database that speaks for the node (hex).

@@ -514,8 +514,8 @@ impl Db {
             .map_err(mongo_error)
     }
 
-    /// Records that `node` has durably handed over everything up to
-    /// `acked_up_to`, and the changes of its batch that were refused.
+    /// Records that `node` has handed over a batch up to its sequence
+    /// `acked_up_to` (diagnostics), and the changes of it that were refused.
     pub async fn record_upstream(
         &self,
         node: &str,
@@ -538,8 +538,11 @@ impl Db {
             .update_one(
                 doc! { "_id": node },
                 doc! {
-                    "$max": { "acked_up_to": i64::try_from(acked_up_to).unwrap_or(i64::MAX) },
-                    "$set": { "ward": ward, "last_seen": now },
+                    "$set": {
+                        "ward": ward,
+                        "last_seen": now,
+                        "acked_up_to": i64::try_from(acked_up_to).unwrap_or(i64::MAX),
+                    },
                     "$inc": { "rejected": rejections.len() as i64 },
                 },
             )
@@ -568,11 +571,19 @@ impl Db {
         };
         let record = bson::to_bson(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut set = doc! { "ward": ward, "last_seen": now, "admission": record, "admitted": admitted + 1 };
-        if let Some(own_until) = own_until {
-            set.insert("own_until", own_until);
-            set.insert("taken_over_at", now);
+        let mut on_insert = doc! { "rejected": 0_i64 };
+        match own_until {
+            // A takeover: a new database numbers its changes from 1.
+            Some(own_until) => {
+                set.insert("own_until", own_until);
+                set.insert("taken_over_at", now);
+                set.insert("acked_up_to", 0_i64);
+            }
+            None => {
+                on_insert.insert("acked_up_to", 0_i64);
+            }
         }
-        let update = doc! { "$set": set, "$setOnInsert": { "acked_up_to": 0_i64, "rejected": 0_i64 } };
+        let update = doc! { "$set": set, "$setOnInsert": on_insert };
         match self.nodes.update_one(filter, update).upsert(true).await {
             Ok(_) => Ok(true),
             // The upsert found the node under another version and tried to insert it again.
