@@ -34,6 +34,9 @@ use crate::{AppState, now_ms};
 const FEED_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Heartbeat checks.
 const TICK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often an open session renews its presence (a third of how long it
+/// holds in the distributed store).
+const PRESENCE_RENEW_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The nodes with a sync session open on this bridge instance: a second
 /// session of a node is refused while the first is open, and the first is
@@ -108,8 +111,16 @@ pub async fn upgrade(
         .max_frame_size(limits.frame_bytes_max)
         .on_upgrade(move |socket| async move {
             let node = principal.user.clone();
-            if let Err(error) = drive(socket, state, principal).await {
+            let mut admitted = None;
+            if let Err(error) = drive(socket, state.clone(), principal, &mut admitted).await {
                 tracing::info!(%node, %error, "sync connection ended");
+            }
+            if let Some((open, _)) = admitted {
+                // Before the place here is given up, so that a session
+                // admitted after it on this instance keeps its presence.
+                if let Err(error) = state.store.leave(&open.node).await {
+                    tracing::debug!(%node, %error, "a session's presence was left to lapse");
+                }
             }
         })
         .into_response()
@@ -124,19 +135,25 @@ enum DriveError {
     Store(#[from] store::StoreError),
 }
 
-async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Result<(), DriveError> {
+/// Runs one connection; `admitted` holds the node's place and database
+/// once its hello was admitted.
+async fn drive(
+    socket: WebSocket,
+    state: AppState,
+    principal: Principal,
+    admitted: &mut Option<(OpenSession, DatabaseId)>,
+) -> Result<(), DriveError> {
     let config = state.config.session;
     let (mut sink, mut stream) = socket.split();
     let mut session = BridgeSession::new(config, now_ms());
     let mut notices = state.store.subscribe();
     let mut ticks = tokio::time::interval(TICK_INTERVAL);
     let mut poll = tokio::time::interval(FEED_POLL_INTERVAL);
+    let mut presence = tokio::time::interval(PRESENCE_RENEW_INTERVAL);
     // The feed once started, and whether it may have more to read.
     let mut feed: Option<Feed> = None;
     let mut feed_wanted = false;
     let mut actions = Vec::new();
-    // Held while the session is open: the node's place and its database.
-    let mut admitted: Option<(OpenSession, DatabaseId)> = None;
     loop {
         while let Some(action) = (!actions.is_empty()).then(|| actions.remove(0)) {
             match action {
@@ -150,13 +167,13 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                         Err(refused) => Err(refused),
                     };
                     let result = result.map(|(open, lease)| {
-                        admitted = Some((open, database));
+                        *admitted = Some((open, database));
                         lease
                     });
                     actions.extend(session.authenticated(result, now_ms()));
                 }
                 BridgeAction::LeaseHeld { lease } => {
-                    if let (Some((node, _)), Some((_, database))) = (session.peer(), &admitted) {
+                    if let (Some((node, _)), Some((_, database))) = (session.peer(), &*admitted) {
                         let update = LeaseUpdate::Confirm { database: *database, lease };
                         state.store.update_lease(node.clone(), update).await?;
                     }
@@ -238,11 +255,19 @@ async fn drive(socket: WebSocket, state: AppState, principal: Principal) -> Resu
                     };
                 }
             }
-            database = renewal_asked(&admitted) => {
+            database = renewal_asked(admitted) => {
                 let node = session.peer().map(|(node, _)| node.clone()).expect("admitted after hello");
                 let offer = LeaseUpdate::Offer { database, nonce: rand::random() };
                 if let Some(lease) = state.store.update_lease(node, offer).await?.and_then(|record| record.offered) {
                     actions.extend(session.offer_lease(lease, now_ms()));
+                }
+            }
+            _ = presence.tick(), if admitted.is_some() => {
+                let node = session.peer().map(|(node, _)| node.clone()).expect("admitted after hello");
+                if state.store.keep_present(&node).await?
+                    && let Some((open, _)) = admitted.as_ref()
+                {
+                    open.renew.notify_one();
                 }
             }
             _ = poll.tick() => feed_wanted = true,

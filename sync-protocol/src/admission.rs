@@ -24,11 +24,11 @@
 //! What this cannot tell apart: a copy that connects first, while its
 //! original is offline and has not synced since the copy was made, is
 //! indistinguishable from the original; it takes the node, and the original
-//! is refused when it comes back. The open-session rule holds per bridge
-//! instance (`cloud-bridge`'s `OpenSessions`): with several bridges, a copy
-//! that reaches another instance than its connected original is admitted
-//! the same way, and the original is refused at its next connection.
-//! Nothing is lost either way: a refused database keeps its outbox, the
+//! is refused when it comes back. Whether a session is open elsewhere is the
+//! driver's to tell: each bridge instance knows its own sessions, and the
+//! distributed store keeps a presence per node that the instance holding a
+//! session renews (so a copy reaching another instance is refused too, and
+//! asks that instance's session to renew its lease). Nothing is lost either way: a refused database keeps its outbox, the
 //! refusal is shown at the edge, and a person decides (restore the one to
 //! keep with `edge-node restore`, which takes the node over).
 

@@ -40,6 +40,11 @@ impl Side {
         Side::Distributed(Cloud::start(test, 1, 2))
     }
 
+    /// Two bridge instances on one distributed store.
+    fn distributed_pair(test: &str) -> Self {
+        Side::Distributed(Cloud::start(test, 2, 2))
+    }
+
     fn issuer(&self) -> &TestIssuer {
         match self {
             Side::Embedded { issuer, .. } => issuer,
@@ -48,9 +53,13 @@ impl Side {
     }
 
     fn bridge(&mut self) -> &mut BridgeProcess {
+        self.bridge_at(0)
+    }
+
+    fn bridge_at(&mut self, index: usize) -> &mut BridgeProcess {
         match self {
             Side::Embedded { bridge, .. } => bridge,
-            Side::Distributed(cloud) => &mut cloud.bridges[0],
+            Side::Distributed(cloud) => &mut cloud.bridges[index],
         }
     }
 
@@ -64,7 +73,11 @@ impl Side {
 
     /// The `[sync]` section of an edge of this cloud; `limits` is TOML of `[sync.session.limits]`.
     fn sync(&mut self, limits: &str) -> String {
-        let addr = self.bridge().addr;
+        self.sync_at(0, limits)
+    }
+
+    fn sync_at(&mut self, bridge: usize, limits: &str) -> String {
+        let addr = self.bridge_at(bridge).addr;
         format!(
             "[sync]\nbridge_url = \"ws://{addr}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 300\n\
              [sync.session.limits]\n{limits}\n"
@@ -73,8 +86,13 @@ impl Side {
 
     /// Starts an edge node of `NODE` in `dir` (a new one, or the one there).
     fn edge(&mut self, dir: &Path, limits: &str) -> EdgeNodeProcess {
+        self.edge_at(0, dir, limits)
+    }
+
+    /// An edge node syncing through bridge instance `bridge`.
+    fn edge_at(&mut self, bridge: usize, dir: &Path, limits: &str) -> EdgeNodeProcess {
         std::fs::write(dir.join("node-token"), self.issuer().token(NODE, &["edge-node"], &[WARD])).unwrap();
-        let config = edge_config(dir, NODE, WARD, &self.sync(limits));
+        let config = edge_config(dir, NODE, WARD, &self.sync_at(bridge, limits));
         ServiceProcess::launch_with_config("edge-node", dir, &self.issuer().jwks(), &config)
     }
 }
@@ -297,8 +315,9 @@ async fn distributed_a_node_id_reused_with_an_empty_database_loses_nothing() {
 /// A copy of a running node's database (a file copy, not a restore) started
 /// on a second machine under the same node id is refused, and stays refused
 /// once the original has reconnected, even while the original is offline;
-/// what the copy made is kept in its outbox, not lost and not merged.
-async fn a_copy_beside_the_original_is_refused(mut side: Side) {
+/// what the copy made is kept in its outbox, not lost and not merged. The
+/// copy syncs through bridge instance `copy_bridge`.
+async fn a_copy_beside_the_original_is_refused(mut side: Side, copy_bridge: usize) {
     let (dir, copy_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (client, nurse) = (client(), side.nurse());
     let mut original = side.edge(dir.path(), "");
@@ -308,7 +327,7 @@ async fn a_copy_beside_the_original_is_refused(mut side: Side) {
     backup(dir.path(), &file);
     std::fs::copy(&file, database(copy_dir.path())).unwrap();
 
-    let copy = side.edge(copy_dir.path(), "");
+    let copy = side.edge_at(copy_bridge, copy_dir.path(), "");
     let refused_for = async |reasons: &[&str]| {
         wait_for(&format!("the copy to be refused ({reasons:?})"), Duration::from_secs(30), async || {
             let status = sync_status(&client, &copy, &nurse).await;
@@ -347,12 +366,17 @@ async fn a_copy_beside_the_original_is_refused(mut side: Side) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_a_copy_beside_the_original_is_refused() {
-    a_copy_beside_the_original_is_refused(Side::embedded()).await;
+    a_copy_beside_the_original_is_refused(Side::embedded(), 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_a_copy_beside_the_original_is_refused() {
-    a_copy_beside_the_original_is_refused(Side::distributed("copy")).await;
+    a_copy_beside_the_original_is_refused(Side::distributed("copy"), 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_a_copy_through_another_bridge_instance_is_refused() {
+    a_copy_beside_the_original_is_refused(Side::distributed_pair("copy-elsewhere"), 1).await;
 }
 
 /// A restored node re-reads its own tickets from the cloud in small

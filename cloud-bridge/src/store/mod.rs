@@ -246,6 +246,27 @@ impl Store {
         }
     }
 
+    /// Renews the presence of an open session of `node` (the distributed
+    /// store's: other instances refuse the node while it holds, and it lapses
+    /// if not renewed, as when this instance dies); returns whether another
+    /// instance refused a copy of the node's database meanwhile, so the
+    /// session should take a new lease. The embedded store has one
+    /// instance, whose open sessions `sync::OpenSessions` knows.
+    pub async fn keep_present(&self, node: &NodeId) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(false),
+            Store::Distributed(store) => store.keep_present(node).await,
+        }
+    }
+
+    /// Ends the presence of a session of `node` that closed.
+    pub async fn leave(&self, node: &NodeId) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Distributed(store) => store.leave(node).await,
+        }
+    }
+
     /// Starts a session's feed at the node's `cursor`. A node's own changes
     /// are skipped (it made them), except those logged before its database
     /// took the node over: that database may hold none of them (restored

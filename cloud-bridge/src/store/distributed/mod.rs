@@ -48,13 +48,13 @@ use sync_protocol::document::{Mutation, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::Limits;
-use sync_protocol::wire::{Cursor, DownstreamChange, TicketHeads, UpstreamChange};
+use sync_protocol::wire::{Cursor, DownstreamChange, RefusalReason, TicketHeads, UpstreamChange};
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::cache::{Cache, Projected};
 use self::kafka::ChangeLog;
-use self::mongo::{Db, PageDoc};
+use self::mongo::{AdmissionWrite, Db, PageDoc, Presence};
 use self::record::{ChangeRecord, Origin, PageCursor, PartialPage};
 use super::staging::{Outcome, Staged, Stager, TicketRow};
 use super::{
@@ -82,6 +82,9 @@ const SUBSCRIBE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Writes of a node's admission record tried before a hello is answered
 /// unavailable: each retry follows a write by another hello of the node.
 const ADMIT_ATTEMPTS_MAX: usize = 4;
+/// How long a session's presence holds unless renewed: as long as a bridge
+/// takes to notice a dead connection (the default heartbeat timeout).
+const PRESENCE_TTL_MS: i64 = 15_000;
 
 /// A ticket's document while a batch is checked: as stored, or as created
 /// by a change earlier in the batch (kept saved until needed).
@@ -140,6 +143,8 @@ struct Shared {
     set_up: AtomicBool,
     visible_wait: Duration,
     cursor_notes: Arc<Semaphore>,
+    /// This instance's name, for the presence of the sessions it holds.
+    bridge: String,
 }
 
 impl std::fmt::Debug for DistributedStore {
@@ -174,6 +179,7 @@ impl DistributedStore {
             set_up: AtomicBool::new(false),
             visible_wait: Duration::from_millis(config.projector.visible_wait_ms),
             cursor_notes: Arc::new(Semaphore::new(CURSOR_NOTES_IN_FLIGHT_MAX)),
+            bridge: config.bridge.id.to_string(),
         });
         let tasks = CancellationToken::new();
         tokio::spawn(Arc::clone(&shared).set_up(tasks.clone()));
@@ -274,20 +280,38 @@ impl DistributedStore {
         nonce: [u8; 16],
     ) -> Result<Admitted, StoreError> {
         let db = &self.shared.db;
+        let me = &self.shared.bridge;
         for _ in 0..ADMIT_ATTEMPTS_MAX {
             let stored = db.node(node.as_str()).await?;
             let admitted = stored.as_ref().map_or(0, |n| n.admitted);
+            let now = now_ms();
+            // A session of the node open on another instance counts as here.
+            let presence = stored.as_ref().and_then(|n| n.presence.as_ref());
+            let elsewhere = presence.is_some_and(|p| p.bridge != *me && p.until > now);
+            let claim = Claim { connected_elsewhere: claim.connected_elsewhere || elsewhere, ..claim };
             let (record, admission) =
                 match admission::admit(stored.as_ref().and_then(|n| n.admission.as_ref()), claim, nonce) {
                     Ok(admitted) => admitted,
-                    Err(refused) => return Ok(Err(refused)),
+                    Err(refused) => {
+                        if refused.reason == RefusalReason::AlreadyConnected && elsewhere {
+                            db.request_renewal(node.as_str()).await?;
+                        }
+                        return Ok(Err(refused));
+                    }
                 };
             let own_until = match admission {
                 Admission::TookOver { .. } => Some(db.watermarks(self.shared.partitions).await?),
                 Admission::Resumed | Admission::Recovered => None,
             };
+            let presence = Presence { bridge: me.clone(), until: now + PRESENCE_TTL_MS };
+            let own_until = own_until.as_deref();
             if db
-                .store_admission(node.as_str(), ward.as_str(), admitted, &record, own_until.as_deref(), now_ms())
+                .store_admission(
+                    node.as_str(),
+                    admitted,
+                    AdmissionWrite { ward: ward.as_str(), record: &record, own_until, presence: Some(&presence) },
+                    now,
+                )
                 .await?
             {
                 return Ok(Ok((admission, record)));
@@ -303,11 +327,20 @@ impl DistributedStore {
             let Some(updated) = stored.admission.as_ref().and_then(|record| update.apply(record)) else {
                 return Ok(None);
             };
-            if db.store_admission(node.as_str(), &stored.ward, stored.admitted, &updated, None, now_ms()).await? {
+            let write = AdmissionWrite { ward: &stored.ward, record: &updated, own_until: None, presence: None };
+            if db.store_admission(node.as_str(), stored.admitted, write, now_ms()).await? {
                 return Ok(Some(updated));
             }
         }
         Err(StoreError::Unavailable(format!("the record of node {node} kept changing during a lease update")))
+    }
+
+    pub async fn keep_present(&self, node: &NodeId) -> Result<bool, StoreError> {
+        self.shared.db.keep_present(node.as_str(), &self.shared.bridge, now_ms() + PRESENCE_TTL_MS).await
+    }
+
+    pub async fn leave(&self, node: &NodeId) -> Result<(), StoreError> {
+        self.shared.db.leave(node.as_str(), &self.shared.bridge).await
     }
 
     pub async fn open_feed(&self, node: &NodeId, cursor: Option<&Cursor>) -> Result<FeedState, StoreError> {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use mongodb::bson::{self, Bson, Document, doc, oid::ObjectId};
 use mongodb::error::ErrorKind;
-use mongodb::options::{ClientOptions, WriteConcern};
+use mongodb::options::{ClientOptions, ReturnDocument, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +131,33 @@ pub struct NodeDoc {
     pub own_until: Option<Vec<i64>>,
     #[serde(default)]
     pub taken_over_at: Option<i64>,
+    /// The bridge instance with a session of the node open, while it
+    /// renews this (see `DistributedStore::keep_present`).
+    #[serde(default)]
+    pub presence: Option<Presence>,
+    /// Another instance refused a copy of the node's database: the one with
+    /// the session open gives it a new lease.
+    #[serde(default)]
+    pub renew_requested: bool,
+}
+
+/// What a hello (or a lease update) writes of a node.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionWrite<'a> {
+    pub ward: &'a str,
+    pub record: &'a NodeLease,
+    /// For a takeover: the offsets up to which its feed sends its own changes back.
+    pub own_until: Option<&'a [i64]>,
+    /// For an admitted hello: its session's presence.
+    pub presence: Option<&'a Presence>,
+}
+
+/// A node's session, open on bridge instance `bridge` until `until` (ms)
+/// unless renewed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Presence {
+    pub bridge: String,
+    pub until: i64,
 }
 
 /// The reply of an `update` command.
@@ -553,17 +580,15 @@ impl Db {
     }
 
     /// Writes the node's admission record over the version `admitted` it
-    /// was read at (and, for a takeover, the offsets up to which its feed
-    /// sends its own changes back). `false`: another write came first.
+    /// was read at. `false`: another write came first.
     pub async fn store_admission(
         &self,
         node: &str,
-        ward: &str,
         admitted: i64,
-        record: &NodeLease,
-        own_until: Option<&[i64]>,
+        write: AdmissionWrite<'_>,
         now: i64,
     ) -> Result<bool, StoreError> {
+        let AdmissionWrite { ward, record, own_until, presence } = write;
         let filter = match admitted {
             // A record from before admissions has no counter yet.
             0 => doc! { "_id": node, "$or": [{ "admitted": 0 }, { "admitted": { "$exists": false } }] },
@@ -572,6 +597,9 @@ impl Db {
         let record = bson::to_bson(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut set = doc! { "ward": ward, "last_seen": now, "admission": record, "admitted": admitted + 1 };
         let mut on_insert = doc! { "rejected": 0_i64 };
+        if let Some(presence) = presence {
+            set.insert("presence", doc! { "bridge": &presence.bridge, "until": presence.until });
+        }
         match own_until {
             // A takeover: a new database numbers its changes from 1.
             Some(own_until) => {
@@ -592,6 +620,38 @@ impl Db {
             }
             Err(error) => Err(mongo_error(error)),
         }
+    }
+
+    /// Renews `bridge`'s presence for `node` until `until`; returns whether
+    /// another instance asked for the node's lease to be renewed.
+    pub async fn keep_present(&self, node: &str, bridge: &str, until: i64) -> Result<bool, StoreError> {
+        let before = self
+            .nodes
+            .find_one_and_update(
+                doc! { "_id": node, "presence.bridge": bridge },
+                doc! { "$set": { "presence.until": until, "renew_requested": false } },
+            )
+            .return_document(ReturnDocument::Before)
+            .await
+            .map_err(mongo_error)?;
+        Ok(before.is_some_and(|node| node.renew_requested))
+    }
+
+    pub async fn request_renewal(&self, node: &str) -> Result<(), StoreError> {
+        self.nodes
+            .update_one(doc! { "_id": node }, doc! { "$set": { "renew_requested": true } })
+            .await
+            .map(|_| ())
+            .map_err(mongo_error)
+    }
+
+    /// Ends `bridge`'s presence for `node`.
+    pub async fn leave(&self, node: &str, bridge: &str) -> Result<(), StoreError> {
+        self.nodes
+            .update_one(doc! { "_id": node, "presence.bridge": bridge }, doc! { "$unset": { "presence": "" } })
+            .await
+            .map(|_| ())
+            .map_err(mongo_error)
     }
 
     pub async fn note_cursor(&self, node: &str, cursor: &[i64]) -> Result<(), StoreError> {
