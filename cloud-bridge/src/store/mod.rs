@@ -370,7 +370,9 @@ fn compare_heads(
     let Some(mut document) = stored else {
         return Ok(Some(TicketHeads { ticket: theirs.ticket, heads: Vec::new() }));
     };
-    if document.ticket()?.ward != *ward || !document.lacks_any(&theirs.heads) {
+    // Heads checked first: most tickets compare equal, and those need no
+    // materialization for the ward check.
+    if !document.lacks_any(&theirs.heads) || document.ticket()?.ward != *ward {
         return Ok(None);
     }
     let mut heads = document.head_hashes();
