@@ -1,4 +1,5 @@
-//! The pharmacy's HTTP API and the sync endpoint's route.
+//! The pharmacy's HTTP API. [`crate::router`] mounts it under `/api/v1`
+//! beside the sync endpoint and the health routes.
 //!
 //! | method | path                              | who                | what |
 //! |--------|-----------------------------------|--------------------|------|
@@ -15,98 +16,42 @@
 //! node's API.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use cloud_store::{NodeDiagnostics, QueueQuery, TicketView};
 use std::convert::Infallible;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-pub use service_kit::http::ApiError;
-use service_kit::http::{ApiJson, bearer_token, parse_list};
-use sync_protocol::document::{DocumentError, TicketDocument, TransitionRequest};
-use sync_protocol::ids::{Role, TicketId, WardId};
-use sync_protocol::ticket::{Actor, Priority, Status, Ticket};
-use sync_protocol::token::Principal;
+use service_kit::clock::now_ms;
+use service_kit::http::{ApiError, ApiJson, parse_list};
+use sync_protocol::document::{TicketDocument, TransitionRequest};
+use sync_protocol::ids::{TicketId, WardId};
+use sync_protocol::ticket::{Priority, Status, Ticket};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::store::{NodeDiagnostics, QueueQuery, StoreError, TicketView};
-use crate::{AppState, now_ms};
+use crate::AppState;
+use crate::caller::{PharmacyCaller, refusal};
 
 const QUEUE_LIMIT_DEFAULT: usize = 100;
 const QUEUE_LIMIT_MAX: usize = 500;
 
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::NotFound(id) => {
-                ApiError::new(StatusCode::NOT_FOUND, "ticket_not_found", format!("no ticket {id}"))
-            }
-            StoreError::Document(DocumentError::Ticket(error)) => error.into(),
-            StoreError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", error.to_string()),
-            StoreError::Unavailable(_) => {
-                tracing::warn!(%error, "a request failed: storage unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "storage_unavailable",
-                    "storage is unavailable; retry later",
-                )
-            }
-            other => ApiError::internal(other),
-        }
-    }
-}
-
-/// The verified principal of a request's bearer token.
-pub fn bearer_principal(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
-    Ok(state.verifier.verify(bearer_token(parts)?, now_ms() / 1_000)?)
-}
-
-/// A pharmacist or admin, as an audit actor.
-#[derive(Debug, Clone)]
-pub struct PharmacyCaller(pub Actor);
-
-impl FromRequestParts<AppState> for PharmacyCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let principal = bearer_principal(parts, state)?;
-        let role = principal
-            .acting_role(&[Role::Pharmacist, Role::Admin])
-            .ok_or_else(|| ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "this API serves the pharmacy"))?;
-        Ok(PharmacyCaller(Actor {
-            user: principal.user,
-            role,
-            device: state.config.bridge.id.clone(),
-            offline_login: false,
-        }))
-    }
-}
-
-pub fn router(state: AppState) -> Router {
-    let api = Router::new()
+/// The pharmacy's routes, under `/api/v1`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
         .route("/queue", get(queue))
         .route("/tickets/{id}", get(ticket))
         .route("/tickets/{id}/fhir", get(fhir))
         .route("/tickets/{id}/transitions", post(transition))
         .route("/nodes", get(nodes))
-        .route("/events", get(live_events));
-    Router::new()
-        .nest("/api/v1", api)
-        .route("/sync", get(crate::sync::upgrade))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(|State(state): State<AppState>| std::future::ready(state.metrics.render())))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .layer(axum::extract::DefaultBodyLimit::max(state.config.http.body_bytes_max))
-        .with_state(state)
+        .route("/events", get(live_events))
 }
 
 fn ticket_id(raw: &str) -> Result<TicketId, ApiError> {
@@ -149,7 +94,7 @@ async fn queue(
         priorities: parse_list(params.priority.as_deref(), Priority::parse, "invalid_priority")?,
         limit,
     };
-    let page = state.store.queue(query).await?;
+    let page = state.store.queue(query).await.map_err(refusal)?;
     let tickets =
         page.tickets.into_iter().map(RawValue::from_string).collect::<Result<_, _>>().map_err(ApiError::internal)?;
     Ok(Json(QueuePage { tickets, total: page.total }))
@@ -160,7 +105,7 @@ async fn ticket(
     _caller: PharmacyCaller,
     Path(id): Path<String>,
 ) -> Result<Json<TicketView>, ApiError> {
-    Ok(Json(state.store.ticket(ticket_id(&id)?).await?))
+    Ok(Json(state.store.ticket(ticket_id(&id)?).await.map_err(refusal)?))
 }
 
 async fn fhir(
@@ -168,7 +113,7 @@ async fn fhir(
     _caller: PharmacyCaller,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let TicketView { ticket, .. } = state.store.ticket(ticket_id(&id)?).await?;
+    let TicketView { ticket, .. } = state.store.ticket(ticket_id(&id)?).await.map_err(refusal)?;
     Ok(([(header::CONTENT_TYPE, "application/fhir+json")], Json(sync_protocol::fhir::supply_request_bundle(&ticket))))
 }
 
@@ -182,7 +127,7 @@ async fn transition(
     let now = now_ms();
     let limits = state.config.limits.clone();
     let mutation = Box::new(move |doc: &mut TicketDocument| doc.transition(&request, &actor, now, &limits));
-    let outcome = state.store.pharmacy_write(id, mutation).await?;
+    let outcome = state.store.pharmacy_write(id, mutation).await.map_err(refusal)?;
     // Stored either way; 202 says the queue and the wards will show it shortly.
     let status = if outcome.visible { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok((status, Json(outcome.ticket)))
@@ -223,10 +168,10 @@ async fn live_events(
 }
 
 async fn nodes(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<NodeDiagnostics>>, ApiError> {
-    Ok(Json(state.store.diagnostics().await?))
+    Ok(Json(state.store.diagnostics().await.map_err(refusal)?))
 }
 
-async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+pub(crate) async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     state
         .store
         .ready()

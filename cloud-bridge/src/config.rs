@@ -1,169 +1,132 @@
 //! The bridge's configuration: versioned TOML, `CLOUD_BRIDGE__` environment
-//! overrides (`CLOUD_BRIDGE__HTTP__LISTEN=...`), unknown fields rejected,
-//! validated at start.
+//! overrides (`CLOUD_BRIDGE__HTTP__LISTEN=...`), unknown fields refused;
+//! loaded and checked by [`ServiceConfig`] like every service's.
+//!
+//! The file names the backend by its optional sections (`[kafka]`,
+//! `[mongodb]`, `[redis]`); [`Config`] holds it as one [`Backend`].
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use cloud_store::config::{Backend, KafkaConfig, MongoConfig, RedisConfig, StoreOptions};
 use serde::Deserialize;
-use service_kit::config::Source;
+use service_kit::config::{ConfigError, ServiceConfig};
 use service_kit::keys::AuthConfig;
 use service_kit::logging::LogConfig;
 use sync_protocol::ids::NodeId;
 use sync_protocol::session::SessionConfig;
 use sync_protocol::ticket::Limits;
 
-pub const CONFIG_VERSION: u32 = 1;
-/// Upper bound of `projector.batch_records_max`: a round holds its records
-/// and their documents in memory.
-const BATCH_RECORDS_LIMIT: usize = 20_000;
-pub const ENV_PREFIX: &str = "CLOUD_BRIDGE__";
-
-pub use service_kit::config::ConfigError;
+/// Writes (upstream batches, pharmacy writes) waiting for the embedded writer.
+const WRITE_QUEUE_MAX: usize = 1_024;
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ConfigFile")]
 pub struct Config {
     pub version: u32,
     pub bridge: BridgeSection,
-    #[serde(default)]
     pub http: HttpConfig,
     pub auth: AuthConfig,
-    #[serde(default)]
     pub session: SessionConfig,
-    #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
     pub log: LogConfig,
-    /// The distributed backend: with `[kafka]` and `[mongodb]` set, the
-    /// bridge keeps no tickets of its own. Without, it uses its embedded store.
-    pub kafka: Option<KafkaConfig>,
-    pub mongodb: Option<MongoConfig>,
-    /// Cached reads and notices between bridge instances; optional (without
-    /// it, reads go to MongoDB and instances learn of changes by polling).
-    pub redis: Option<RedisConfig>,
-    #[serde(default)]
-    pub projector: ProjectorConfig,
+    /// Where the tickets are: the embedded store, or Kafka, MongoDB and Redis.
+    pub backend: Backend,
+    pub projector: ProjectorWait,
 }
 
-/// Most partitions of the change topic. A feed cursor holds an offset per
-/// partition, and it must fit the edges' `cursor_bytes_max` (256 bytes by
-/// default): 16 offsets of at most 10 bytes each, with room to spare.
-pub const PARTITIONS_MAX: i32 = 16;
-
-#[derive(Debug, Clone, Deserialize)]
+/// The file as written.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// Bootstrap brokers, `host:port` separated by commas.
-    pub brokers: String,
-    #[serde(default = "default_topic")]
-    pub topic: String,
-    /// Partitions of the change topic when the bridge creates it. A
-    /// ticket's changes stay in one partition, in order; the count must
-    /// never change once changes flow (the bridge refuses to start if the
-    /// topic has another count).
-    #[serde(default = "default_partitions")]
-    pub partitions: i32,
-    /// Replicas of each partition when the bridge creates the topic (3 on a
-    /// production cluster).
-    #[serde(default = "default_replication_factor")]
-    pub replication_factor: i32,
-    /// The projectors' consumer group.
-    #[serde(default = "default_group_id")]
-    pub group_id: String,
-    /// How long a change may wait for the broker before its batch fails
-    /// (the edge keeps it and sends it again).
-    #[serde(default = "default_delivery_timeout_ms")]
-    pub delivery_timeout_ms: u64,
-    /// More librdkafka properties (TLS, SASL, tuning), passed as they are.
+struct ConfigFile {
+    version: u32,
+    bridge: BridgeSection,
     #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MongoConfig {
-    /// A MongoDB connection string (Atlas: `mongodb+srv://...`).
-    pub uri: String,
-    #[serde(default = "default_database")]
-    pub database: String,
-    /// Write concern of the projector's writes and the bridge's node
-    /// positions: `majority` (survives a primary's loss) or `1`.
+    http: HttpConfig,
+    auth: AuthConfig,
     #[serde(default)]
-    pub write_concern: WriteConcernLevel,
+    session: SessionConfig,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    log: LogConfig,
+    kafka: Option<KafkaConfig>,
+    mongodb: Option<MongoConfig>,
+    redis: Option<RedisConfig>,
+    #[serde(default)]
+    projector: ProjectorSection,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub enum WriteConcernLevel {
-    #[default]
-    #[serde(rename = "majority")]
-    Majority,
-    #[serde(rename = "1")]
-    Primary,
+impl TryFrom<ConfigFile> for Config {
+    type Error = ConfigError;
+
+    fn try_from(file: ConfigFile) -> Result<Self, ConfigError> {
+        let ConfigFile { version, bridge, http, auth, session, limits, log, kafka, mongodb, redis, projector } = file;
+        Ok(Config {
+            backend: Backend::from_sections(kafka, mongodb, redis)?,
+            projector: projector.into_wait()?,
+            version,
+            bridge,
+            http,
+            auth,
+            session,
+            limits,
+            log,
+        })
+    }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisConfig {
-    pub url: String,
-    /// Prefix of every key and channel, so deployments can share a Redis.
-    #[serde(default = "default_key_prefix")]
-    pub key_prefix: String,
-    /// Lifetime of a cached read: the bound on staleness should an
-    /// invalidation be lost while Redis was unreachable.
-    #[serde(default = "default_cache_ttl_s")]
-    pub cache_ttl_s: u64,
-}
-
+/// The bridge's `[projector]` section: how long it waits for the projector.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ProjectorConfig {
-    /// Health and metrics of `cloud-bridge project` (`/healthz`, `/readyz`, `/metrics`).
-    pub listen: SocketAddr,
-    /// Most change records projected in one round of MongoDB writes.
-    pub batch_records_max: usize,
-    /// How long a round waits for more records after the first.
-    pub batch_linger_ms: u64,
+struct ProjectorSection {
+    visible_wait_ms: u64,
+    /// Keys of the projector process, which has its own file since the
+    /// projector became a binary of its own: refused here by name.
+    listen: Option<serde::de::IgnoredAny>,
+    batch_records_max: Option<serde::de::IgnoredAny>,
+    batch_linger_ms: Option<serde::de::IgnoredAny>,
+}
+
+impl Default for ProjectorSection {
+    fn default() -> Self {
+        Self {
+            visible_wait_ms: ProjectorWait::default().visible_wait_ms,
+            listen: None,
+            batch_records_max: None,
+            batch_linger_ms: None,
+        }
+    }
+}
+
+impl ProjectorSection {
+    fn into_wait(self) -> Result<ProjectorWait, ConfigError> {
+        let moved = [
+            ("listen", self.listen.is_some()),
+            ("batch_records_max", self.batch_records_max.is_some()),
+            ("batch_linger_ms", self.batch_linger_ms.is_some()),
+        ];
+        match moved.iter().find(|(_, set)| *set) {
+            Some((key, _)) => Err(ConfigError::invalid(format!(
+                "projector.{key} is a setting of the projector process, which reads its own file now \
+                 (deploy/projector.example.toml): move it there"
+            ))),
+            None => Ok(ProjectorWait { visible_wait_ms: self.visible_wait_ms }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectorWait {
     /// How long a pharmacy write waits for the projection before it is
     /// answered 202 (stored, not yet shown) instead of 200.
     pub visible_wait_ms: u64,
 }
 
-impl Default for ProjectorConfig {
+impl Default for ProjectorWait {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8581)),
-            batch_records_max: 2_000,
-            batch_linger_ms: 20,
-            visible_wait_ms: 5_000,
-        }
+        Self { visible_wait_ms: 5_000 }
     }
-}
-
-fn default_topic() -> String {
-    "medsync.changes".into()
-}
-fn default_partitions() -> i32 {
-    6
-}
-fn default_replication_factor() -> i32 {
-    1
-}
-fn default_group_id() -> String {
-    "medsync-projector".into()
-}
-fn default_delivery_timeout_ms() -> u64 {
-    10_000
-}
-fn default_database() -> String {
-    "medsync".into()
-}
-fn default_key_prefix() -> String {
-    "medsync".into()
-}
-fn default_cache_ttl_s() -> u64 {
-    300
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,57 +152,38 @@ impl Default for HttpConfig {
     }
 }
 
-impl Config {
-    /// Reads `path`, applies environment overrides, and validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::validated(service_kit::config::extract(Source::File(path), ENV_PREFIX)?)
+impl ServiceConfig for Config {
+    const VERSION: u32 = 1;
+    const ENV_PREFIX: &'static str = "CLOUD_BRIDGE__";
+    const DATA_DIR_KEY: &'static str = "bridge.data_dir";
+
+    fn version(&self) -> u32 {
+        self.version
     }
 
-    /// Parses TOML text with environment overrides, and validates.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::validated(service_kit::config::extract(Source::Text(text), ENV_PREFIX)?)
+    fn data_dir(&self) -> Option<&Path> {
+        Some(&self.bridge.data_dir)
     }
 
-    fn validated(config: Config) -> Result<Self, ConfigError> {
-        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
-        if config.version != CONFIG_VERSION {
-            return invalid(format!("version is {}, this build reads version {CONFIG_VERSION}", config.version));
-        }
-        if !config.bridge.data_dir.is_absolute() {
-            return invalid(format!(
-                "bridge.data_dir must be an absolute path, got {}",
-                config.bridge.data_dir.display()
+    fn log(&self) -> &LogConfig {
+        &self.log
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.session.batches_in_flight_max == 0 || self.session.heartbeat_interval_ms == 0 {
+            return Err(ConfigError::invalid(
+                "session.batches_in_flight_max and session.heartbeat_interval_ms must be positive",
             ));
         }
-        if config.session.batches_in_flight_max == 0 || config.session.heartbeat_interval_ms == 0 {
-            return invalid("session.batches_in_flight_max and session.heartbeat_interval_ms must be positive".into());
-        }
-        config.auth.validate().map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
-        match (&config.kafka, &config.mongodb) {
-            (Some(kafka), Some(_)) => {
-                if !(1..=PARTITIONS_MAX).contains(&kafka.partitions) {
-                    return invalid(format!(
-                        "kafka.partitions must be 1 to {PARTITIONS_MAX}, got {}",
-                        kafka.partitions
-                    ));
-                }
-                if kafka.replication_factor < 1 || kafka.topic.is_empty() || kafka.brokers.is_empty() {
-                    return invalid("kafka needs brokers, a topic and a replication_factor of at least 1".into());
-                }
-            }
-            (None, None) if config.redis.is_some() => {
-                return invalid("[redis] serves the distributed backend: set [kafka] and [mongodb] too".into());
-            }
-            (None, None) => {}
-            _ => return invalid("the distributed backend needs both [kafka] and [mongodb]".into()),
-        }
-        let projector = &config.projector;
-        if projector.batch_records_max == 0 || projector.batch_records_max > BATCH_RECORDS_LIMIT {
-            return invalid(format!("projector.batch_records_max must be 1 to {BATCH_RECORDS_LIMIT}"));
-        }
-        Ok(config)
+        self.auth.validate()
     }
 
+    fn summary(&self) -> String {
+        format!("bridge {}, {}", self.bridge.id, self.backend.describe())
+    }
+}
+
+impl Config {
     pub fn jwks_path(&self) -> PathBuf {
         self.auth.jwks_path(&self.bridge.data_dir)
     }
@@ -247,22 +191,25 @@ impl Config {
     pub fn database_path(&self) -> PathBuf {
         self.bridge.data_dir.join("cloud-bridge.sqlite3")
     }
-}
 
-/// `text` with one level of `#` taken off every line from `marker` on: an
-/// example file's commented optional sections, switched on.
-#[cfg(test)]
-pub(crate) fn uncomment_from(text: &str, marker: &str) -> String {
-    let (kept, commented) = text.split_at(text.find(marker).expect("the marker is in the text"));
-    let uncommented: Vec<&str> =
-        commented.lines().map(|line| line.strip_prefix("# ").unwrap_or(line.trim_start_matches('#'))).collect();
-    format!("{kept}{}\n", uncommented.join("\n"))
+    /// What the store needs besides its backend.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            instance: self.bridge.id.clone(),
+            limits: self.limits.clone(),
+            visible_wait_ms: self.projector.visible_wait_ms,
+            write_queue_max: WRITE_QUEUE_MAX,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use cloud_store::config::{Distributed, WriteConcernLevel, default_delivery_timeout_ms};
     use sync_protocol::wire::WireLimits;
+    use test_fixtures::uncomment_from;
+
+    use super::*;
 
     const EXAMPLE: &str = include_str!("../../deploy/cloud-bridge.example.toml");
 
@@ -273,6 +220,7 @@ mod tests {
         assert_eq!(config.session, SessionConfig::default());
         assert_eq!(config.session.limits, WireLimits::default());
         assert_eq!(config.limits, Limits::default());
+        assert!(matches!(config.backend, Backend::Embedded));
     }
 
     /// The example with its commented distributed sections switched on.
@@ -283,21 +231,30 @@ mod tests {
     #[test]
     fn the_shipped_distributed_sections_are_valid_and_spell_out_the_defaults() {
         let config = Config::from_toml(&distributed_example()).unwrap();
-        let kafka = config.kafka.unwrap();
+        let Backend::Distributed(distributed) = config.backend else {
+            panic!("the distributed sections name the distributed backend")
+        };
+        let Distributed { kafka, mongodb, redis } = *distributed;
         assert_eq!(
             (kafka.topic.as_str(), kafka.partitions, kafka.group_id.as_str()),
             ("medsync.changes", 6, "medsync-projector")
         );
         assert_eq!(kafka.delivery_timeout_ms, default_delivery_timeout_ms());
         assert_eq!(kafka.properties.len(), 2);
-        let mongodb = config.mongodb.unwrap();
         assert_eq!((mongodb.database.as_str(), mongodb.write_concern), ("medsync", WriteConcernLevel::Majority));
-        assert_eq!(config.redis.unwrap().cache_ttl_s, default_cache_ttl_s());
-        let defaults = ProjectorConfig::default();
-        assert_eq!(
-            (config.projector.batch_records_max, config.projector.batch_linger_ms, config.projector.visible_wait_ms),
-            (defaults.batch_records_max, defaults.batch_linger_ms, defaults.visible_wait_ms)
-        );
+        assert_eq!(redis.unwrap().cache_ttl_s, 300);
+        assert_eq!(config.projector, ProjectorWait::default());
+    }
+
+    /// Files written before the projector had its own: its keys are refused
+    /// with where they went, `visible_wait_ms` still reads.
+    #[test]
+    fn the_projector_keys_of_older_files_are_refused_by_name() {
+        let older = format!("{EXAMPLE}\n[projector]\nlisten = \"127.0.0.1:8581\"\nbatch_records_max = 2000\n");
+        let err = Config::from_toml(&older).unwrap_err().to_string();
+        assert!(err.contains("projector.listen is a setting of the projector process"), "{err}");
+        let kept = Config::from_toml(&format!("{EXAMPLE}\n[projector]\nvisible_wait_ms = 900\n")).unwrap();
+        assert_eq!(kept.projector.visible_wait_ms, 900);
     }
 
     #[test]
@@ -306,7 +263,6 @@ mod tests {
         let cases = [
             (distributed[..distributed.find("\n[mongodb]").unwrap()].to_owned(), "both [kafka] and [mongodb]"),
             (distributed.replace("partitions = 6", "partitions = 17"), "kafka.partitions must be 1 to 16"),
-            (distributed.replace("batch_records_max = 2000", "batch_records_max = 0"), "batch_records_max"),
             (format!("{EXAMPLE}\n[redis]\nurl = \"redis://127.0.0.1\"\n"), "set [kafka] and [mongodb] too"),
             (distributed.replace("write_concern = \"majority\"", "write_concern = \"2\""), "write_concern"),
         ];

@@ -1,11 +1,14 @@
 //! The cloud bridge: the sync endpoint for edge nodes and the pharmacy API,
-//! over the embedded store or the distributed one (Kafka, MongoDB, Redis),
-//! and the projector of the distributed store. See ARCHITECTURE.md for the map.
+//! over the store `cloud-store` provides (embedded, or Kafka, MongoDB and
+//! Redis). See ARCHITECTURE.md for the map.
+//!
+//! This crate owns the bridge's two HTTP edges and who may call them. It
+//! must never decide a protocol question (the session machines in
+//! `sync-protocol` do) or know how tickets are stored (`cloud-store` does).
 
 pub mod api;
-pub mod auth;
+pub mod caller;
 pub mod config;
-pub mod store;
 pub mod sync;
 
 use std::future::Future;
@@ -13,30 +16,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::ActorId;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use cloud_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
-use sync_protocol::token::{AuthError, Verifier};
+use service_kit::http::{ApiError, log_refusals};
+use service_kit::runtime::{ServeError, create_data_dir};
+use sync_protocol::token::Verifier;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::{DistributedStore, EmbeddedStore, Store, StoreError};
-
-pub use crate::store::now_ms;
-
-/// Writes (upstream batches, pharmacy writes) waiting for the writer.
-const WRITE_QUEUE_MAX: usize = 1_024;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("cannot load the token keys: {0}")]
-    Keys(#[from] AuthError),
-    #[error("http server failed: {0}")]
-    Http(#[from] std::io::Error),
-}
 
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -50,19 +42,11 @@ pub struct AppState {
 }
 
 pub async fn open_state(config: Config) -> Result<AppState, ServeError> {
-    let data_dir = &config.bridge.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
+    create_data_dir(&config.bridge.data_dir)?;
     let verifier = config.auth.verifier(&config.bridge.data_dir)?;
-    let store = match config.kafka {
-        Some(_) => Store::Distributed(DistributedStore::open(&config, ActorId::random()).await?),
-        None => Store::Embedded(EmbeddedStore::open(
-            &config.database_path(),
-            config.limits.clone(),
-            ActorId::random(),
-            WRITE_QUEUE_MAX,
-        )?),
-    };
+    let store = Store::open(&config.backend, &config.store_options(), &config.database_path(), ActorId::random())
+        .await
+        .map_err(ServeError::store)?;
     Ok(AppState {
         config: Arc::new(config),
         store: Arc::new(store),
@@ -73,6 +57,21 @@ pub async fn open_state(config: Config) -> Result<AppState, ServeError> {
     })
 }
 
+/// Every route of the bridge: the pharmacy API under `/api/v1`, the sync
+/// endpoint, health and metrics.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .nest("/api/v1", api::routes())
+        .route("/sync", get(sync::upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(api::ready))
+        .route("/metrics", get(|State(state): State<AppState>| std::future::ready(state.metrics.render())))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(state.config.http.body_bytes_max))
+        .layer(axum::middleware::from_fn(log_refusals))
+        .with_state(state)
+}
+
 /// Serves until `shutdown` completes, then drains (at most
 /// `http.shutdown_grace_ms`) and lets the store commit what is queued.
 pub async fn run(
@@ -80,44 +79,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    config
-        .auth
-        .fetch_jwks_if_missing(&config.bridge.data_dir)
-        .await
-        .map_err(|e| ServeError::Keys(AuthError::Jwks(e)))?;
+    create_data_dir(&config.bridge.data_dir)?;
+    config.auth.fetch_jwks_if_missing(&config.bridge.data_dir).await?;
     let state = open_state(config).await?;
     let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
     let address = listener.local_addr()?;
-    let backend = match &*state.store {
-        Store::Embedded(_) => "embedded",
-        Store::Distributed(_) => "distributed",
-    };
+    let backend = state.store.backend_name();
     tracing::info!(%address, bridge = %state.config.bridge.id, backend, "cloud bridge serving");
     service_kit::shutdown::cancel_when(state.shutdown.clone(), shutdown);
     state.config.auth.spawn_refresh(&state.config.bridge.data_dir, Arc::clone(&state.verifier), state.shutdown.clone());
-    service_kit::shutdown::serve_until(listener, api::router(state.clone()), state.shutdown.clone(), grace).await?;
+    service_kit::shutdown::serve_until(listener, router(state.clone()), state.shutdown.clone(), grace).await?;
     state.store.close().await;
     tracing::info!("cloud bridge stopped");
     Ok(())
-}
-
-/// Runs the projector of the distributed store, with its health and
-/// metrics on `listener`, until `shutdown` completes.
-pub async fn project(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), store::distributed::projector::ProjectorError> {
-    let stop = CancellationToken::new();
-    service_kit::shutdown::cancel_when(stop.clone(), shutdown);
-    let health = store::distributed::projector::Health::default();
-    let address = listener.local_addr()?;
-    tracing::info!(%address, "projector serving");
-    let router = store::distributed::projector::router(health.clone(), service_kit::telemetry::prometheus());
-    let grace = Duration::from_millis(config.http.shutdown_grace_ms);
-    let server = tokio::spawn(service_kit::shutdown::serve_until(listener, router, stop.clone(), grace));
-    let outcome = store::distributed::projector::run(&config, health, stop.clone()).await;
-    stop.cancel();
-    let _ = server.await;
-    outcome
 }

@@ -12,23 +12,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use axum::extract::State;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, State};
-use axum::http::StatusCode;
-use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
+use cloud_store::{Feed, FeedLimits, LeaseUpdate, StoreError};
 use futures_util::{SinkExt, StreamExt};
+use service_kit::clock::now_ms;
 use sync_protocol::admission::{Admission, Claim};
-use sync_protocol::ids::{NodeId, Role, WardId};
+use sync_protocol::ids::{NodeId, WardId};
 use sync_protocol::session::{BridgeAction, BridgePhase, BridgeSession};
 use sync_protocol::token::Principal;
 use sync_protocol::wire::{self, DatabaseId, Lease, Message, RefusalReason, Refused};
 use tokio::sync::Notify;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use crate::api::{ApiError, bearer_principal};
-use crate::store::{self, Feed, FeedLimits, LeaseUpdate};
-use crate::{AppState, now_ms};
+use crate::AppState;
+use crate::caller::EdgeCaller;
 
 /// How often a feed looks for changes when no notice arrived.
 const FEED_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -85,22 +84,7 @@ async fn renewal_asked(admitted: &Option<(OpenSession, DatabaseId)>) -> Database
     }
 }
 
-/// An edge node, authenticated at the upgrade.
-#[derive(Debug)]
-pub struct EdgeCaller(Principal);
-
-impl FromRequestParts<AppState> for EdgeCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let principal = bearer_principal(parts, state)?;
-        if principal.acting_role(&[Role::EdgeNode]).is_none() {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "the sync endpoint serves edge nodes"));
-        }
-        Ok(EdgeCaller(principal))
-    }
-}
-
+/// Upgrades an edge node's request to the sync WebSocket and drives it.
 pub async fn upgrade(
     State(state): State<AppState>,
     EdgeCaller(principal): EdgeCaller,
@@ -132,7 +116,7 @@ enum DriveError {
     #[error("socket: {0}")]
     Socket(#[from] axum::Error),
     #[error("store: {0}")]
-    Store(#[from] store::StoreError),
+    Store(#[from] StoreError),
 }
 
 /// Runs one connection; `admitted` holds the node's place and database

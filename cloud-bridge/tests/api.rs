@@ -5,14 +5,15 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use cloud_bridge::config::Config;
 use cloud_bridge::{AppState, open_state};
-use e2e::TestIssuer;
 use http_body_util::BodyExt;
 use serde_bytes::ByteBuf;
 use serde_json::{Value, json};
+use service_kit::config::ServiceConfig;
 use sync_protocol::document::TicketDocument;
 use sync_protocol::ids::{Role, TicketId};
 use sync_protocol::ticket::{Actor, NewTicket};
 use sync_protocol::wire::UpstreamChange;
+use test_fixtures::TestIssuer;
 use tower::ServiceExt;
 
 struct Bridge {
@@ -26,7 +27,7 @@ impl Bridge {
         let dir = tempfile::tempdir().unwrap();
         let issuer = TestIssuer::new("key-1");
         std::fs::write(dir.path().join("jwks.json"), issuer.jwks().to_string()).unwrap();
-        let config = Config::from_toml(&e2e::process::bridge_config(dir.path(), "127.0.0.1:0", "")).unwrap();
+        let config = Config::from_toml(&test_fixtures::process::bridge_config(dir.path(), "127.0.0.1:0", "")).unwrap();
         Bridge { state: open_state(config).await.unwrap(), issuer, _dir: dir }
     }
 
@@ -41,7 +42,7 @@ impl Bridge {
             }
             None => request.body(Body::empty()).unwrap(),
         };
-        let response = cloud_bridge::api::router(self.state.clone()).oneshot(request).await.unwrap();
+        let response = cloud_bridge::router(self.state.clone()).oneshot(request).await.unwrap();
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
@@ -244,7 +245,7 @@ async fn bad_requests_are_refused_with_their_code_and_change_nothing() {
 
 #[tokio::test]
 async fn forged_expired_and_foreign_tokens_are_refused() {
-    use e2e::issuer::{hs256_with_public_key, tampered, unsigned_token};
+    use test_fixtures::issuer::{hs256_with_public_key, tampered, unsigned_token};
     let bridge = Bridge::new().await;
     let claims = bridge.issuer.claims("p.lindqvist", &["pharmacist"], &[]);
     let mut expired = claims.clone();

@@ -43,13 +43,11 @@ use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use crate::AppState;
 use crate::cloud_auth::LoginError;
 use crate::store::{self, ListQuery, QueuePosition, StoreError, Write};
-use crate::{AppState, now_ms};
+use service_kit::clock::now_ms;
 
-/// Roles the ward-device API serves. Pharmacists work through the cloud, and
-/// an edge-node token is for sync, not for people.
-const DEVICE_ROLES: &[Role] = &[Role::Nurse, Role::Admin];
 const PAGE_SIZE_DEFAULT: usize = 50;
 const PAGE_SIZE_MAX: usize = 200;
 
@@ -98,7 +96,9 @@ impl FromRequestParts<AppState> for Caller {
         if !principal.wards.contains(ward) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong_ward", format!("the token is not for {ward}")));
         }
-        let role = principal.acting_role(DEVICE_ROLES).ok_or_else(|| {
+        // Pharmacists work through the cloud; an edge-node token is for
+        // sync, not for people.
+        let role = principal.acting_role(Role::works_at_ward).ok_or_else(|| {
             ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "this API serves ward nurses and admins")
         })?;
         Ok(Caller(Actor {
@@ -368,7 +368,7 @@ async fn offline_login(
             LoginError::Throttled => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", error.to_string())
             }
-            LoginError::Internal(detail) => ApiError::internal(detail),
+            LoginError::Task(_) | LoginError::Signing(_) => ApiError::internal(error),
         })?;
     Ok(Json(serde_json::json!({
         "access_token": token, "token_type": "Bearer", "expires_in": expires_in, "offline": true,

@@ -151,7 +151,7 @@ pub fn restore(data_dir: &Path, database: &Path, from: &Path) -> Result<(Summary
     let kept = if database.exists() {
         // Fold the old database's WAL in before moving it, so the kept copy is whole.
         Connection::open(database)?.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
-        let stamp = crate::now_ms();
+        let stamp = service_kit::clock::now_ms();
         let kept = database.with_extension(format!("before-restore-{stamp}"));
         std::fs::rename(database, &kept).map_err(io(database))?;
         Some(kept)

@@ -17,9 +17,11 @@ use std::time::Duration;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use service_kit::keys::write_atomically;
+use service_kit::clock::now_s;
+use service_kit::keys::{KeysError, write_atomically};
+use service_kit::runtime::{ServeError, create_data_dir};
 use service_kit::secrets;
-use service_kit::signing::SigningKey;
+use service_kit::signing::{SigningError, SigningKey};
 use sync_protocol::ids::{NodeId, Role, UserId, WardId};
 use sync_protocol::token::{self, AuthError, Verifier};
 use tokio_util::sync::CancellationToken;
@@ -61,14 +63,45 @@ struct StaffList {
     staff: Vec<StaffCredential>,
 }
 
+/// Why the node could not get a token, staff credentials or its enrolment.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudAuthError {
+    #[error("cannot read the node token {}: {source}", path.display())]
+    TokenFile { path: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Credentials { path: PathBuf, source: serde_json::Error },
+    #[error("{0}")]
+    NoUrl(&'static str),
+    #[error("auth service: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("auth service: {what}: {status}")]
+    Status { what: &'static str, status: reqwest::StatusCode },
+    #[error("auth service refused the node's credentials: {status} {error}")]
+    Refused { status: reqwest::StatusCode, error: String },
+    #[error("auth service answered without a token")]
+    NoToken,
+    #[error("staff credentials: {0}")]
+    StaffList(serde_json::Error),
+    #[error("the credentials are for {found}, but this node is {node}")]
+    WrongNode { found: String, node: NodeId },
+    #[error("the auth service's key set: {0}")]
+    KeySet(#[from] AuthError),
+    #[error(transparent)]
+    Write(#[from] KeysError),
+    #[error(transparent)]
+    DataDir(#[from] ServeError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
     #[error("invalid username or password")]
     Invalid,
     #[error("too many attempts; wait a minute")]
     Throttled,
+    #[error("cannot check the password: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("cannot issue a token: {0}")]
-    Internal(String),
+    Signing(#[from] SigningError),
 }
 
 pub struct CloudAuth {
@@ -89,10 +122,6 @@ impl std::fmt::Debug for CloudAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CloudAuth").field("node", &self.node).field("url", &self.url).finish_non_exhaustive()
     }
-}
-
-fn now_s() -> i64 {
-    crate::now_ms() / 1_000
 }
 
 impl CloudAuth {
@@ -129,13 +158,14 @@ impl CloudAuth {
 
     /// The node's bearer token: bought with its client credentials when it
     /// was enrolled, or read from `token_file` where IT placed one.
-    pub async fn node_token(&self, token_file: &Path) -> Result<String, String> {
+    pub async fn node_token(&self, token_file: &Path) -> Result<String, CloudAuthError> {
         let client_path = self.data_dir.join(CLIENT_FILE);
         let Ok(text) = std::fs::read_to_string(&client_path) else {
             let path = self.data_dir.join(token_file);
-            return std::fs::read_to_string(&path)
-                .map(|token| token.trim().to_owned())
-                .map_err(|e| format!("cannot read the node token {}: {e}", path.display()));
+            return match std::fs::read_to_string(&path) {
+                Ok(token) => Ok(token.trim().to_owned()),
+                Err(source) => Err(CloudAuthError::TokenFile { path, source }),
+            };
         };
         let mut cached = self.node_token.lock().await;
         if let Some((token, expires_at)) = cached.as_ref()
@@ -143,16 +173,19 @@ impl CloudAuth {
         {
             return Ok(token.clone());
         }
-        let credentials: ClientCredentials =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", client_path.display()))?;
-        let url = self.url.as_ref().ok_or("the node has client credentials but [auth] url is not set")?;
+        let credentials: ClientCredentials = serde_json::from_str(&text)
+            .map_err(|source| CloudAuthError::Credentials { path: client_path.clone(), source })?;
+        let url = self
+            .url
+            .as_ref()
+            .ok_or(CloudAuthError::NoUrl("the node has client credentials but [auth] url is not set"))?;
         let (token, expires_in) = client_token(&self.http, url, &credentials).await?;
         *cached = Some((token.clone(), now_s() + expires_in));
         Ok(token)
     }
 
     /// Fetches the ward staff's password hashes and keeps them on disk.
-    async fn refresh_staff(&self, token_file: &Path) -> Result<usize, String> {
+    async fn refresh_staff(&self, token_file: &Path) -> Result<usize, CloudAuthError> {
         let Some(url) = &self.url else { return Ok(0) };
         let token = self.node_token(token_file).await?;
         let response = self
@@ -160,13 +193,12 @@ impl CloudAuth {
             .get(format!("{url}/api/v1/wards/{}/staff-credentials", self.ward))
             .bearer_auth(token)
             .send()
-            .await
-            .map_err(|e| format!("auth service: {e}"))?;
+            .await?;
         if !response.status().is_success() {
-            return Err(format!("auth service: staff credentials: {}", response.status()));
+            return Err(CloudAuthError::Status { what: "staff credentials", status: response.status() });
         }
-        let text = response.text().await.map_err(|e| format!("auth service: {e}"))?;
-        let list: StaffList = serde_json::from_str(&text).map_err(|e| format!("staff credentials: {e}"))?;
+        let text = response.text().await?;
+        let list: StaffList = serde_json::from_str(&text).map_err(CloudAuthError::StaffList)?;
         write_atomically(&self.data_dir.join(STAFF_FILE), &text)?;
         let count = list.staff.len();
         if let Ok(mut staff) = self.staff.write() {
@@ -209,8 +241,7 @@ impl CloudAuth {
             let hash = checked.as_ref().map_or(secrets::decoy_hash(), |s| s.password_hash.as_str());
             secrets::verify_secret(&password, hash)
         })
-        .await
-        .map_err(|e| LoginError::Internal(e.to_string()))?;
+        .await?;
         let staff = found.filter(|_| matches).ok_or(LoginError::Invalid)?;
         let now = now_s();
         let claims = json!({
@@ -218,7 +249,7 @@ impl CloudAuth {
             "wards": staff.wards, "iat": now, "nbf": now, "exp": now + OFFLINE_TOKEN_TTL_S,
             "jti": uuid::Uuid::now_v7().to_string(), "offline": true,
         });
-        let token = self.offline_key.sign(&claims).map_err(LoginError::Internal)?;
+        let token = self.offline_key.sign(&claims)?;
         tracing::info!(user = %staff.username, node = %self.node, "offline login");
         Ok((token, OFFLINE_TOKEN_TTL_S))
     }
@@ -229,21 +260,20 @@ async fn client_token(
     http: &reqwest::Client,
     url: &str,
     credentials: &ClientCredentials,
-) -> Result<(String, i64), String> {
+) -> Result<(String, i64), CloudAuthError> {
     let response = http
         .post(format!("{url}/oauth/token"))
         .basic_auth(&credentials.client_id, Some(&credentials.client_secret))
         .header("content-type", "application/x-www-form-urlencoded")
         .body("grant_type=client_credentials")
         .send()
-        .await
-        .map_err(|e| format!("auth service: {e}"))?;
+        .await?;
     let status = response.status();
-    let body: serde_json::Value = response.json().await.map_err(|e| format!("auth service: {e}"))?;
+    let body: serde_json::Value = response.json().await?;
     if !status.is_success() {
-        return Err(format!("auth service refused the node's credentials: {status} {}", body["error"]));
+        return Err(CloudAuthError::Refused { status, error: body["error"].to_string() });
     }
-    let token = body["access_token"].as_str().ok_or("auth service answered without a token")?.to_owned();
+    let token = body["access_token"].as_str().ok_or(CloudAuthError::NoToken)?.to_owned();
     Ok((token, body["expires_in"].as_i64().unwrap_or(0)))
 }
 
@@ -251,38 +281,39 @@ async fn client_token(
 /// and stores them and the auth service's key set in the data directory.
 /// From then on the node serves and syncs with no manual step. Returns the
 /// number of keys stored.
-pub async fn enrol(config: &Config, credentials: &ClientCredentials) -> Result<usize, String> {
-    let url = config.auth.url.as_deref().ok_or("set [auth] url to the auth service before enrolling")?;
+pub async fn enrol(config: &Config, credentials: &ClientCredentials) -> Result<usize, CloudAuthError> {
+    let url = config
+        .auth
+        .url
+        .as_deref()
+        .ok_or(CloudAuthError::NoUrl("set [auth] url to the auth service before enrolling"))?;
     let url = url.trim_end_matches('/');
     if credentials.client_id != config.node.id.as_str() {
-        return Err(format!("the credentials are for {}, but this node is {}", credentials.client_id, config.node.id));
+        return Err(CloudAuthError::WrongNode { found: credentials.client_id.clone(), node: config.node.id.clone() });
     }
-    let http = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build().map_err(|e| e.to_string())?;
+    let http = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build()?;
     client_token(&http, url, credentials).await?;
-    let jwks_url = format!("{url}/.well-known/jwks.json");
-    let jwks =
-        http.get(&jwks_url).send().await.and_then(|r| r.error_for_status()).map_err(|e| format!("{jwks_url}: {e}"))?;
-    let jwks = jwks.text().await.map_err(|e| format!("{jwks_url}: {e}"))?;
-    let keys = token::parse_jwks(&jwks).map_err(|e| e.to_string())?.keys.len();
-    std::fs::create_dir_all(&config.node.data_dir).map_err(|e| format!("{}: {e}", config.node.data_dir.display()))?;
+    let jwks = http.get(format!("{url}/.well-known/jwks.json")).send().await?.error_for_status()?.text().await?;
+    let keys = token::parse_jwks(&jwks)?.keys.len();
+    create_data_dir(&config.node.data_dir)?;
     write_atomically(&config.auth.jwks_path(&config.node.data_dir), &jwks)?;
-    let credentials = serde_json::to_string(credentials).map_err(|e| e.to_string())?;
-    write_atomically(&config.node.data_dir.join(CLIENT_FILE), &credentials)?;
+    let credentials = json!({ "client_id": credentials.client_id, "client_secret": credentials.client_secret });
+    write_atomically(&config.node.data_dir.join(CLIENT_FILE), &credentials.to_string())?;
     Ok(keys)
 }
 
 fn load_or_create_key(path: &Path, node: &NodeId) -> Result<SigningKey, AuthError> {
-    let unreadable = |e: String| AuthError::Jwks(format!("{}: {e}", path.display()));
+    let unreadable = |e: &dyn std::fmt::Display| AuthError::Jwks(format!("{}: {e}", path.display()));
     let seed: [u8; 32] = match std::fs::read(path) {
-        Ok(bytes) => bytes.try_into().map_err(|_| unreadable("not a 32-byte key".into()))?,
+        Ok(bytes) => bytes.try_into().map_err(|_| unreadable(&"not a 32-byte key"))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let seed: [u8; 32] = rand::random();
-            write_private(path, &seed).map_err(|e| unreadable(e.to_string()))?;
+            write_private(path, &seed).map_err(|e| unreadable(&e))?;
             seed
         }
-        Err(e) => return Err(unreadable(e.to_string())),
+        Err(e) => return Err(unreadable(&e)),
     };
-    SigningKey::from_seed(format!("offline-{node}"), &seed).map_err(unreadable)
+    SigningKey::from_seed(format!("offline-{node}"), &seed).map_err(|e| unreadable(&e))
 }
 
 /// Writes a file only its owner may read.

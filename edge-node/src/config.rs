@@ -1,7 +1,7 @@
 //! The edge node's configuration: a versioned TOML file, every field
 //! overridable by an environment variable, unknown fields rejected, and
-//! validated as a whole at start so a mistake stops the node with a clear
-//! message instead of surfacing at 3 a.m.
+//! validated as a whole at start ([`ServiceConfig`], as every service's) so
+//! a mistake stops the node with a clear message instead of surfacing at 3 a.m.
 //!
 //! Environment overrides use the prefix `EDGE_NODE__` and `__` between
 //! levels: `EDGE_NODE__HTTP__LISTEN=0.0.0.0:8480` sets `http.listen`.
@@ -10,22 +10,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use service_kit::config::Source;
+use service_kit::config::{ConfigError, ServiceConfig};
 use service_kit::keys::AuthConfig;
 use service_kit::logging::LogConfig;
 use sync_protocol::ids::{NodeId, WardId};
 use sync_protocol::ticket::Limits;
 
-/// The configuration format this build reads.
-pub const CONFIG_VERSION: u32 = 1;
-pub const ENV_PREFIX: &str = "EDGE_NODE__";
-
-pub use service_kit::config::ConfigError;
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Must be [`CONFIG_VERSION`]; a file written for another version is refused.
+    /// Must be [`ServiceConfig::VERSION`]; a file written for another version is refused.
     pub version: u32,
     pub node: NodeConfig,
     #[serde(default)]
@@ -122,32 +116,26 @@ impl Default for StorageConfig {
     }
 }
 
-impl Config {
-    /// Reads `path`, applies environment overrides, and validates.
-    /// Reads `path`, applies environment overrides, and validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::validated(service_kit::config::extract(Source::File(path), ENV_PREFIX)?)
+impl ServiceConfig for Config {
+    const VERSION: u32 = 1;
+    const ENV_PREFIX: &'static str = "EDGE_NODE__";
+    const DATA_DIR_KEY: &'static str = "node.data_dir";
+
+    fn version(&self) -> u32 {
+        self.version
     }
 
-    /// Parses TOML text with environment overrides, and validates.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::validated(service_kit::config::extract(Source::Text(text), ENV_PREFIX)?)
+    fn data_dir(&self) -> Option<&Path> {
+        Some(&self.node.data_dir)
     }
 
-    fn validated(config: Config) -> Result<Self, ConfigError> {
-        config.validate()?;
-        Ok(config)
+    fn log(&self) -> &LogConfig {
+        &self.log
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
-        if self.version != CONFIG_VERSION {
-            return invalid(format!("version is {}, this build reads version {CONFIG_VERSION}", self.version));
-        }
-        if !self.node.data_dir.is_absolute() {
-            return invalid(format!("node.data_dir must be an absolute path, got {}", self.node.data_dir.display()));
-        }
-        self.auth.validate().map_err(|e| ConfigError::Invalid(format!("auth: {e}")))?;
+        self.auth.validate()?;
         let positive = [
             ("http.body_bytes_max", self.http.body_bytes_max),
             ("http.connections_max", self.http.connections_max),
@@ -175,6 +163,12 @@ impl Config {
         Ok(())
     }
 
+    fn summary(&self) -> String {
+        format!("node {} of {}", self.node.id, self.node.ward)
+    }
+}
+
+impl Config {
     pub fn jwks_path(&self) -> PathBuf {
         self.auth.jwks_path(&self.node.data_dir)
     }

@@ -1,5 +1,10 @@
 //! The ward's edge node: an offline-first ticket server for the ward's
 //! devices. See ARCHITECTURE.md for the map.
+//!
+//! This crate owns the ward's HTTP API, its SQLite store, backups and the
+//! link to the bridge. It must never decide a protocol or lifecycle rule
+//! (the core's session machines and lifecycle do) and never builds a
+//! cloud client (MongoDB, Redis, Kafka): it runs on ward hardware alone.
 
 pub mod api;
 pub mod backup;
@@ -18,24 +23,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::store::{Store, StoreError};
+use service_kit::runtime::{ServeError, create_data_dir};
 use sync_protocol::token::{AuthError, Verifier};
 
-/// Why the node could not start or stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("cannot load the token keys: {0}; run `edge-node enrol` or place the JWKS there")]
-    Keys(#[from] AuthError),
-    #[error("http server failed: {0}")]
-    Http(#[from] std::io::Error),
-    #[error("cannot lock the data directory: {0}")]
-    Locked(backup::BackupError),
-}
+use crate::config::Config;
+use crate::store::Store;
 
 /// Shared by every request handler.
 #[derive(Clone, Debug)]
@@ -51,21 +43,16 @@ pub struct AppState {
     pub cloud_auth: Arc<cloud_auth::CloudAuth>,
 }
 
-/// Milliseconds since the Unix epoch, from the system clock.
-pub fn now_ms() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
-}
-
 /// Opens the store and the key set of `config`.
 pub fn open_state(config: Config) -> Result<AppState, ServeError> {
-    let data_dir = &config.node.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .map_err(|source| ServeError::DataDir { path: data_dir.display().to_string(), source })?;
-    let verifier = config.auth.verifier(&config.node.data_dir)?;
+    create_data_dir(&config.node.data_dir)?;
+    let verifier = config.auth.verifier(&config.node.data_dir).map_err(|error| {
+        ServeError::Keys(AuthError::Jwks(format!("{error}; run `edge-node enrol` or place the JWKS there")))
+    })?;
     let cloud_auth = cloud_auth::CloudAuth::open(&config, &verifier)?;
     // A fresh actor id per process: see ARCHITECTURE.md, "actor ids".
-    let store = Store::open(&config.database_path(), &config.storage, config.limits.clone(), ActorId::random())?;
+    let store = Store::open(&config.database_path(), &config.storage, config.limits.clone(), ActorId::random())
+        .map_err(ServeError::store)?;
     Ok(AppState {
         config: Arc::new(config),
         store: Arc::new(store),
@@ -86,7 +73,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     // Held while serving: a restore refuses to run under a live node.
-    let _lock = backup::lock_data_dir(&config.node.data_dir).map_err(ServeError::Locked)?;
+    let _lock = backup::lock_data_dir(&config.node.data_dir).map_err(ServeError::store)?;
     let state = open_state(config)?;
     let grace = Duration::from_millis(state.config.http.shutdown_grace_ms);
     let listener = listener::LimitedListener::new(listener, state.config.http.connections_max);

@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use edge_node::backup;
 use edge_node::cloud_auth::{self, ClientCredentials};
 use edge_node::config::Config;
+use service_kit::config::ServiceConfig;
+use service_kit::runtime::{self, Threads};
 
 /// The ward's edge node: serves ward devices, stores tickets, works offline.
 #[derive(Parser)]
@@ -42,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(config),
         Command::CheckConfig => {
-            println!("configuration is valid: node {} of {}", config.node.id, config.node.ward);
+            println!("configuration is valid: {}", config.summary());
             Ok(())
         }
         Command::Enrol { credentials } => {
@@ -54,8 +56,7 @@ fn main() -> anyhow::Result<()> {
             };
             let credentials: ClientCredentials =
                 serde_json::from_str(text.trim()).context("the credentials are not the JSON add-edge-node prints")?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let keys = runtime.block_on(cloud_auth::enrol(&config, &credentials)).map_err(anyhow::Error::msg)?;
+            let keys = runtime::block_on(cloud_auth::enrol(&config, &credentials))??;
             println!(
                 "node {} enrolled: credentials and {keys} signing key(s) stored in {}",
                 config.node.id,
@@ -90,19 +91,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    service_kit::logging::init(&config.log).map_err(anyhow::Error::msg)?;
     // Two workers: the node runs on small ward hardware, and the SQLite
     // writer has a thread of its own.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(16)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.http.listen))?;
-        edge_node::run(config, listener, service_kit::shutdown::signal()).await.context("edge node failed")
-    })
+    let threads = Threads { workers: Some(2), blocking_max: Some(16) };
+    let listen = config.http.listen;
+    runtime::serve(config, listen, threads, edge_node::run).context("edge node failed")
 }

@@ -23,9 +23,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_util::sync::CancellationToken;
 
+use crate::AppState;
 use crate::config::SyncConfig;
 use crate::store::{self, Write};
-use crate::{AppState, now_ms};
+use service_kit::clock::now_ms;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK_INTERVAL: Duration = Duration::from_millis(500);
@@ -96,7 +97,7 @@ async fn connect_once(
     let failed = |reason: String| Ended { reason, retryable: true, established: false };
     let token = match state.cloud_auth.node_token(&config.token_file).await {
         Ok(token) => token,
-        Err(reason) => return failed(reason),
+        Err(reason) => return failed(reason.to_string()),
     };
     let identity = match state.store.read(store::sync_identity).await {
         Ok(identity) => identity,

@@ -6,12 +6,13 @@
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use e2e::TestIssuer;
-use e2e::issuer::{hs256_with_public_key, tampered, unsigned_token};
 use edge_node::config::Config;
 use edge_node::{AppState, open_state};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use service_kit::config::ServiceConfig;
+use test_fixtures::TestIssuer;
+use test_fixtures::issuer::{hs256_with_public_key, tampered, unsigned_token};
 use tower::ServiceExt;
 
 const WARD: &str = "ward-4b";
@@ -29,7 +30,7 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let issuer = TestIssuer::new("key-1");
         std::fs::write(dir.path().join("jwks.json"), issuer.jwks().to_string()).unwrap();
-        let toml = e2e::process::edge_config(dir.path(), "edge-ward-4b", WARD, "")
+        let toml = test_fixtures::process::edge_config(dir.path(), "edge-ward-4b", WARD, "")
             .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nbody_bytes_max = 4096");
         let config = Config::from_toml(&toml).unwrap();
         Node { state: open_state(config).unwrap(), issuer, _dir: dir }

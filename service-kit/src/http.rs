@@ -1,12 +1,16 @@
 //! The one error type of the services' HTTP edges: a status, a stable code
 //! and a message, as `{"error": {"code", "message"}}`, never carrying
-//! internal detail.
+//! internal detail to the caller.
+//!
+//! Errors are logged once, by the [`log_refusals`] layer, with the request's
+//! method and path: a conversion only records what the log should say.
 
 use axum::Json;
-use axum::extract::FromRequest;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use sync_protocol::ticket::{ErrorClass, TicketError};
@@ -17,17 +21,45 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// What the log gets and the caller does not.
+    detail: Option<Refusal>,
+}
+
+/// How loudly a refusal is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Expected in normal operation (a token refused).
+    Info,
+    /// The service is degraded (storage unavailable).
+    Warn,
+    /// A bug or a failure someone must look at.
+    Error,
+}
+
+/// The log record of a refusal, carried to [`log_refusals`] in the
+/// response's extensions.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub severity: Severity,
+    pub code: &'static str,
+    pub detail: String,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), detail: None }
     }
 
     /// An unexpected failure: logged in full, answered without detail.
     pub fn internal(error: impl std::fmt::Display) -> Self {
-        tracing::error!(%error, "internal error");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; it has been logged")
+            .logged(Severity::Error, error)
+    }
+
+    /// This refusal, logged at `severity` with `detail` when it is answered.
+    pub fn logged(mut self, severity: Severity, detail: impl std::fmt::Display) -> Self {
+        self.detail = Some(Refusal { severity, code: self.code, detail: detail.to_string() });
+        self
     }
 
     pub fn status(&self) -> StatusCode {
@@ -42,8 +74,27 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(refusal) = self.detail {
+            response.extensions_mut().insert(refusal);
+        }
         response
     }
+}
+
+/// The response layer that logs refusals, once each, with the request's
+/// method and route: `Router::layer(axum::middleware::from_fn(log_refusals))`.
+pub async fn log_refusals(request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    if let Some(Refusal { severity, code, detail }) = response.extensions().get::<Refusal>() {
+        let status = response.status().as_u16();
+        match severity {
+            Severity::Info => tracing::info!(%method, path, status, code, error = %detail, "request refused"),
+            Severity::Warn => tracing::warn!(%method, path, status, code, error = %detail, "request failed"),
+            Severity::Error => tracing::error!(%method, path, status, code, error = %detail, "request failed"),
+        }
+    }
+    response
 }
 
 impl From<TicketError> for ApiError {
@@ -59,14 +110,13 @@ impl From<TicketError> for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
-        tracing::info!(%error, "token refused");
         let message = match error {
             AuthError::Missing => "send an Authorization: Bearer token",
             AuthError::Expired => "the token has expired; log in again",
             AuthError::Revoked => "the token has been revoked; log in again",
             _ => "the token is not valid here",
         };
-        ApiError::new(StatusCode::UNAUTHORIZED, error.code(), message)
+        ApiError::new(StatusCode::UNAUTHORIZED, error.code(), message).logged(Severity::Info, error)
     }
 }
 

@@ -11,6 +11,8 @@ use serde::Deserialize;
 use sync_protocol::token::{self, AuthError, TokenPolicy, Verifier};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ConfigError;
+
 /// The revocation list as last fetched, beside the key set.
 const REVOCATIONS_FILE: &str = "revocations.json";
 /// A first start without a key set waits this long for the auth service.
@@ -18,6 +20,23 @@ const FIRST_FETCH_ATTEMPTS_MAX: u32 = 30;
 const FIRST_FETCH_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// How long one fetch from the auth service may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the key set or revocation list could not be fetched or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("{url}: {source}")]
+    Fetch { url: String, source: reqwest::Error },
+    #[error("{url}: answered {status}")]
+    Status { url: String, status: reqwest::StatusCode },
+    #[error("the fetched key set is unusable: {0}")]
+    KeySet(#[from] AuthError),
+    #[error("the revocation list is unreadable: {0}")]
+    Revocations(serde_json::Error),
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot start an http client: {0}")]
+    Client(reqwest::Error),
+}
 
 /// The `[auth]` section of a service's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,13 +76,14 @@ struct Revoked {
 }
 
 impl AuthConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        self.policy.validate()?;
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: &dyn std::fmt::Display| ConfigError::invalid(format!("auth: {message}"));
+        self.policy.validate().map_err(|e| invalid(&e))?;
         if self.url.as_deref().is_some_and(|url| !url.starts_with("http://") && !url.starts_with("https://")) {
-            return Err("url must start with http:// or https://".into());
+            return Err(invalid(&"url must start with http:// or https://"));
         }
         if self.refresh_interval_s == 0 {
-            return Err("refresh_interval_s must be positive".into());
+            return Err(invalid(&"refresh_interval_s must be positive"));
         }
         Ok(())
     }
@@ -87,18 +107,17 @@ impl AuthConfig {
 
     /// Fetches the key set from the auth service if none is on disk yet (a
     /// cloud service's first start), retrying while the auth service starts.
-    pub async fn fetch_jwks_if_missing(&self, data_dir: &Path) -> Result<(), String> {
+    pub async fn fetch_jwks_if_missing(&self, data_dir: &Path) -> Result<(), KeysError> {
         let (path, Some(url)) = (self.jwks_path(data_dir), self.url.as_deref()) else { return Ok(()) };
         if path.exists() {
             return Ok(());
         }
-        std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
-        let client = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build().map_err(|e| e.to_string())?;
+        let client = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build().map_err(KeysError::Client)?;
         let url = format!("{}/.well-known/jwks.json", url.trim_end_matches('/'));
         let mut attempt = 0;
         loop {
             match fetch(&client, &url).await.and_then(|jwks| {
-                token::parse_jwks(&jwks).map_err(|e| e.to_string())?;
+                token::parse_jwks(&jwks)?;
                 Ok(jwks)
             }) {
                 Ok(jwks) => return write_atomically(&path, &jwks),
@@ -149,28 +168,29 @@ async fn refresh_once(
     jwks_path: &Path,
     data_dir: &Path,
     verifier: &Verifier,
-) -> Result<(), String> {
+) -> Result<(), KeysError> {
     let jwks = fetch(client, &format!("{base}/.well-known/jwks.json")).await?;
-    verifier.replace_keys(&token::parse_jwks(&jwks).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    verifier.replace_keys(&token::parse_jwks(&jwks)?)?;
     write_atomically(jwks_path, &jwks)?;
     let revocations = fetch(client, &format!("{base}/oauth/revocations")).await?;
-    let parsed: Revocations = serde_json::from_str(&revocations).map_err(|e| format!("revocation list: {e}"))?;
+    let parsed: Revocations = serde_json::from_str(&revocations).map_err(KeysError::Revocations)?;
     verifier.replace_revoked(parsed.revoked.into_iter().map(|r| r.jti));
     write_atomically(&data_dir.join(REVOCATIONS_FILE), &revocations)
 }
 
-async fn fetch(client: &reqwest::Client, url: &str) -> Result<String, String> {
-    let response = client.get(url).send().await.map_err(|e| format!("{url}: {e}"))?;
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<String, KeysError> {
+    let failed = |source| KeysError::Fetch { url: url.to_owned(), source };
+    let response = client.get(url).send().await.map_err(failed)?;
     if !response.status().is_success() {
-        return Err(format!("{url}: {}", response.status()));
+        return Err(KeysError::Status { url: url.to_owned(), status: response.status() });
     }
-    response.text().await.map_err(|e| format!("{url}: {e}"))
+    response.text().await.map_err(failed)
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename, so a
 /// crash leaves the old file or the new one, never half of one. Readable by
 /// the owner only: these files hold credentials and password hashes.
-pub fn write_atomically(path: &Path, contents: &str) -> Result<(), String> {
+pub fn write_atomically(path: &Path, contents: &str) -> Result<(), KeysError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let temporary = path.with_extension("tmp");
@@ -181,5 +201,5 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<(), String> {
         file.sync_all()?;
         std::fs::rename(&temporary, path)
     })();
-    written.map_err(|e| format!("cannot write {}: {e}", path.display()))
+    written.map_err(|source| KeysError::Write { path: path.to_owned(), source })
 }

@@ -11,10 +11,17 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 const GENERATED_SECRET_BYTES: usize = 32;
 
 /// An argon2id hash of `secret` with a fresh salt, as a PHC string.
-pub fn hash_secret(secret: &str) -> Result<String, String> {
-    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| e.to_string())?;
-    Argon2::default().hash_password(secret.as_bytes(), &salt).map(|hash| hash.to_string()).map_err(|e| e.to_string())
+pub fn hash_secret(secret: &str) -> Result<String, HashError> {
+    // password_hash's error is not a std error (no_std crate): kept as text.
+    let failed = |e: argon2::password_hash::Error| HashError(e.to_string());
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(failed)?;
+    Ok(Argon2::default().hash_password(secret.as_bytes(), &salt).map_err(failed)?.to_string())
 }
+
+/// A secret could not be hashed (argon2 refused its input).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot hash the secret: {0}")]
+pub struct HashError(String);
 
 /// Whether `secret` matches the PHC string `hash`; a malformed hash matches nothing.
 pub fn verify_secret(secret: &str, hash: &str) -> bool {

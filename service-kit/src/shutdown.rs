@@ -2,10 +2,7 @@
 //! Ctrl-C), and serving until told to stop with a bounded drain.
 
 use std::future::Future;
-use std::time::Duration;
 
-use axum::Router;
-use axum::serve::Listener;
 use tokio_util::sync::CancellationToken;
 
 pub async fn signal() {
@@ -34,14 +31,15 @@ pub fn cancel_when(token: CancellationToken, signal: impl Future<Output = ()> + 
 /// Serves `router` on `listener` until `stop` is cancelled, then lets
 /// in-flight requests finish for at most `grace` and returns; requests still
 /// running after that are cut off (long-lived streams watch `stop` themselves).
+#[cfg(feature = "http")]
 pub async fn serve_until<L>(
     listener: L,
-    router: Router,
+    router: axum::Router,
     stop: CancellationToken,
-    grace: Duration,
+    grace: std::time::Duration,
 ) -> std::io::Result<()>
 where
-    L: Listener,
+    L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
     let drained = stop.clone();

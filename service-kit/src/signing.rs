@@ -7,6 +7,14 @@ use ed25519_dalek::pkcs8::EncodePrivateKey;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
+#[derive(Debug, thiserror::Error)]
+pub enum SigningError {
+    #[error("cannot encode the signing key: {0}")]
+    Encode(String),
+    #[error("cannot sign the token: {0}")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
 pub struct SigningKey {
     kid: String,
     key: ed25519_dalek::SigningKey,
@@ -20,9 +28,9 @@ impl std::fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    pub fn from_seed(kid: impl Into<String>, seed: &[u8; 32]) -> Result<Self, String> {
+    pub fn from_seed(kid: impl Into<String>, seed: &[u8; 32]) -> Result<Self, SigningError> {
         let key = ed25519_dalek::SigningKey::from_bytes(seed);
-        let der = key.to_pkcs8_der().map_err(|e| format!("cannot encode the signing key: {e}"))?;
+        let der = key.to_pkcs8_der().map_err(|e| SigningError::Encode(e.to_string()))?;
         Ok(Self { kid: kid.into(), encoding: EncodingKey::from_ed_der(der.as_bytes()), key })
     }
 
@@ -37,9 +45,9 @@ impl SigningKey {
     }
 
     /// A JWT of `claims`, with this key's id in the header.
-    pub fn sign(&self, claims: &Value) -> Result<String, String> {
+    pub fn sign(&self, claims: &Value) -> Result<String, SigningError> {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| e.to_string())
+        Ok(jsonwebtoken::encode(&header, claims, &self.encoding)?)
     }
 }

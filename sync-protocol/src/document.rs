@@ -182,7 +182,7 @@ impl TicketDocument {
         replica: ActorId,
     ) -> Result<Created, DocumentError> {
         new.validate(limits)?;
-        if !matches!(actor.role, Role::Nurse | Role::Admin) {
+        if !actor.role.works_at_ward() {
             return Err(TicketError::IllegalTransition {
                 from: Status::Requested,
                 to: Status::Requested,
@@ -839,7 +839,7 @@ fn check_declared_edits(
             AuditAction::Create if before.is_some() => {
                 return Err(forbidden(hash, "a ticket can be created only once".into()));
             }
-            AuditAction::Create if !matches!(audit.actor.role, Role::Nurse | Role::Admin) => {
+            AuditAction::Create if !audit.actor.role.works_at_ward() => {
                 return Err(forbidden(hash, format!("a {} may not create tickets", audit.actor.role)));
             }
             AuditAction::Edit { fields } => {

@@ -172,6 +172,22 @@ impl Role {
             Role::EdgeNode => "edge-node",
         }
     }
+
+    /// Whether the role works at a ward: requests stock, edits and cancels
+    /// the ward's tickets, logs in at the ward's edge node.
+    pub fn works_at_ward(self) -> bool {
+        matches!(self, Role::Nurse | Role::Admin)
+    }
+
+    /// Whether the role works the central pharmacy's queue.
+    pub fn works_at_pharmacy(self) -> bool {
+        matches!(self, Role::Pharmacist | Role::Admin)
+    }
+
+    /// The roles that work at a ward, for queries over stored accounts.
+    pub fn ward_roles() -> impl Iterator<Item = Role> {
+        Role::ALL.into_iter().filter(|role| role.works_at_ward())
+    }
 }
 
 impl FromStr for Role {

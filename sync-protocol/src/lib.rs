@@ -7,6 +7,7 @@
 
 pub mod admission;
 mod causal;
+#[cfg(feature = "document")]
 pub mod document;
 pub mod fhir;
 pub mod ids;

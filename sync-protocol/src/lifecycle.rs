@@ -23,8 +23,8 @@ use crate::ticket::{Conflict, Status, TicketError, TransitionRef, UnixMillis};
 /// where the lifecycle's permissions live.
 pub fn check_transition(from: Status, to: Status, role: Role) -> Result<(), TicketError> {
     use Status::*;
-    let pharmacy = matches!(role, Role::Pharmacist | Role::Admin);
-    let ward = matches!(role, Role::Nurse | Role::Admin);
+    let pharmacy = role.works_at_pharmacy();
+    let ward = role.works_at_ward();
     let allowed = match to {
         // The pharmacy may skip steps it did not record (pick straight from
         // the queue), but never goes back.
@@ -72,11 +72,9 @@ pub fn check_edit(kind: EditKind, status: Status, role: Role) -> Result<(), Tick
     let allowed = match kind {
         // Once picking has started the order is being filled; changing it
         // then would silently invalidate what is on the pharmacist's bench.
-        EditKind::Order => {
-            matches!(role, Role::Nurse | Role::Admin) && matches!(status, Status::Requested | Status::Acknowledged)
-        }
+        EditKind::Order => role.works_at_ward() && matches!(status, Status::Requested | Status::Acknowledged),
         EditKind::Notes => role != Role::EdgeNode && status != Status::EnteredInError,
-        EditKind::Assignee => matches!(role, Role::Pharmacist | Role::Admin) && !status.is_final(),
+        EditKind::Assignee => role.works_at_pharmacy() && !status.is_final(),
     };
     if allowed { Ok(()) } else { Err(TicketError::IllegalEdit { what: kind.verb(), status, role }) }
 }

@@ -48,18 +48,29 @@ fn default_leeway_s() -> u64 {
 impl TokenPolicy {
     /// Refuses a policy that could be tricked: an HMAC algorithm would let
     /// anyone holding the public JWKS forge tokens.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PolicyError> {
         if self.issuer.is_empty() || self.audience.is_empty() {
-            return Err("issuer and audience must not be empty".into());
+            return Err(PolicyError::Unnamed);
         }
         if self.algorithms.is_empty() {
-            return Err("algorithms must name at least one algorithm".into());
+            return Err(PolicyError::NoAlgorithm);
         }
         match self.algorithms.iter().find(|a| !matches!(a, Algorithm::EdDSA | Algorithm::ES256 | Algorithm::ES384)) {
-            Some(alg) => Err(format!("algorithm {alg:?} is not allowed; use EdDSA, ES256 or ES384")),
+            Some(alg) => Err(PolicyError::AlgorithmNotAllowed(*alg)),
             None => Ok(()),
         }
     }
+}
+
+/// Why a [`TokenPolicy`] is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("issuer and audience must not be empty")]
+    Unnamed,
+    #[error("algorithms must name at least one algorithm")]
+    NoAlgorithm,
+    #[error("algorithm {0:?} is not allowed; use EdDSA, ES256 or ES384")]
+    AlgorithmNotAllowed(Algorithm),
 }
 
 /// Why a token was refused. Deliberately coarse towards the caller (see
@@ -139,10 +150,10 @@ pub struct Principal {
 impl Principal {
     /// The strongest of the principal's roles among `accepted`, if any:
     /// a user who is both nurse and admin acts as admin.
-    pub fn acting_role(&self, accepted: &[Role]) -> Option<Role> {
+    pub fn acting_role(&self, accepted: impl Fn(Role) -> bool) -> Option<Role> {
         [Role::Admin, Role::Pharmacist, Role::Nurse, Role::EdgeNode]
             .into_iter()
-            .find(|role| self.roles.contains(role) && accepted.contains(role))
+            .find(|role| self.roles.contains(role) && accepted(*role))
     }
 }
 

@@ -7,9 +7,11 @@
 
 use std::time::Duration;
 
-use e2e::process::{ServiceProcess, auth_admin, auth_config, binary, bridge_config_with_auth, edge_config_with_auth};
-use e2e::{free_port, get_json, wait_for};
 use serde_json::{Value, json};
+use test_fixtures::process::{
+    ServiceProcess, auth_admin, auth_config, binary, bridge_config_with_auth, edge_config_with_auth,
+};
+use test_fixtures::{free_port, get_json, wait_for};
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";
@@ -187,8 +189,8 @@ async fn tokens_from_the_auth_service_work_are_revocable_and_the_edge_logs_staff
 
 #[tokio::test]
 async fn the_admin_commands_and_two_instances_work_on_mongodb() {
-    let services = e2e::Services::from_env();
-    let namespace = e2e::services::namespace("auth-admin");
+    let services = test_fixtures::Services::from_env();
+    let namespace = test_fixtures::services::namespace("auth-admin");
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
     let distributed = format!(

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e::process::{ServiceProcess, binary, edge_config};
-use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 use serde_json::{Value, json};
+use test_fixtures::process::{ServiceProcess, binary, edge_config};
+use test_fixtures::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";

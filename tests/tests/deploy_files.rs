@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use e2e::process::binary;
 use serde::Deserialize;
+use test_fixtures::process::binary;
 use yaml_serde::Value;
 
 fn deploy() -> PathBuf {
@@ -63,7 +63,7 @@ fn the_compose_file_runs_every_service_of_the_guide_with_a_valid_configuration()
         ("auth-service", "auth-service", "serve"),
         ("bridge-1", "cloud-bridge", "serve"),
         ("bridge-2", "cloud-bridge", "serve"),
-        ("projector", "cloud-bridge", "project"),
+        ("projector", "projector", "serve"),
     ] {
         let service = &services[name];
         assert_eq!(service["image"].as_str(), Some("medsync:latest"), "{name}");
@@ -85,6 +85,10 @@ fn the_compose_file_runs_every_service_of_the_guide_with_a_valid_configuration()
         if program == "auth-service" {
             assert!(output.contains("mongodb, rate limits in redis"), "{name}: {output}");
         }
+        if program == "projector" {
+            assert!(output.contains("projector projector-1, topic medsync.changes"), "{name}: {output}");
+            assert!(output.contains("notices in redis"), "{name}: {output}");
+        }
         if program == "cloud-bridge" {
             assert!(output.contains("distributed store: kafka, mongodb, redis"), "{name}: {output}");
             let depends = service["depends_on"].as_mapping().unwrap();
@@ -101,7 +105,7 @@ fn the_kubernetes_manifests_parse_and_carry_valid_configurations() {
     for (file, kinds, program, subcommand) in [
         ("auth-service.yaml", &["ConfigMap", "Deployment", "Service"][..], "auth-service", "serve"),
         ("cloud-bridge.yaml", &["ConfigMap", "Deployment", "Service"][..], "cloud-bridge", "serve"),
-        ("projector.yaml", &["Deployment"][..], "cloud-bridge", "project"),
+        ("projector.yaml", &["ConfigMap", "Deployment"][..], "projector", "serve"),
     ] {
         let documents = manifests(file);
         let found: Vec<String> = documents.iter().map(|d| string(&d["kind"])).collect();
@@ -127,4 +131,17 @@ fn the_kubernetes_manifests_parse_and_carry_valid_configurations() {
         std::fs::write(&config, string(text)).unwrap();
         check_config(program, &config, &[], file);
     }
+}
+
+/// `cloud-bridge project` ran the projector before it was a binary of its
+/// own: the old command line fails and says what replaced it.
+#[test]
+fn the_old_projector_command_names_the_projector_binary() {
+    let example = deploy().join("cloud-bridge.example.toml");
+    let output = Command::new(binary("cloud-bridge")).arg("--config").arg(&example).arg("project").output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("run `projector serve --config projector.toml`"), "{stderr}");
+    let checked = check_config("projector", &deploy().join("projector.example.toml"), &[], "projector example");
+    assert!(checked.contains("configuration is valid: projector projector-1"), "{checked}");
 }

@@ -4,12 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::cloud::Cloud;
-use e2e::get_json;
-use e2e::wait_for;
 use futures_util::StreamExt;
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
+use test_fixtures::cloud::Cloud;
+use test_fixtures::get_json;
+use test_fixtures::wait_for;
 
 fn ticket(n: usize) -> Value {
     json!({
@@ -19,13 +19,13 @@ fn ticket(n: usize) -> Value {
     })
 }
 
-async fn create(client: &reqwest::Client, edge: &e2e::EdgeNodeProcess, nurse: &str, n: usize) -> String {
+async fn create(client: &reqwest::Client, edge: &test_fixtures::EdgeNodeProcess, nurse: &str, n: usize) -> String {
     let response = client.post(edge.url("/api/v1/tickets")).bearer_auth(nurse).json(&ticket(n)).send().await.unwrap();
     assert_eq!(response.status(), 201);
     response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
 }
 
-async fn queue_total(client: &reqwest::Client, bridge: &e2e::BridgeProcess, token: &str, ward: &str) -> u64 {
+async fn queue_total(client: &reqwest::Client, bridge: &test_fixtures::BridgeProcess, token: &str, ward: &str) -> u64 {
     let url = bridge.url(&format!("/api/v1/queue?ward={ward}&limit=1"));
     let queue: Value = get_json(client, url, token).await;
     queue["total"].as_u64().unwrap_or(0)

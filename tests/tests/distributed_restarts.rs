@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use e2e::cloud::Cloud;
-use e2e::{EdgeNodeProcess, get_json, wait_for};
 use futures_util::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
+use test_fixtures::cloud::Cloud;
+use test_fixtures::{EdgeNodeProcess, get_json, wait_for};
 
 /// Changes the wards make during the outages: creations and edits.
 const CHANGES: usize = 5_000;

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use e2e::{EdgeNodeProcess, TestIssuer};
 use serde_json::{Value, json};
+use test_fixtures::{EdgeNodeProcess, TestIssuer};
 
 const WARD: &str = "ward-4b";
 const INITIAL_TICKETS: usize = 1_000;
@@ -156,9 +156,9 @@ async fn environment_variables_override_the_file() {
     let issuer = TestIssuer::new("key-1");
     std::fs::write(dir.path().join("jwks.json"), issuer.jwks().to_string()).unwrap();
     let config = dir.path().join("edge-node.toml");
-    std::fs::write(&config, e2e::process::edge_config(dir.path(), "edge-ward-4b", WARD, "")).unwrap();
+    std::fs::write(&config, test_fixtures::process::edge_config(dir.path(), "edge-ward-4b", WARD, "")).unwrap();
     let check = |env: &[(&str, &str)]| {
-        let output = std::process::Command::new(e2e::process::binary("edge-node"))
+        let output = std::process::Command::new(test_fixtures::process::binary("edge-node"))
             .args(["check-config", "--config"])
             .arg(&config)
             .envs(env.iter().copied())

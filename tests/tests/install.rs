@@ -8,9 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use e2e::TestIssuer;
-use e2e::process::{ServiceProcess, binary};
 use serde_json::json;
+use test_fixtures::TestIssuer;
+use test_fixtures::process::{ServiceProcess, binary};
 
 const WARD: &str = "ward-4b";
 
@@ -70,7 +70,7 @@ async fn the_installed_node_starts_from_its_installed_configuration_and_serves()
         &program,
         &config,
         &data_dir,
-        &[("EDGE_NODE__HTTP__LISTEN", "127.0.0.1:0"), ("EDGE_NODE__AUTH__ISSUER", e2e::issuer::ISSUER)],
+        &[("EDGE_NODE__HTTP__LISTEN", "127.0.0.1:0"), ("EDGE_NODE__AUTH__ISSUER", test_fixtures::issuer::ISSUER)],
     );
     let client = reqwest::Client::new();
     assert_eq!(client.get(node.url("/healthz")).send().await.unwrap().text().await.unwrap(), "ok");

@@ -11,10 +11,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use e2e::cloud::Cloud;
-use e2e::process::{ServiceProcess, binary, edge_config};
-use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 use serde_json::{Value, json};
+use test_fixtures::cloud::Cloud;
+use test_fixtures::process::{ServiceProcess, binary, edge_config};
+use test_fixtures::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";

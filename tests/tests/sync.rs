@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use test_fixtures::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 
 const WARD: &str = "ward-4b";
 const NODE: &str = "edge-ward-4b";
