@@ -314,6 +314,24 @@ impl AuthState {
         Ok(token)
     }
 
+    /// Spends a refresh token (rotation: a spent one presented again
+    /// revokes its family) and returns its user as the account is now, not
+    /// as it was at login, with the token's family.
+    async fn refreshed(&self, presented: &str) -> Result<(Account, String), OAuthError> {
+        self.throttle(format!("refresh:{}", &store::refresh_digest(presented)[..16])).await?;
+        let (family, subject) = match self.store.use_refresh(presented, now_s()).await? {
+            RefreshUse::Valid { family, subject } => (family, subject),
+            RefreshUse::Reused => {
+                tracing::warn!("a spent refresh token was presented again; its family is revoked");
+                return Err(OAuthError::invalid_grant("the refresh token was already used; log in again"));
+            }
+            RefreshUse::Invalid => return Err(OAuthError::invalid_grant("the refresh token is invalid or expired")),
+        };
+        let user = self.store.account(&subject, AccountKind::User).await?;
+        let user = user.ok_or_else(|| OAuthError::invalid_grant("the account no longer exists"))?;
+        Ok((user, family))
+    }
+
     /// A verifier of this service's own tokens, with the keys published now.
     async fn own_verifier(&self) -> Result<Verifier, OAuthError> {
         let keys = self.store.keys().await?;
@@ -362,22 +380,7 @@ async fn token_endpoint(
         Some("refresh_token") => {
             let presented =
                 form.refresh_token.ok_or_else(|| OAuthError::invalid_request("refresh_token is missing"))?;
-            state.throttle(format!("refresh:{}", &store::refresh_digest(&presented)[..16])).await?;
-            let outcome = state.store.use_refresh(&presented, now_s()).await?;
-            let (family, subject) = match outcome {
-                RefreshUse::Valid { family, subject } => (family, subject),
-                RefreshUse::Reused => {
-                    tracing::warn!("a spent refresh token was presented again; its family is revoked");
-                    return Err(OAuthError::invalid_grant("the refresh token was already used; log in again"));
-                }
-                RefreshUse::Invalid => {
-                    return Err(OAuthError::invalid_grant("the refresh token is invalid or expired"));
-                }
-            };
-            // Roles and wards as they are now, not as they were at login.
-            let lookup = subject.clone();
-            let user = state.store.account(&lookup, AccountKind::User).await?;
-            let user = user.ok_or_else(|| OAuthError::invalid_grant("the account no longer exists"))?;
+            let (user, family) = state.refreshed(&presented).await?;
             (user, Some(family))
         }
         Some(other) => {

@@ -8,14 +8,15 @@
 //! node's cursor, wakes on notices of new changes, and falls back to polling
 //! so a missed notice only delays, never loses, a change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
-use cloud_store::{Feed, FeedLimits, LeaseUpdate, StoreError};
+use cloud_store::{Feed, FeedLimits, LeaseUpdate, StoreError, WardNotice};
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use service_kit::clock::now_ms;
 use sync_protocol::admission::{Admission, Claim};
@@ -23,8 +24,8 @@ use sync_protocol::ids::{NodeId, WardId};
 use sync_protocol::session::{BridgeAction, BridgePhase, BridgeSession};
 use sync_protocol::token::Principal;
 use sync_protocol::wire::{self, DatabaseId, Lease, Message, RefusalReason, Refused};
-use tokio::sync::Notify;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{Notify, broadcast};
 
 use crate::AppState;
 use crate::caller::EdgeCaller;
@@ -127,140 +128,222 @@ async fn drive(
     principal: Principal,
     admitted: &mut Option<(OpenSession, DatabaseId)>,
 ) -> Result<(), DriveError> {
-    let config = state.config.session;
-    let (mut sink, mut stream) = socket.split();
-    let mut session = BridgeSession::new(config, now_ms());
-    let mut notices = state.store.subscribe();
+    let (sink, mut stream) = socket.split();
+    let mut link = Link {
+        session: BridgeSession::new(state.config.session, now_ms()),
+        state,
+        principal,
+        admitted,
+        sink,
+        feed: None,
+        feed_wanted: false,
+    };
+    let mut notices = link.state.store.subscribe();
     let mut ticks = tokio::time::interval(TICK_INTERVAL);
     let mut poll = tokio::time::interval(FEED_POLL_INTERVAL);
     let mut presence = tokio::time::interval(PRESENCE_RENEW_INTERVAL);
-    // The feed once started, and whether it may have more to read.
-    let mut feed: Option<Feed> = None;
-    let mut feed_wanted = false;
-    let mut actions = Vec::new();
+    let mut actions = VecDeque::new();
     loop {
-        while let Some(action) = (!actions.is_empty()).then(|| actions.remove(0)) {
-            match action {
-                BridgeAction::Send(message) => {
-                    let frame = wire::encode(&message, &config.limits).map_err(axum::Error::new)?;
-                    sink.send(WsMessage::Binary(frame.into())).await?;
-                }
-                BridgeAction::Authenticate { node, ward, token, database, lease } => {
-                    let result = match authenticate(&state, &principal, &node, &ward, &token) {
-                        Ok(()) => admit(&state, &node, &ward, database, lease).await,
-                        Err(refused) => Err(refused),
-                    };
-                    let result = result.map(|(open, lease)| {
-                        *admitted = Some((open, database));
-                        lease
-                    });
-                    actions.extend(session.authenticated(result, now_ms()));
-                }
-                BridgeAction::LeaseHeld { lease } => {
-                    if let (Some((node, _)), Some((_, database))) = (session.peer(), &*admitted) {
-                        let update = LeaseUpdate::Confirm { database: *database, lease };
-                        state.store.update_lease(node.clone(), update).await?;
-                    }
-                }
-                BridgeAction::Store { changes } => {
-                    let (node, ward) =
-                        session.peer().map(|(n, w)| (n.clone(), w.clone())).expect("stores only after hello");
-                    let rejections = state.store.store_upstream(node, ward, changes).await?;
-                    actions.extend(session.stored(rejections, now_ms()));
-                }
-                BridgeAction::CheckHeads { tickets, last } => {
-                    let ward = session.peer().map(|(_, ward)| ward.clone()).expect("checks only after hello");
-                    let missing = state.store.missing_heads(ward, tickets).await?;
-                    if !missing.is_empty() {
-                        tracing::warn!(node = %principal.user, tickets = missing.len(), "a node holds changes the cloud lacks");
-                    }
-                    actions.extend(session.heads_checked(missing, last, now_ms()));
-                }
-                BridgeAction::StartFeed { cursor } => {
-                    let (node, ward) =
-                        session.peer().map(|(n, w)| (n.clone(), w.clone())).expect("the feed starts after hello");
-                    feed = Some(state.store.open_feed(node, ward, cursor.as_ref()).await?);
-                    feed_wanted = true;
-                }
-                BridgeAction::DownstreamAcked { cursor } => {
-                    if let Some((node, _)) = session.peer() {
-                        state.store.note_cursor(node.clone(), &cursor);
-                    }
-                }
-                BridgeAction::Close(reason) => {
-                    tracing::info!(node = %principal.user, ?reason, "closing sync session");
-                    let _ = sink.close().await;
-                    return Ok(());
-                }
+        while let Some(action) = actions.pop_front() {
+            match link.perform(action).await? {
+                Some(more) => actions.extend(more),
+                None => return Ok(()),
             }
         }
-        if let (Some(open), true, Some(demand)) = (feed.as_mut(), feed_wanted, session.downstream_demand()) {
-            let limits = FeedLimits { changes_max: demand.changes_max, bytes_max: demand.change_bytes_max };
-            match state.store.read_feed(open, limits).await? {
-                // Sent even when every change read was the node's own (none
-                // to apply): the node then keeps the position, and its next
-                // session starts from it instead of without a cursor, which
-                // would send its own changes back (see `Store::open_feed`).
-                Some((changes, cursor)) => {
-                    actions.extend(session.send_downstream(Message::Downstream { changes, cursor }, now_ms()));
-                    continue;
-                }
-                None => feed_wanted = false,
-            }
+        if let Some(more) = link.next_downstream().await? {
+            actions.extend(more);
+            continue;
         }
-        if session.phase() == BridgePhase::Closed {
+        if link.session.phase() == BridgePhase::Closed {
             return Ok(());
         }
         tokio::select! {
-            frame = stream.next() => match frame {
-                Some(Ok(WsMessage::Binary(bytes))) => match wire::decode(&bytes, &config.limits) {
-                    Ok(message) => actions.extend(session.on_message(message, now_ms())),
-                    Err(error) => actions.extend(session.on_frame_error(&error)),
-                },
-                Some(Ok(WsMessage::Close(_))) | None => return Ok(()),
-                Some(Ok(_)) => {} // ping/pong/text: the protocol's own heartbeats are binary
-                Some(Err(error)) => return Err(error.into()),
+            frame = stream.next() => match link.receive(frame)? {
+                Some(more) => actions.extend(more),
+                None => return Ok(()),
             },
             notice = notices.recv() => {
-                // A round of changes arrives as a burst of notices (one per
-                // ticket): take every one already queued, then read once.
-                let mut next = Some(notice);
-                while let Some(notice) = next {
-                    match notice {
-                        Ok(notice) if session.peer().is_some_and(|(_, ward)| *ward == notice.ward) => feed_wanted = true,
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(_)) => feed_wanted = true,
-                        Err(RecvError::Closed) => return Ok(()),
-                    }
-                    next = match notices.try_recv() {
-                        Ok(notice) => Some(Ok(notice)),
-                        Err(TryRecvError::Lagged(missed)) => Some(Err(RecvError::Lagged(missed))),
-                        Err(TryRecvError::Empty | TryRecvError::Closed) => None,
-                    };
+                if !link.take_notices(notice, &mut notices) {
+                    return Ok(());
                 }
             }
-            database = renewal_asked(admitted) => {
-                let node = session.peer().map(|(node, _)| node.clone()).expect("admitted after hello");
-                let offer = LeaseUpdate::Offer { database, nonce: rand::random() };
-                if let Some(lease) = state.store.update_lease(node, offer).await?.and_then(|record| record.offered) {
-                    actions.extend(session.offer_lease(lease, now_ms()));
-                }
-            }
-            _ = presence.tick(), if admitted.is_some() => {
-                let node = session.peer().map(|(node, _)| node.clone()).expect("admitted after hello");
-                if state.store.keep_present(&node).await?
-                    && let Some((open, _)) = admitted.as_ref()
-                {
-                    open.renew.notify_one();
-                }
-            }
-            _ = poll.tick() => feed_wanted = true,
-            _ = ticks.tick() => actions.extend(session.on_tick(now_ms())),
-            _ = state.shutdown.cancelled() => {
-                let _ = sink.close().await;
+            database = renewal_asked(link.admitted) => actions.extend(link.offer_lease(database).await?),
+            _ = presence.tick(), if link.admitted.is_some() => link.keep_present().await?,
+            _ = poll.tick() => link.feed_wanted = true,
+            _ = ticks.tick() => actions.extend(link.session.on_tick(now_ms())),
+            _ = link.state.shutdown.cancelled() => {
+                let _ = link.sink.close().await;
                 return Ok(());
             }
         }
+    }
+}
+
+/// The driver of one connection: it moves frames between the socket and
+/// the session and does what the session's actions say to the store.
+/// Every protocol decision is the session's.
+struct Link<'a> {
+    state: AppState,
+    principal: Principal,
+    admitted: &'a mut Option<(OpenSession, DatabaseId)>,
+    session: BridgeSession,
+    sink: SplitSink<WebSocket, WsMessage>,
+    /// The feed once started, and whether it may have more to read.
+    feed: Option<Feed>,
+    feed_wanted: bool,
+}
+
+impl Link<'_> {
+    /// The node and ward of the hello; the session asks for nothing that
+    /// needs them before it.
+    fn peer(&self) -> (NodeId, WardId) {
+        let (node, ward) = self.session.peer().expect("the session acts on a peer only after its hello");
+        (node.clone(), ward.clone())
+    }
+
+    /// Does one of the session's actions; returns the actions it leads to,
+    /// or `None` once the connection is closed.
+    async fn perform(&mut self, action: BridgeAction) -> Result<Option<Vec<BridgeAction>>, DriveError> {
+        let now = now_ms();
+        let more = match action {
+            BridgeAction::Send(message) => {
+                let frame = wire::encode(&message, &self.state.config.session.limits).map_err(axum::Error::new)?;
+                self.sink.send(WsMessage::Binary(frame.into())).await?;
+                Vec::new()
+            }
+            BridgeAction::Authenticate { node, ward, token, database, lease } => {
+                let result = match authenticate(&self.state, &self.principal, &node, &ward, &token) {
+                    Ok(()) => admit(&self.state, &node, &ward, database, lease).await,
+                    Err(refused) => Err(refused),
+                };
+                let result = result.map(|(open, lease)| {
+                    *self.admitted = Some((open, database));
+                    lease
+                });
+                self.session.authenticated(result, now)
+            }
+            BridgeAction::LeaseHeld { lease } => {
+                if let Some((_, database)) = self.admitted.as_ref() {
+                    let update = LeaseUpdate::Confirm { database: *database, lease };
+                    self.state.store.update_lease(self.peer().0, update).await?;
+                }
+                Vec::new()
+            }
+            BridgeAction::Store { changes } => {
+                let (node, ward) = self.peer();
+                let rejections = self.state.store.store_upstream(node, ward, changes).await?;
+                self.session.stored(rejections, now)
+            }
+            BridgeAction::CheckHeads { tickets, last } => {
+                let missing = self.state.store.missing_heads(self.peer().1, tickets).await?;
+                if !missing.is_empty() {
+                    tracing::warn!(node = %self.principal.user, tickets = missing.len(), "a node holds changes the cloud lacks");
+                }
+                self.session.heads_checked(missing, last, now)
+            }
+            BridgeAction::StartFeed { cursor } => {
+                let (node, ward) = self.peer();
+                self.feed = Some(self.state.store.open_feed(node, ward, cursor.as_ref()).await?);
+                self.feed_wanted = true;
+                Vec::new()
+            }
+            BridgeAction::DownstreamAcked { cursor } => {
+                self.state.store.note_cursor(self.peer().0, &cursor);
+                Vec::new()
+            }
+            BridgeAction::Close(reason) => {
+                tracing::info!(node = %self.principal.user, ?reason, "closing sync session");
+                let _ = self.sink.close().await;
+                return Ok(None);
+            }
+        };
+        Ok(Some(more))
+    }
+
+    /// Reads the next part of the feed when the session's window is open
+    /// and there may be more; `None` when there is nothing to send.
+    async fn next_downstream(&mut self) -> Result<Option<Vec<BridgeAction>>, DriveError> {
+        let (Some(feed), true, Some(demand)) = (self.feed.as_mut(), self.feed_wanted, self.session.downstream_demand())
+        else {
+            return Ok(None);
+        };
+        let limits = FeedLimits { changes_max: demand.changes_max, bytes_max: demand.change_bytes_max };
+        match self.state.store.read_feed(feed, limits).await? {
+            // Sent even when every change read was the node's own (none
+            // to apply): the node then keeps the position, and its next
+            // session starts from it instead of without a cursor, which
+            // would send its own changes back (see `Store::open_feed`).
+            Some((changes, cursor)) => {
+                Ok(Some(self.session.send_downstream(Message::Downstream { changes, cursor }, now_ms())))
+            }
+            None => {
+                self.feed_wanted = false;
+                Ok(None)
+            }
+        }
+    }
+
+    /// What a frame from the node leads to; `None` once the node closed.
+    fn receive(
+        &mut self,
+        frame: Option<Result<WsMessage, axum::Error>>,
+    ) -> Result<Option<Vec<BridgeAction>>, DriveError> {
+        let limits = self.state.config.session.limits;
+        match frame {
+            Some(Ok(WsMessage::Binary(bytes))) => Ok(Some(match wire::decode(&bytes, &limits) {
+                Ok(message) => self.session.on_message(message, now_ms()),
+                Err(error) => self.session.on_frame_error(&error),
+            })),
+            Some(Ok(WsMessage::Close(_))) | None => Ok(None),
+            // Ping, pong, text: the protocol's own heartbeats are binary.
+            Some(Ok(_)) => Ok(Some(Vec::new())),
+            Some(Err(error)) => Err(error.into()),
+        }
+    }
+
+    /// A round of changes arrives as a burst of notices (one per ticket):
+    /// takes every one already queued, and notes whether the feed should
+    /// read. `false` once the store stopped sending notices.
+    fn take_notices(
+        &mut self,
+        first: Result<WardNotice, RecvError>,
+        notices: &mut broadcast::Receiver<WardNotice>,
+    ) -> bool {
+        let mut next = Some(first);
+        while let Some(notice) = next {
+            match notice {
+                Ok(notice) if self.session.peer().is_some_and(|(_, ward)| *ward == notice.ward) => {
+                    self.feed_wanted = true
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => self.feed_wanted = true,
+                Err(RecvError::Closed) => return false,
+            }
+            next = match notices.try_recv() {
+                Ok(notice) => Some(Ok(notice)),
+                Err(TryRecvError::Lagged(missed)) => Some(Err(RecvError::Lagged(missed))),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => None,
+            };
+        }
+        true
+    }
+
+    /// Another connection showed this session's lease: offers a new one.
+    async fn offer_lease(&mut self, database: DatabaseId) -> Result<Vec<BridgeAction>, DriveError> {
+        let offer = LeaseUpdate::Offer { database, nonce: rand::random() };
+        match self.state.store.update_lease(self.peer().0, offer).await?.and_then(|record| record.offered) {
+            Some(lease) => Ok(self.session.offer_lease(lease, now_ms())),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn keep_present(&mut self) -> Result<(), DriveError> {
+        if self.state.store.keep_present(&self.peer().0).await?
+            && let Some((open, _)) = self.admitted.as_ref()
+        {
+            open.renew.notify_one();
+        }
+        Ok(())
     }
 }
 

@@ -385,49 +385,58 @@ impl WriterContext {
                 tracing::warn!(seq, %code, %message, "the bridge refused a local change; it is kept as stuck");
                 Ok(Vec::new())
             }
-            Write::ApplyRemote { changes, cursor } => {
-                let mut touched: Vec<(TicketId, TicketDocument)> = Vec::new();
-                for (id, change) in changes {
-                    let position = match touched.iter().position(|(t, _)| *t == id) {
-                        Some(position) => position,
-                        None => match self.load(conn, id)? {
-                            Some(document) => {
-                                touched.push((id, document));
-                                touched.len() - 1
-                            }
-                            None => {
-                                match TicketDocument::from_untrusted_changes(
-                                    std::slice::from_ref(&change),
-                                    &self.limits,
-                                    self.replica.clone(),
-                                ) {
-                                    Ok((document, _)) => touched.push((id, document)),
-                                    Err(error) => {
-                                        tracing::error!(ticket = %id, %error, "a change from the cloud could not be applied")
-                                    }
-                                }
-                                continue;
-                            }
-                        },
-                    };
-                    if let Err(error) = touched[position].1.apply_untrusted(std::slice::from_ref(&change), &self.limits)
-                    {
-                        // The bridge validated it; failing here means a bug
-                        // or a missing dependency. Logged and counted, and
-                        // the feed moves on rather than stall every ward.
-                        metrics::counter!("edge_remote_changes_failed_total").increment(1);
-                        tracing::error!(ticket = %id, %error, "a change from the cloud could not be applied");
+            Write::ApplyRemote { changes, cursor } => self.apply_remote(conn, changes, &cursor, now),
+        }
+    }
+
+    /// Merges changes from the cloud into their tickets and stores the
+    /// feed's cursor with them, in the caller's transaction.
+    fn apply_remote(
+        &self,
+        conn: &Connection,
+        changes: Vec<(TicketId, Vec<u8>)>,
+        cursor: &[u8],
+        now: UnixMillis,
+    ) -> Result<Vec<(Ticket, Arc<str>)>, StoreError> {
+        let mut touched: Vec<(TicketId, TicketDocument)> = Vec::new();
+        for (id, change) in changes {
+            let position = match touched.iter().position(|(t, _)| *t == id) {
+                Some(position) => position,
+                None => match self.load(conn, id)? {
+                    Some(document) => {
+                        touched.push((id, document));
+                        touched.len() - 1
                     }
-                }
-                let mut changed = Vec::with_capacity(touched.len());
-                for (_, mut document) in touched {
-                    changed.push(save_ticket(conn, &mut document)?);
-                }
-                set_sync_state(conn, "cursor", &cursor)?;
-                set_sync_state(conn, "last_sync_at", &now.to_be_bytes())?;
-                Ok(changed)
+                    None => {
+                        match TicketDocument::from_untrusted_changes(
+                            std::slice::from_ref(&change),
+                            &self.limits,
+                            self.replica.clone(),
+                        ) {
+                            Ok((document, _)) => touched.push((id, document)),
+                            Err(error) => {
+                                tracing::error!(ticket = %id, %error, "a change from the cloud could not be applied")
+                            }
+                        }
+                        continue;
+                    }
+                },
+            };
+            if let Err(error) = touched[position].1.apply_untrusted(std::slice::from_ref(&change), &self.limits) {
+                // The bridge validated it; failing here means a bug
+                // or a missing dependency. Logged and counted, and
+                // the feed moves on rather than stall every ward.
+                metrics::counter!("edge_remote_changes_failed_total").increment(1);
+                tracing::error!(ticket = %id, %error, "a change from the cloud could not be applied");
             }
         }
+        let mut changed = Vec::with_capacity(touched.len());
+        for (_, mut document) in touched {
+            changed.push(save_ticket(conn, &mut document)?);
+        }
+        set_sync_state(conn, "cursor", cursor)?;
+        set_sync_state(conn, "last_sync_at", &now.to_be_bytes())?;
+        Ok(changed)
     }
 
     /// Puts this node's changes the cloud lacks back into the outbox, in an

@@ -12,21 +12,27 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_bytes::ByteBuf;
+use service_kit::clock::now_ms;
 use sync_protocol::session::{EdgeAction, EdgePhase, EdgeSession, reconnect_delay_ms};
-use sync_protocol::wire::{self, Hello, PROTOCOL_VERSION, UpstreamChange};
+use sync_protocol::wire::{self, DatabaseId, Hello, PROTOCOL_VERSION, UpstreamChange, WireLimits};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::config::SyncConfig;
 use crate::store::{self, Write};
-use service_kit::clock::now_ms;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK_INTERVAL: Duration = Duration::from_millis(500);
@@ -88,29 +94,54 @@ pub async fn run(state: AppState, config: SyncConfig, status: SharedLinkStatus, 
     }
 }
 
+/// One connection's end: why, and whether reconnecting may help.
+#[derive(Debug)]
+struct Stop {
+    reason: String,
+    retryable: bool,
+}
+
+impl Stop {
+    fn retry(reason: impl Into<String>) -> Self {
+        Stop { reason: reason.into(), retryable: true }
+    }
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
 async fn connect_once(
     state: &AppState,
     config: &SyncConfig,
     status: &SharedLinkStatus,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let failed = |reason: String| Ended { reason, retryable: true, established: false };
-    let token = match state.cloud_auth.node_token(&config.token_file).await {
-        Ok(token) => token,
-        Err(reason) => return failed(reason.to_string()),
+    let (socket, hello) = match connect(state, config).await {
+        Ok(connected) => connected,
+        Err(Stop { reason, retryable }) => return Ended { reason, retryable, established: false },
     };
-    let identity = match state.store.read(store::sync_identity).await {
-        Ok(identity) => identity,
-        Err(e) => return failed(format!("cannot read the sync state: {e}")),
-    };
-    let mut request = match config.bridge_url.as_str().into_client_request() {
-        Ok(request) => request,
-        Err(e) => return failed(format!("bad bridge url: {e}")),
-    };
-    match HeaderValue::from_str(&format!("Bearer {token}")) {
-        Ok(value) => request.headers_mut().insert("authorization", value),
-        Err(_) => return failed("the node token is not a valid header value".into()),
-    };
+    let database = hello.database;
+    let (session, actions) = EdgeSession::start(hello, config.session, now_ms());
+    let (sink, stream) = socket.split();
+    let mut link =
+        Link { state, config, status, session, sink, limits: config.session.limits, database, established: false };
+    let Err(Stop { reason, retryable }) = link.drive(stream, actions.into(), shutdown).await;
+    Ended { reason, retryable, established: link.established }
+}
+
+/// Opens the WebSocket with the node's token and builds its `Hello` from
+/// the stored sync state.
+async fn connect(state: &AppState, config: &SyncConfig) -> Result<(Socket, Hello), Stop> {
+    let token = state.cloud_auth.node_token(&config.token_file).await.map_err(|e| Stop::retry(e.to_string()))?;
+    let identity = state
+        .store
+        .read(store::sync_identity)
+        .await
+        .map_err(|e| Stop::retry(format!("cannot read the sync state: {e}")))?;
+    let mut request =
+        config.bridge_url.as_str().into_client_request().map_err(|e| Stop::retry(format!("bad bridge url: {e}")))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| Stop::retry("the node token is not a valid header value"))?;
+    request.headers_mut().insert("authorization", bearer);
     let limits = config.session.limits;
     let socket_config = WebSocketConfig::default()
         .max_message_size(Some(limits.frame_bytes_max))
@@ -119,14 +150,10 @@ async fn connect_once(
     let socket = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok((socket, _))) => socket,
         Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 403 => {
-            return Ended {
-                reason: "the bridge forbids this node's token".into(),
-                retryable: false,
-                established: false,
-            };
+            return Err(Stop { reason: "the bridge forbids this node's token".into(), retryable: false });
         }
-        Ok(Err(e)) => return failed(format!("cannot connect: {e}")),
-        Err(_) => return failed("connecting timed out".into()),
+        Ok(Err(e)) => return Err(Stop::retry(format!("cannot connect: {e}"))),
+        Err(_) => return Err(Stop::retry("connecting timed out")),
     };
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -138,163 +165,164 @@ async fn connect_once(
         database: identity.database,
         lease: identity.lease,
     };
-    let (mut session, actions) = EdgeSession::start(hello, config.session, now_ms());
-    let (mut sink, mut stream) = socket.split();
-    let mut events = state.store.subscribe();
-    let mut ticks = tokio::time::interval(TICK_INTERVAL);
-    let mut queue: std::collections::VecDeque<EdgeAction> = actions.into();
-    let mut established = false;
-    let ended = |reason: String, retryable: bool, established: bool| Ended { reason, retryable, established };
-    loop {
-        while let Some(action) = queue.pop_front() {
-            let now = now_ms();
-            let outcome: Result<Vec<EdgeAction>, String> = match action {
-                EdgeAction::Send(message) => match wire::encode(&message, &limits) {
-                    Ok(frame) => sink
-                        .send(WsMessage::Binary(frame.into()))
-                        .await
-                        .map(|_| Vec::new())
-                        .map_err(|e| format!("send: {e}")),
-                    Err(e) => Err(format!("encode: {e}")),
-                },
-                EdgeAction::HoldLease(lease) => {
-                    // Durable before anything else is sent: the next message confirms it.
-                    let held = state.store.write_all(Write::HoldLease { lease }, now).await;
-                    if held.is_ok() && !established {
-                        established = true;
-                        set_status(status, |s| {
-                            s.connected = true;
-                            s.last_error = None;
-                            s.needs_attention = false;
-                        });
-                        tracing::info!(bridge = %config.bridge_url, database = %identity.database, "sync link up");
-                    }
-                    held.map(|_| Vec::new()).map_err(|e| format!("cannot store the lease: {e}"))
+    Ok((socket, hello))
+}
+
+/// The driver of one connection: it moves frames between the socket and
+/// the session, and does what the session's actions say to the store.
+/// Every protocol decision is the session's.
+struct Link<'a> {
+    state: &'a AppState,
+    config: &'a SyncConfig,
+    status: &'a SharedLinkStatus,
+    session: EdgeSession,
+    sink: SplitSink<Socket, WsMessage>,
+    limits: WireLimits,
+    database: DatabaseId,
+    /// Whether the session got as far as holding its lease.
+    established: bool,
+}
+
+impl Link<'_> {
+    /// Runs the connection until it ends; only ever returns why.
+    async fn drive(
+        &mut self,
+        mut stream: SplitStream<Socket>,
+        mut queue: VecDeque<EdgeAction>,
+        shutdown: &CancellationToken,
+    ) -> Result<Infallible, Stop> {
+        let mut events = self.state.store.subscribe();
+        let mut ticks = tokio::time::interval(TICK_INTERVAL);
+        loop {
+            while let Some(action) = queue.pop_front() {
+                queue.extend(self.perform(action).await?);
+            }
+            if let Some(more) = self.next_demand().await? {
+                queue.extend(more);
+                continue;
+            }
+            if self.session.phase() == EdgePhase::Closed {
+                return Err(Stop::retry("session closed"));
+            }
+            tokio::select! {
+                frame = stream.next() => queue.extend(self.receive(frame)?),
+                // A local write: there may be something new to send.
+                _ = events.recv() => {}
+                _ = ticks.tick() => queue.extend(self.tick().await?),
+                _ = shutdown.cancelled() => {
+                    let _ = self.sink.close().await;
+                    return Err(Stop::retry("shutting down"));
                 }
-                EdgeAction::Resend { missing } => {
-                    let resend = Write::Resend { missing, node: state.config.node.id.clone() };
-                    state.store.write_all(resend, now).await.map(|_| Vec::new()).map_err(|e| e.to_string())
-                }
-                EdgeAction::ReconcileDone => state
-                    .store
-                    .write_all(Write::ReconcileDone, now)
-                    .await
-                    .map(|_| Vec::new())
-                    .map_err(|e| e.to_string()),
-                EdgeAction::Acked { up_to_seq } => state
-                    .store
-                    .write_all(Write::Acked { up_to_seq }, now)
-                    .await
-                    .map(|_| Vec::new())
-                    .map_err(|e| e.to_string()),
-                EdgeAction::Stuck { seq, code, message, .. } => state
-                    .store
-                    .write_all(Write::Stuck { seq, code: format!("{code:?}"), message }, now)
-                    .await
-                    .map(|_| Vec::new())
-                    .map_err(|e| e.to_string()),
-                EdgeAction::ApplyDownstream { changes, cursor } => {
-                    let changes = changes.into_iter().map(|c| (c.ticket, c.change.into_vec())).collect();
-                    let applied = state
-                        .store
-                        .write_all(Write::ApplyRemote { changes, cursor: cursor.as_bytes().to_vec() }, now)
-                        .await;
-                    applied.map(|_| session.downstream_applied(cursor, now_ms())).map_err(|e| e.to_string())
-                }
-                EdgeAction::ApplySnapshot { tickets, cursor, .. } => {
-                    // Snapshots arrive as whole documents; their changes are applied like any other.
-                    let mut changes = Vec::new();
-                    for snapshot in tickets {
-                        match sync_protocol::document::TicketDocument::load(
-                            &snapshot.document,
-                            state.store.replica().clone(),
-                        ) {
-                            Ok(mut document) => {
-                                changes.extend(document.all_changes().into_iter().map(|c| (snapshot.ticket, c)))
-                            }
-                            Err(e) => tracing::error!(ticket = %snapshot.ticket, error = %e, "unreadable snapshot"),
-                        }
-                    }
-                    let applied = state
-                        .store
-                        .write_all(Write::ApplyRemote { changes, cursor: cursor.as_bytes().to_vec() }, now)
-                        .await;
-                    applied.map(|_| session.downstream_applied(cursor, now_ms())).map_err(|e| e.to_string())
-                }
-                EdgeAction::Close(reason) => {
-                    let _ = sink.close().await;
-                    return ended(format!("{reason:?}"), reason.retryable(), established);
-                }
-            };
-            match outcome {
-                Ok(more) => queue.extend(more),
-                Err(reason) => return ended(reason, true, established),
             }
         }
-        // Compare the next tickets with the cloud, while a reconciliation runs.
-        if let Some(demand) = session.reconcile_demand() {
-            let replica = state.store.replica().clone();
+    }
+
+    /// Does one of the session's actions; returns the actions it leads to.
+    async fn perform(&mut self, action: EdgeAction) -> Result<Vec<EdgeAction>, Stop> {
+        let node = self.state.config.node.id.clone();
+        let write = match action {
+            EdgeAction::Send(message) => {
+                let frame = wire::encode(&message, &self.limits).map_err(|e| Stop::retry(format!("encode: {e}")))?;
+                self.sink.send(WsMessage::Binary(frame.into())).await.map_err(|e| Stop::retry(format!("send: {e}")))?;
+                return Ok(Vec::new());
+            }
+            EdgeAction::HoldLease(lease) => {
+                // Durable before anything else is sent: the next message confirms it.
+                self.write(Write::HoldLease { lease }, "cannot store the lease").await?;
+                self.mark_up();
+                return Ok(Vec::new());
+            }
+            EdgeAction::ApplyDownstream { changes, cursor } => {
+                let changes = changes.into_iter().map(|c| (c.ticket, c.change.into_vec())).collect();
+                self.write(Write::ApplyRemote { changes, cursor: cursor.as_bytes().to_vec() }, "cannot apply").await?;
+                return Ok(self.session.downstream_applied(cursor, now_ms()));
+            }
+            EdgeAction::Close(reason) => {
+                let _ = self.sink.close().await;
+                return Err(Stop { reason: format!("{reason:?}"), retryable: reason.retryable() });
+            }
+            EdgeAction::Resend { missing } => Write::Resend { missing, node },
+            EdgeAction::ReconcileDone => Write::ReconcileDone,
+            EdgeAction::Acked { up_to_seq } => Write::Acked { up_to_seq },
+            EdgeAction::Stuck { seq, code, message, .. } => Write::Stuck { seq, code: format!("{code:?}"), message },
+        };
+        self.write(write, "cannot store").await?;
+        Ok(Vec::new())
+    }
+
+    async fn write(&self, write: Write, what: &str) -> Result<(), Stop> {
+        match self.state.store.write_all(write, now_ms()).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Stop::retry(format!("{what}: {e}"))),
+        }
+    }
+
+    fn mark_up(&mut self) {
+        if self.established {
+            return;
+        }
+        self.established = true;
+        set_status(self.status, |s| {
+            s.connected = true;
+            s.last_error = None;
+            s.needs_attention = false;
+        });
+        tracing::info!(bridge = %self.config.bridge_url, database = %self.database, "sync link up");
+    }
+
+    /// Reads what the session asks for next (the next tickets to reconcile,
+    /// or the next outbox batch) and hands it over; `None` when it asks for nothing.
+    async fn next_demand(&mut self) -> Result<Option<Vec<EdgeAction>>, Stop> {
+        if let Some(demand) = self.session.reconcile_demand() {
+            let replica = self.state.store.replica().clone();
             let read = move |conn: &_| store::ticket_heads(conn, &replica, demand.after, demand.tickets_max);
-            match state.store.read(read).await {
-                Ok(tickets) => queue.extend(session.send_reconcile(tickets, now_ms())),
-                Err(e) => return ended(format!("cannot read the tickets to reconcile: {e}"), true, established),
-            }
-            continue;
-        }
-        // Fill the upstream window from the outbox.
-        if let Some(demand) = session.upstream_demand() {
-            let batch = state
+            let tickets = self
+                .state
                 .store
-                .read(move |conn| {
-                    store::outbox_batch(conn, demand.after_seq, demand.changes_max, demand.change_bytes_max)
-                })
-                .await;
-            match batch {
-                Ok(batch) if !batch.is_empty() => {
-                    let changes = batch
-                        .into_iter()
-                        .map(|entry| UpstreamChange {
-                            seq: entry.seq,
-                            ticket: entry.ticket,
-                            change: ByteBuf::from(entry.change),
-                        })
-                        .collect();
-                    queue.extend(session.send_upstream(changes, now_ms()));
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => return ended(format!("cannot read the outbox: {e}"), true, established),
+                .read(read)
+                .await
+                .map_err(|e| Stop::retry(format!("cannot read the tickets to reconcile: {e}")))?;
+            return Ok(Some(self.session.send_reconcile(tickets, now_ms())));
+        }
+        let Some(demand) = self.session.upstream_demand() else { return Ok(None) };
+        let read =
+            move |conn: &_| store::outbox_batch(conn, demand.after_seq, demand.changes_max, demand.change_bytes_max);
+        let batch =
+            self.state.store.read(read).await.map_err(|e| Stop::retry(format!("cannot read the outbox: {e}")))?;
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let changes = batch
+            .into_iter()
+            .map(|entry| UpstreamChange { seq: entry.seq, ticket: entry.ticket, change: ByteBuf::from(entry.change) })
+            .collect();
+        Ok(Some(self.session.send_upstream(changes, now_ms())))
+    }
+
+    fn receive(&mut self, frame: Option<Result<WsMessage, tungstenite::Error>>) -> Result<Vec<EdgeAction>, Stop> {
+        match frame {
+            Some(Ok(WsMessage::Binary(bytes))) => Ok(match wire::decode(&bytes, &self.limits) {
+                Ok(message) => self.session.on_message(message, now_ms()),
+                Err(error) => self.session.on_frame_error(&error),
+            }),
+            Some(Ok(WsMessage::Close(_))) | None => Err(Stop::retry("the bridge closed the connection")),
+            Some(Ok(_)) => Ok(Vec::new()),
+            Some(Err(e)) => Err(Stop::retry(format!("receive: {e}"))),
+        }
+    }
+
+    /// Heartbeats, and the reconciliation a restore or an operator asked
+    /// for, when the session wants to know.
+    async fn tick(&mut self) -> Result<Vec<EdgeAction>, Stop> {
+        let actions = self.session.on_tick(now_ms());
+        if self.session.wants_reconcile_request() {
+            let asked = self.state.store.read(|conn| store::sync_state(conn, store::RECONCILE_KEY)).await;
+            match asked {
+                Ok(Some(_)) => self.session.request_reconcile(),
+                Ok(None) => {}
+                Err(e) => return Err(Stop::retry(format!("cannot read the sync state: {e}"))),
             }
         }
-        if session.phase() == EdgePhase::Closed {
-            return ended("session closed".into(), true, established);
-        }
-        tokio::select! {
-            frame = stream.next() => match frame {
-                Some(Ok(WsMessage::Binary(bytes))) => match wire::decode(&bytes, &limits) {
-                    Ok(message) => queue.extend(session.on_message(message, now_ms())),
-                    Err(error) => queue.extend(session.on_frame_error(&error)),
-                },
-                Some(Ok(WsMessage::Close(_))) | None => return ended("the bridge closed the connection".into(), true, established),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return ended(format!("receive: {e}"), true, established),
-            },
-            // A local write: there may be something new to send.
-            _ = events.recv() => {}
-            _ = ticks.tick() => {
-                queue.extend(session.on_tick(now_ms()));
-                if established && !session.reconciling() {
-                    match state.store.read(|conn| store::sync_state(conn, store::RECONCILE_KEY)).await {
-                        Ok(Some(_)) => session.start_reconcile(),
-                        Ok(None) => {}
-                        Err(e) => return ended(format!("cannot read the sync state: {e}"), true, established),
-                    }
-                }
-            }
-            _ = shutdown.cancelled() => {
-                let _ = sink.close().await;
-                return ended("shutting down".into(), true, established);
-            }
-        }
+        Ok(actions)
     }
 }

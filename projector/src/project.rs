@@ -105,30 +105,10 @@ pub async fn run(config: &ProjectorConfig, health: Health, stop: CancellationTok
     let name = format!("projector/{}", config.projector.id);
     let db = Db::connect(mongodb, &name).await?;
     let cache = config.redis.as_ref().map(Cache::new).transpose().map_err(StoreError::from)?;
-    // The bridges create the topic; a projector that starts first does too.
-    let log = ChangeLog::new(kafka, &name)?;
-    let mut retry = Retry::new("set up the topic and indexes", &health, &stop);
-    loop {
-        let set_up = async {
-            log.ensure_topic().await?;
-            db.ensure_indexes().await
-        };
-        match retry.outcome(set_up.await).await {
-            Ok(Some(())) => break,
-            Ok(None) => continue,
-            Err(Stopped) => return Ok(()),
-        }
+    if set_up(&ChangeLog::new(kafka, &name)?, &db, &health, &stop).await.is_err() {
+        return Ok(());
     }
-    let consumer: StreamConsumer = client_config(kafka, &name)
-        .set("group.id", &kafka.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        // Read ahead a few rounds, not librdkafka's default 64 MiB.
-        .set("queued.max.messages.kbytes", PREFETCH_KBYTES)
-        .create()?;
-    consumer.subscribe(&[&kafka.topic])?;
-    let consumer = Arc::new(consumer);
+    let consumer = Arc::new(subscribe(kafka, &name)?);
     let mut preparer = Preparer {
         db: db.clone(),
         replica: ActorId::random(),
@@ -182,6 +162,36 @@ pub async fn run(config: &ProjectorConfig, health: Health, stop: CancellationTok
     }
     tracing::info!("projector stopped");
     Ok(())
+}
+
+/// Creates the topic (the bridges do too; a projector that starts first
+/// must) and the indexes, retrying until they exist or the projector stops.
+async fn set_up(log: &ChangeLog, db: &Db, health: &Health, stop: &CancellationToken) -> Result<(), Stopped> {
+    let mut retry = Retry::new("set up the topic and indexes", health, stop);
+    loop {
+        let set_up = async {
+            log.ensure_topic().await?;
+            db.ensure_indexes().await
+        };
+        if retry.outcome(set_up.await).await?.is_some() {
+            return Ok(());
+        }
+    }
+}
+
+/// A member of the projectors' consumer group on the change topic; it
+/// commits offsets itself, after each round is written.
+fn subscribe(kafka: &KafkaConfig, name: &str) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+    let consumer: StreamConsumer = client_config(kafka, name)
+        .set("group.id", &kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        // Read ahead a few rounds, not librdkafka's default 64 MiB.
+        .set("queued.max.messages.kbytes", PREFETCH_KBYTES)
+        .create()?;
+    consumer.subscribe(&[&kafka.topic])?;
+    Ok(consumer)
 }
 
 /// The projector's side of a failure: it reports unready, logs, and backs

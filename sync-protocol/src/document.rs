@@ -431,78 +431,17 @@ impl TicketDocument {
         limits: &Limits,
     ) -> Result<Vec<u8>, DocumentError> {
         let current = self.ticket()?;
-        let mut fields = Vec::new();
-        if let Some(items) = &edit.items {
-            lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
-            ticket::check_items(items, limits)?;
-            if *items != current.items {
-                fields.push("items");
-            }
-        }
-        if let Some(priority) = edit.priority {
-            lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
-            if priority != current.priority {
-                fields.push("priority");
-            }
-        }
-        let new_notes = match &edit.notes {
-            Some(notes) => {
-                lifecycle::check_edit(EditKind::Notes, current.status, actor.role)?;
-                let text = match notes {
-                    NotesEdit::Append(line) if current.notes.is_empty() || current.notes.ends_with('\n') => {
-                        format!("{}{line}", current.notes)
-                    }
-                    NotesEdit::Append(line) => format!("{}\n{line}", current.notes),
-                    NotesEdit::Replace(text) => text.clone(),
-                };
-                ticket::check_notes(&text, limits)?;
-                (text != current.notes).then(|| {
-                    fields.push("notes");
-                    text
-                })
-            }
-            None => None,
-        };
-        if let Some(assignee) = &edit.assignee {
-            lifecycle::check_edit(EditKind::Assignee, current.status, actor.role)?;
-            if *assignee != current.assignee {
-                fields.push("assignee");
-            }
-        }
-        if fields.is_empty() {
-            return Err(TicketError::EmptyEdit.into());
-        }
+        let EditPlan { fields, notes } = plan_edit(&current, edit, actor, limits)?;
         self.materialized = None;
         if fields.contains(&"items") {
-            let items = self.object(&ROOT, "items", ObjType::Map)?;
-            let wanted: BTreeMap<&str, &LineItem> =
-                edit.items.iter().flatten().map(|item| (item.medication_code.as_str(), item)).collect();
-            for old in &current.items {
-                if !wanted.contains_key(old.medication_code.as_str()) {
-                    self.doc.delete(&items, old.medication_code.as_str())?;
-                }
-            }
-            for (code, item) in wanted {
-                if current.items.iter().find(|old| old.medication_code == code) != Some(item) {
-                    update_item(&mut self.doc, &items, item)?;
-                }
-            }
+            self.write_items(&current.items, edit.items.iter().flatten())?;
         }
         if let Some(priority) = edit.priority.filter(|_| fields.contains(&"priority")) {
             self.doc.put(ROOT, "priority", priority.as_str())?;
         }
-        if let Some(text) = new_notes {
-            let notes = self.object(&ROOT, "notes", ObjType::Text)?;
-            match &edit.notes {
-                // Appending splices at the end only, so it merges with any
-                // concurrent edit of the existing text.
-                Some(NotesEdit::Append(_)) => {
-                    let old_len = self.doc.length(&notes);
-                    let added = &text[current.notes.len()..];
-                    self.doc.splice_text(&notes, old_len, 0, added)?;
-                }
-                _ => self.doc.update_text(&notes, &text)?,
-            }
+        if let Some(text) = notes {
+            let appended = matches!(edit.notes, Some(NotesEdit::Append(_)));
+            self.write_notes(&current.notes, &text, appended)?;
         }
         if fields.contains(&"assignee") {
             match edit.assignee.as_ref().and_then(Option::as_ref) {
@@ -512,6 +451,42 @@ impl TicketDocument {
         }
         self.doc.put(ROOT, "updated_at", ScalarValue::Timestamp(now))?;
         self.commit(actor, now, AuditAction::Edit { fields: fields.into_iter().map(String::from).collect() })
+    }
+
+    /// Puts the order's lines as `wanted`: removes lines no longer asked
+    /// for, writes those new or changed, leaves the others untouched (so a
+    /// concurrent edit of another line merges).
+    fn write_items<'a>(
+        &mut self,
+        current: &[LineItem],
+        wanted: impl Iterator<Item = &'a LineItem>,
+    ) -> Result<(), DocumentError> {
+        let items = self.object(&ROOT, "items", ObjType::Map)?;
+        let wanted: BTreeMap<&str, &LineItem> = wanted.map(|item| (item.medication_code.as_str(), item)).collect();
+        for old in current {
+            if !wanted.contains_key(old.medication_code.as_str()) {
+                self.doc.delete(&items, old.medication_code.as_str())?;
+            }
+        }
+        for (code, item) in wanted {
+            if current.iter().find(|old| old.medication_code == code) != Some(item) {
+                update_item(&mut self.doc, &items, item)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_notes(&mut self, current: &str, text: &str, appended: bool) -> Result<(), DocumentError> {
+        let notes = self.object(&ROOT, "notes", ObjType::Text)?;
+        if appended {
+            // Appending splices at the end only, so it merges with any
+            // concurrent edit of the existing text.
+            let old_len = self.doc.length(&notes);
+            self.doc.splice_text(&notes, old_len, 0, &text[current.len()..])?;
+        } else {
+            self.doc.update_text(&notes, text)?;
+        }
+        Ok(())
     }
 
     /// Records a status transition (or a conflict resolution). Returns the new change.
@@ -726,6 +701,59 @@ fn put_item(doc: &mut AutoCommit, items: &ObjId, item: &LineItem) -> Result<(), 
     doc.put(&entry, "quantity", u64::from(item.quantity))?;
     doc.put(&entry, "unit", item.unit.as_str())?;
     Ok(())
+}
+
+/// What an edit changes: the fields it touches, and the notes' new text.
+struct EditPlan {
+    fields: Vec<&'static str>,
+    notes: Option<String>,
+}
+
+/// Checks an edit against the ticket as it stands (the lifecycle's rules,
+/// the limits) and finds what it actually changes.
+fn plan_edit(current: &Ticket, edit: &TicketEdit, actor: &Actor, limits: &Limits) -> Result<EditPlan, DocumentError> {
+    let mut fields = Vec::new();
+    if let Some(items) = &edit.items {
+        lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
+        ticket::check_items(items, limits)?;
+        if *items != current.items {
+            fields.push("items");
+        }
+    }
+    if let Some(priority) = edit.priority {
+        lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
+        if priority != current.priority {
+            fields.push("priority");
+        }
+    }
+    let notes = match &edit.notes {
+        Some(notes) => {
+            lifecycle::check_edit(EditKind::Notes, current.status, actor.role)?;
+            let text = match notes {
+                NotesEdit::Append(line) if current.notes.is_empty() || current.notes.ends_with('\n') => {
+                    format!("{}{line}", current.notes)
+                }
+                NotesEdit::Append(line) => format!("{}\n{line}", current.notes),
+                NotesEdit::Replace(text) => text.clone(),
+            };
+            ticket::check_notes(&text, limits)?;
+            (text != current.notes).then(|| {
+                fields.push("notes");
+                text
+            })
+        }
+        None => None,
+    };
+    if let Some(assignee) = &edit.assignee {
+        lifecycle::check_edit(EditKind::Assignee, current.status, actor.role)?;
+        if *assignee != current.assignee {
+            fields.push("assignee");
+        }
+    }
+    if fields.is_empty() {
+        return Err(TicketError::EmptyEdit.into());
+    }
+    Ok(EditPlan { fields, notes })
 }
 
 /// Writes only the fields that differ, so a concurrent edit of another field

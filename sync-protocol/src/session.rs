@@ -19,7 +19,7 @@ use crate::ids::{NodeId, TicketId, WardId};
 use crate::ticket::UnixMillis;
 use crate::wire::{
     Cursor, DatabaseId, DownstreamChange, ErrorCode, HEADS_PER_TICKET_MAX, Hello, Lease, Message, PROTOCOL_VERSION,
-    RefusalReason, Refused, TicketHeads, TicketSnapshot, UpstreamChange, Welcome, WireError, WireLimits,
+    RefusalReason, Refused, TicketHeads, UpstreamChange, Welcome, WireError, WireLimits,
 };
 
 /// Timing and windowing of a session. Both sides use the same defaults.
@@ -143,13 +143,6 @@ pub enum EdgeAction {
     ApplyDownstream {
         changes: Vec<DownstreamChange>,
         cursor: Cursor,
-    },
-    /// Merge these whole documents (then, after `last`, store `cursor`), and
-    /// call [`EdgeSession::downstream_applied`].
-    ApplySnapshot {
-        tickets: Vec<TicketSnapshot>,
-        cursor: Cursor,
-        last: bool,
     },
     /// A reconciliation found changes the cloud lacks: put this node's
     /// changes of these tickets beyond the cloud's heads into the outbox
@@ -302,19 +295,25 @@ impl EdgeSession {
             (EdgePhase::Established, Message::Downstream { changes, cursor }) => {
                 vec![EdgeAction::ApplyDownstream { changes, cursor }]
             }
-            (EdgePhase::Established, Message::Snapshot { tickets, cursor, last }) => {
-                vec![EdgeAction::ApplySnapshot { tickets, cursor, last }]
-            }
             (_, Message::Ping { nonce }) => self.sent(vec![EdgeAction::Send(Message::Pong { nonce })], now),
             (_, Message::Pong { .. }) => Vec::new(),
             (phase, other) => self.violation(format!("unexpected {} while {phase:?}", other.kind())),
         }
     }
 
+    /// Whether the driver should look whether a reconciliation is asked
+    /// for (a restore or an operator leaves that mark in the node's store):
+    /// once the session is established (after `Welcome`) and none is under
+    /// way. The driver answers with [`Self::request_reconcile`].
+    pub fn wants_reconcile_request(&self) -> bool {
+        self.phase == EdgePhase::Established && self.reconciling.is_none()
+    }
+
     /// Starts comparing every ticket with the cloud (after a restore, or
-    /// when an operator asks); nothing happens if one is under way.
-    pub fn start_reconcile(&mut self) {
-        if self.phase == EdgePhase::Established && self.reconciling.is_none() {
+    /// when an operator asks); nothing happens before `Welcome` or while one
+    /// is under way.
+    pub fn request_reconcile(&mut self) {
+        if self.wants_reconcile_request() {
             self.reconciling = Some(Reconciling::default());
         }
     }
@@ -738,7 +737,7 @@ impl BridgeSession {
 
     /// Sends a downstream batch; call only while [`Self::downstream_window_open`].
     pub fn send_downstream(&mut self, message: Message, now: UnixMillis) -> Vec<BridgeAction> {
-        assert!(matches!(message, Message::Downstream { .. } | Message::Snapshot { .. }), "not a downstream message");
+        assert!(matches!(message, Message::Downstream { .. }), "not a downstream message");
         assert!(self.downstream_window_open(), "downstream window is closed");
         self.downstream_in_flight += 1;
         self.liveness.last_sent = now;
@@ -907,7 +906,9 @@ mod tests {
     fn a_reconciliation_compares_every_ticket_one_message_at_a_time() {
         let (mut edge, mut bridge) = established();
         assert_eq!(edge.reconcile_demand(), None, "none asked for");
-        edge.start_reconcile();
+        assert!(edge.wants_reconcile_request());
+        edge.request_reconcile();
+        assert!(!edge.wants_reconcile_request(), "one reconciliation at a time");
         let demand = edge.reconcile_demand().unwrap();
         assert_eq!((demand.after, demand.tickets_max), (None, RECONCILE_TICKETS_MAX));
         let heads = |n: usize| TicketHeads { ticket: TicketId::new(1 + n as i64, [0; 10]), heads: vec![[n as u8; 32]] };
@@ -927,6 +928,29 @@ mod tests {
         assert!(!edge.reconciling());
         let actions = edge.on_message(answer, 13);
         assert!(matches!(actions.last(), Some(EdgeAction::Close(CloseReason::ProtocolViolation(_)))), "unasked");
+    }
+
+    /// Before `Welcome` the edge does not know the bridge will have it, so a
+    /// reconciliation asked for then waits for the established session.
+    #[test]
+    fn a_reconciliation_starts_only_once_the_session_is_established() {
+        let (mut edge, _) = EdgeSession::start(hello(), SessionConfig::default(), 0);
+        assert!(!edge.wants_reconcile_request());
+        edge.request_reconcile();
+        assert!(!edge.reconciling());
+        let (mut edge, _) = established();
+        edge.request_reconcile();
+        assert!(edge.reconciling());
+    }
+
+    /// No bridge sends snapshots: the variant keeps its number on the wire,
+    /// and an edge that receives one ends the session.
+    #[test]
+    fn a_snapshot_is_a_violation_at_the_edge() {
+        let (mut edge, _) = established();
+        let snapshot = Message::Snapshot { tickets: Vec::new(), cursor: Cursor::new(vec![1]), last: true };
+        let actions = edge.on_message(snapshot, 9);
+        assert!(matches!(actions.last(), Some(EdgeAction::Close(CloseReason::ProtocolViolation(_)))), "{actions:?}");
     }
 
     #[test]

@@ -364,6 +364,7 @@ fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), TicketE
     Ok(())
 }
 
+#[cfg(feature = "document")] // only documents carry reasons
 pub(crate) fn check_reason(reason: Option<&str>, limits: &Limits) -> Result<(), TicketError> {
     reason.map_or(Ok(()), |reason| check_text("reason", reason, limits.reason_chars_max))
 }

@@ -263,8 +263,9 @@ pub enum Message {
     DownstreamAck {
         cursor: Cursor,
     },
-    /// Bridge -> edge: whole documents for a node that asked for a snapshot;
-    /// after the one with `last`, the feed resumes from `cursor`.
+    /// Reserved: whole documents for bootstrapping a node. No bridge sends
+    /// it and an edge refuses it; it stays so the variants after it keep
+    /// their numbers on the wire.
     Snapshot {
         tickets: Vec<TicketSnapshot>,
         cursor: Cursor,

@@ -219,7 +219,6 @@ impl World {
                 EdgeAction::Close(_) => self.connection = None,
                 EdgeAction::Stuck { .. }
                 | EdgeAction::ApplyDownstream { .. }
-                | EdgeAction::ApplySnapshot { .. }
                 | EdgeAction::Resend { .. }
                 | EdgeAction::ReconcileDone => {
                     unreachable!(
