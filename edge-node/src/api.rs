@@ -36,7 +36,7 @@ use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use service_kit::http::{ApiError, ApiJson, bearer_token, parse_list};
+use service_kit::http::{ApiError, ApiJson, bearer_token, log_refusals, parse_list};
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::ids::{Role, TicketId};
 use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket};
@@ -129,6 +129,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
         .layer(middleware::from_fn(record_request))
+        .layer(middleware::from_fn(log_refusals))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
         .with_state(state)
 }
