@@ -32,7 +32,7 @@ use sync_protocol::ticket::{Limits, Ticket};
 use sync_protocol::wire::{Cursor, DownstreamChange, TicketHeads, UpstreamChange};
 use tokio::sync::{broadcast, oneshot};
 
-use super::staging::{Outcome, Staged, Stager, TicketRow};
+use super::staging::{Outcome, Refusal, Staged, Stager, TicketRow};
 use super::{
     Admitted, FeedLimits, FeedPosition, LeaseUpdate, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery,
     StoreError, TicketView, WardNotice, compare_heads,
@@ -471,8 +471,8 @@ impl Writer {
         for staged in changes {
             let (seq, ticket) = (staged.seq, staged.ticket);
             highest = highest.max(seq);
-            if let Err(message) = self.accept_one(conn, pending, node, ward, staged)? {
-                rejections.push(Rejection { seq, ticket, message });
+            if let Err(refusal) = self.accept_one(conn, pending, node, ward, staged)? {
+                rejections.push(Rejection { seq, ticket, message: refusal.to_string() });
             }
         }
         let now = now_ms();
@@ -499,7 +499,7 @@ impl Writer {
         node: &NodeId,
         ward: &WardId,
         staged: Staged,
-    ) -> Result<Result<(), String>, StoreError> {
+    ) -> Result<Result<(), Refusal>, StoreError> {
         let id = staged.ticket;
         let mut checked = match staged.checked {
             Ok(checked) => checked,
@@ -517,7 +517,7 @@ impl Writer {
             Outcome::AlreadyHad => false,
             // This store holds every change it accepted.
             Outcome::MissingDependencies => {
-                return Ok(Err("the change builds on changes the bridge never accepted".into()));
+                return Ok(Err(Refusal::Unaccepted("bridge")));
             }
             Outcome::Refused(reason) => return Ok(Err(reason)),
         };
@@ -564,7 +564,7 @@ fn node_lease(conn: &Connection, node: &NodeId) -> Result<Option<NodeLease>, Sto
 }
 
 fn lease_json(record: &NodeLease) -> Result<String, StoreError> {
-    serde_json::to_string(record).map_err(|e| StoreError::Corrupt(format!("node record: {e}")))
+    serde_json::to_string(record).map_err(|e| StoreError::Encode(format!("node record: {e}")))
 }
 
 /// Decides a hello (`admission::admit`) and stores the node's new record;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use automerge::ActorId;
 use rayon::prelude::*;
 use sync_protocol::document::{DocumentError, ReceivedChange, TicketDocument};
-use sync_protocol::ids::{NodeId, TicketId, WardId};
+use sync_protocol::ids::{NodeId, Role, TicketId, WardId};
 use sync_protocol::ticket::{Limits, Ticket};
 use sync_protocol::wire::UpstreamChange;
 
@@ -29,6 +29,26 @@ pub fn automerge_pool(name: &'static str) -> Result<Arc<rayon::ThreadPool>, Stor
         .map_err(|e| StoreError::Task(format!("cannot start the {name} threads: {e}")))
 }
 
+/// Why a store refuses an upstream change, whatever else it holds; its
+/// text goes back to the edge in a `Rejected`.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+    #[error("change claims device {claimed}, but came from {node}")]
+    OtherDevice { claimed: NodeId, node: NodeId },
+    #[error("a {0} may not make changes at a ward")]
+    NotAtWard(Role),
+    #[error("the change creates a ticket of another ward or id ({id} in {ward})")]
+    OtherTicket { id: TicketId, ward: WardId },
+    #[error("ticket {0} belongs to another ward")]
+    OtherWard(TicketId),
+    /// It builds on changes the store never accepted (`who`: the bridge,
+    /// or the cloud's projection).
+    #[error("the change builds on changes the {0} never accepted")]
+    Unaccepted(&'static str),
+}
+
 /// An upstream change with the work that needs no database done: decoded,
 /// its audit record checked against the node that sent it, and, for a
 /// ticket's first change, the ticket it creates.
@@ -36,7 +56,7 @@ pub(crate) struct Staged {
     pub seq: u64,
     pub ticket: TicketId,
     /// The change, or why it was refused whatever the store holds.
-    pub checked: Result<Checked, String>,
+    pub checked: Result<Checked, Refusal>,
 }
 
 pub(crate) struct Checked {
@@ -44,7 +64,7 @@ pub(crate) struct Checked {
     pub received: ReceivedChange,
     /// For a root change: the new ticket's row, or why it is refused.
     /// Used only if the ticket does not exist yet.
-    created: Option<Result<TicketRow, String>>,
+    created: Option<Result<TicketRow, Refusal>>,
 }
 
 /// What a checked change does to the ticket as a store holds it.
@@ -59,7 +79,7 @@ pub(crate) enum Outcome {
     /// holds everything it accepted, so there it is refused; a distributed
     /// store may not have projected them yet.
     MissingDependencies,
-    Refused(String),
+    Refused(Refusal),
 }
 
 /// A ticket's saved document and materialized ticket.
@@ -113,15 +133,15 @@ impl Staged {
     fn new(change: UpstreamChange, node: &NodeId, ward: &WardId, limits: &Limits, replica: &ActorId) -> Self {
         let UpstreamChange { seq, ticket, change } = change;
         let bytes = change.into_vec();
-        let checked = ReceivedChange::decode(&bytes).map_err(|e| e.to_string()).and_then(|received| {
+        let checked = ReceivedChange::decode(&bytes).map_err(Refusal::from).and_then(|received| {
             let actor = &received.audit().actor;
             // The node speaks for its ward's people: the change must say it
             // came through this node, from a role that works at a ward.
             if actor.device != *node {
-                return Err(format!("change claims device {}, but came from {node}", actor.device));
+                return Err(Refusal::OtherDevice { claimed: actor.device.clone(), node: node.clone() });
             }
             if !actor.role.works_at_ward() {
-                return Err(format!("a {} may not make changes at a ward", actor.role));
+                return Err(Refusal::NotAtWard(actor.role));
             }
             let created = received.is_root().then(|| create_ticket(&received, ticket, ward, limits, replica));
             Ok(Checked { bytes, received, created })
@@ -154,13 +174,13 @@ impl Checked {
             });
         };
         if document.ticket()?.ward != *ward {
-            return Ok(Outcome::Refused(format!("ticket {id} belongs to another ward")));
+            return Ok(Outcome::Refused(Refusal::OtherWard(id)));
         }
         Ok(match document.apply_received(std::slice::from_ref(&self.received), limits) {
             Ok(applied) if applied.is_empty() => Outcome::AlreadyHad,
             Ok(_) => Outcome::Merged,
             Err(DocumentError::MissingDependencies) => Outcome::MissingDependencies,
-            Err(e) => Outcome::Refused(e.to_string()),
+            Err(e) => Outcome::Refused(e.into()),
         })
     }
 }
@@ -174,15 +194,11 @@ fn create_ticket(
     ward: &WardId,
     limits: &Limits,
     replica: &ActorId,
-) -> Result<TicketRow, String> {
-    let (mut document, _) = TicketDocument::from_received(std::slice::from_ref(received), limits, replica.clone())
-        .map_err(|e| e.to_string())?;
-    let row = TicketRow::of(&mut document).map_err(|e| e.to_string())?;
+) -> Result<TicketRow, Refusal> {
+    let (mut document, _) = TicketDocument::from_received(std::slice::from_ref(received), limits, replica.clone())?;
+    let row = TicketRow::of(&mut document)?;
     if row.ticket.ward != *ward || row.ticket.id != id {
-        return Err(format!(
-            "the change creates a ticket of another ward or id ({} in {})",
-            row.ticket.id, row.ticket.ward
-        ));
+        return Err(Refusal::OtherTicket { id: row.ticket.id, ward: row.ticket.ward });
     }
     Ok(row)
 }

@@ -102,8 +102,20 @@ pub enum StoreError {
     Closed,
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// What is stored cannot be read back: someone must look at the data.
     #[error("stored ticket is unreadable: {0}")]
     Corrupt(String),
+    /// The transaction holding this write failed; nothing of it is stored.
+    #[error("the write could not be committed: {0}")]
+    NotCommitted(String),
+    #[error("cannot start the writer thread: {0}")]
+    Writer(std::io::Error),
+    /// A value could not be encoded for storage (a bug, not bad data).
+    #[error("cannot encode for storage: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The store was used against its own rules (a bug).
+    #[error("a store invariant was broken: {0}")]
+    Invariant(&'static str),
 }
 
 /// A ticket changed; sent to live subscribers after the change is durable.
@@ -240,7 +252,7 @@ impl Store {
             config.group_commit_max,
             move |conn, batch| context.commit(conn, batch),
         )
-        .map_err(|e| StoreError::Corrupt(format!("cannot start writer thread: {e}")))?;
+        .map_err(StoreError::Writer)?;
         Ok(Self { writer, readers: Arc::new(readers), events, replica })
     }
 
@@ -251,10 +263,7 @@ impl Store {
 
     /// Queues a write of one ticket and waits until it is durable.
     pub async fn write(&self, write: Write, now: UnixMillis) -> Result<Ticket, StoreError> {
-        self.write_all(write, now)
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::Corrupt("a ticket write changed no ticket".into()))
+        self.write_all(write, now).await?.pop().ok_or(StoreError::Invariant("a ticket write changed no ticket"))
     }
 
     /// Queues any write and waits until it is durable; returns the tickets it changed.
@@ -330,7 +339,7 @@ impl WriterContext {
                 tracing::error!(%error, "group commit failed; no write of the batch was acknowledged");
                 let unreached = jobs.map(|job| job.reply);
                 for reply in outcomes.into_iter().map(|(reply, _)| reply).chain(unreached) {
-                    let _ = reply.send(Err(StoreError::Corrupt("the write could not be committed".into())));
+                    let _ = reply.send(Err(StoreError::NotCommitted(error.to_string())));
                 }
             }
         }
@@ -616,7 +625,7 @@ pub struct OutboxEntry {
 }
 
 fn ticket_json(ticket: &Ticket) -> Result<Arc<str>, StoreError> {
-    serde_json::to_string(ticket).map(Arc::from).map_err(|e| StoreError::Corrupt(e.to_string()))
+    Ok(serde_json::to_string(ticket).map(Arc::from)?)
 }
 
 fn append_outbox(conn: &Connection, id: TicketId, change: &[u8], now: UnixMillis) -> Result<(), StoreError> {

@@ -5,14 +5,21 @@
 //! This crate does no I/O and reads no clock: time, randomness and bytes are
 //! passed in, so everything here is deterministic and testable in isolation.
 
-pub mod admission;
-mod causal;
+//!
+//! Folders by concern: `domain/` (ids, the ticket, its lifecycle, causal
+//! order), `document/` (the Automerge ticket document: schema, audit,
+//! checks, materialization; feature `document`), `protocol/` (wire frames,
+//! session machines, admission), and beside them the token checks and the
+//! FHIR mapping. Each module is reachable at the crate root
+//! (`sync_protocol::ids`, `sync_protocol::wire`, ...), one path each.
+
 #[cfg(feature = "document")]
 pub mod document;
+mod domain;
 pub mod fhir;
-pub mod ids;
-pub mod lifecycle;
-pub mod session;
-pub mod ticket;
+mod protocol;
 pub mod token;
-pub mod wire;
+
+use domain::causal;
+pub use domain::{ids, lifecycle, ticket};
+pub use protocol::{admission, session, wire};

@@ -55,7 +55,7 @@ use self::cache::{Cache, Projected};
 use self::kafka::ChangeLog;
 use self::mongo::{AdmissionWrite, Db, PageDoc, Presence};
 use self::record::{ChangeRecord, Origin, PageCursor, PartialPage};
-use super::staging::{Outcome, Staged, Stager, TicketRow};
+use super::staging::{Outcome, Refusal, Staged, Stager, TicketRow};
 use super::{
     Admitted, FeedLimits, FeedPosition, LeaseUpdate, NodeDiagnostics, PharmacyOutcome, QueuePage, QueueQuery,
     StoreError, TicketView, WardNotice, compare_heads,
@@ -569,7 +569,7 @@ impl Shared {
             let staged_change = match &mut change.checked {
                 Ok(staged_change) => staged_change,
                 Err(reason) => {
-                    checked.rejections.push(Rejection { seq, ticket: id, message: reason.clone() });
+                    checked.rejections.push(Rejection { seq, ticket: id, message: reason.to_string() });
                     continue;
                 }
             };
@@ -586,7 +586,7 @@ impl Shared {
                 Outcome::Merged => {}
                 Outcome::AlreadyHad => continue,
                 Outcome::MissingDependencies if last_pass => {
-                    let message = "the change builds on changes the cloud never accepted".to_owned();
+                    let message = Refusal::Unaccepted("cloud").to_string();
                     checked.rejections.push(Rejection { seq, ticket: id, message });
                     continue;
                 }
@@ -594,8 +594,8 @@ impl Shared {
                     checked.missing_dependencies = true;
                     continue;
                 }
-                Outcome::Refused(message) => {
-                    checked.rejections.push(Rejection { seq, ticket: id, message });
+                Outcome::Refused(refusal) => {
+                    checked.rejections.push(Rejection { seq, ticket: id, message: refusal.to_string() });
                     continue;
                 }
             }

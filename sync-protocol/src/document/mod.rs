@@ -19,17 +19,22 @@
 //! role, from which device, when, what): the document's change history is the
 //! medication audit trail, and a change without one is refused.
 
+mod audit;
+mod checks;
+mod materialize;
+
 use std::collections::{BTreeMap, HashMap};
 
 use automerge::transaction::Transactable;
-use automerge::{ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value, hydrate};
+use automerge::{ActorId, AutoCommit, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value, hydrate};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Role, TicketId, UserId, WardId};
-use crate::lifecycle::{self, EditKind, Transition};
-use crate::ticket::{
-    self, Actor, Limits, LineItem, NewTicket, Priority, Status, Ticket, TicketError, Unit, UnixMillis,
-};
+use crate::ids::{TicketId, UserId, WardId};
+use crate::lifecycle;
+use crate::ticket::{self, Actor, Limits, LineItem, NewTicket, Priority, Status, Ticket, TicketError, UnixMillis};
+
+pub use self::audit::{AuditAction, ChangeAudit, HistoryEntry, ReceivedChange};
+use self::checks::{EditPlan, check_authored_transition, check_declared_edits, check_request, plan_edit};
 
 /// The schema this build writes and the newest it can read.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -60,35 +65,6 @@ impl DocumentError {
     fn malformed(what: impl Into<String>) -> Self {
         DocumentError::Malformed(what.into())
     }
-}
-
-/// What a change did, for the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum AuditAction {
-    Create,
-    Edit { fields: Vec<String> },
-    Transition { to: Status },
-    Resolve { to: Status, resolves: Vec<String> },
-}
-
-/// The commit message of every change: one entry of the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChangeAudit {
-    #[serde(flatten)]
-    pub actor: Actor,
-    pub at: UnixMillis,
-    pub action: AuditAction,
-}
-
-/// One entry of a ticket's history, in causal order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    /// The Automerge change hash: a tamper-evident reference to the change.
-    pub change: String,
-    #[serde(flatten)]
-    pub audit: ChangeAudit,
 }
 
 /// A change to the non-status fields of a ticket. `None` leaves a field alone.
@@ -527,112 +503,6 @@ impl TicketDocument {
         self.commit(actor, now, action)
     }
 
-    /// The ticket as it stands in this replica.
-    pub fn ticket(&self) -> Result<Ticket, DocumentError> {
-        match &self.materialized {
-            Some(ticket) => Ok(ticket.clone()),
-            None => self.materialize(),
-        }
-    }
-
-    fn materialize(&self) -> Result<Ticket, DocumentError> {
-        let (id, ward) = self.identity()?;
-        let transitions = self.transitions()?;
-        let resolution = lifecycle::resolve(&transitions);
-        let items_obj = self.object(&ROOT, "items", ObjType::Map)?;
-        let mut items = Vec::new();
-        for code in self.doc.keys(&items_obj) {
-            let item = self.object(&items_obj, &code, ObjType::Map)?;
-            let quantity = match self.scalar(&item, "quantity")? {
-                ScalarValue::Uint(q) => {
-                    u32::try_from(q).map_err(|_| DocumentError::malformed("quantity out of range"))?
-                }
-                _ => return Err(DocumentError::malformed("quantity is not an unsigned integer")),
-            };
-            let unit = self.string(&item, "unit")?;
-            items.push(LineItem {
-                description: self.string(&item, "description")?,
-                quantity,
-                unit: Unit::parse(&unit).ok_or_else(|| DocumentError::malformed(format!("unknown unit {unit:?}")))?,
-                medication_code: code,
-            });
-        }
-        let priority = self.string(&ROOT, "priority")?;
-        let notes = self.object(&ROOT, "notes", ObjType::Text)?;
-        let assignee = match self.scalar(&ROOT, "assignee")? {
-            ScalarValue::Null => None,
-            ScalarValue::Str(user) => Some(parse_field::<UserId>("assignee", &user)?),
-            _ => return Err(DocumentError::malformed("assignee is neither a user nor null")),
-        };
-        // Concurrent updates leave several values; the latest time is the truth.
-        let updated_at = self
-            .doc
-            .get_all(ROOT, "updated_at")?
-            .into_iter()
-            .filter_map(|(value, _)| value.as_i64())
-            .max()
-            .ok_or_else(|| DocumentError::malformed("updated_at missing"))?;
-        Ok(Ticket {
-            id,
-            ward,
-            items,
-            priority: Priority::parse(&priority)
-                .ok_or_else(|| DocumentError::malformed(format!("unknown priority {priority:?}")))?,
-            status: resolution.status,
-            status_reason: resolution.status_reason,
-            requested_by: parse_field("created_by", &self.string(&ROOT, "created_by")?)?,
-            requested_on: parse_field("created_on", &self.string(&ROOT, "created_on")?)?,
-            created_at: self.timestamp(&ROOT, "created_at")?,
-            updated_at,
-            notes: self.doc.text(&notes)?,
-            assignee,
-            conflicts: resolution.conflicts,
-        })
-    }
-
-    /// Every recorded status transition, in document order.
-    pub fn transitions(&self) -> Result<Vec<Transition>, DocumentError> {
-        let list = self.object(&ROOT, "transitions", ObjType::List)?;
-        let length = self.doc.length(&list);
-        let mut transitions = Vec::with_capacity(length);
-        for index in 0..length {
-            let entry = match self.doc.get(&list, index)? {
-                Some((Value::Object(ObjType::Map), id)) => id,
-                _ => return Err(DocumentError::malformed("transition entry is not a map")),
-            };
-            let to = self.string(&entry, "to")?;
-            let role = self.string(&entry, "role")?;
-            transitions.push(Transition {
-                // The entry's object id is unique across replicas by
-                // construction (counter@actor), so it needs no randomness.
-                id: entry.to_string(),
-                to: Status::parse(&to).ok_or_else(|| DocumentError::malformed(format!("unknown status {to:?}")))?,
-                seen: self.string_list(&entry, "seen")?,
-                resolves: self.string_list(&entry, "resolves")?,
-                reason: match self.scalar(&entry, "reason")? {
-                    ScalarValue::Str(reason) => Some(reason.to_string()),
-                    _ => None,
-                },
-                user: parse_field("transition user", &self.string(&entry, "user")?)?,
-                role: role.parse().map_err(|_| DocumentError::malformed(format!("unknown role {role:?}")))?,
-                device: parse_field("transition device", &self.string(&entry, "device")?)?,
-                at: self.timestamp(&entry, "at")?,
-            });
-        }
-        Ok(transitions)
-    }
-
-    /// The audit trail: every change in causal order, ties by time then hash.
-    pub fn history(&mut self) -> Result<Vec<HistoryEntry>, DocumentError> {
-        let changes = self.doc.get_changes(&[]);
-        let ordered =
-            crate::causal::order(&changes, Change::hash, |c| c.deps().to_vec(), |c| (c.timestamp(), c.hash()));
-        ordered
-            .into_iter()
-            .map(|change| Ok(HistoryEntry { change: change.hash().to_string(), audit: parse_audit(change)? }))
-            .collect()
-    }
-
     /// Commits the pending operations with their audit record and returns the change.
     fn commit(&mut self, actor: &Actor, now: UnixMillis, action: AuditAction) -> Result<Vec<u8>, DocumentError> {
         let audit = ChangeAudit { actor: actor.clone(), at: now, action };
@@ -642,56 +512,6 @@ impl TicketDocument {
         let change =
             self.doc.get_last_local_change().ok_or_else(|| DocumentError::malformed("commit produced no change"))?;
         Ok(change.raw_bytes().to_vec())
-    }
-
-    fn check_schema(&self) -> Result<(), DocumentError> {
-        match self.scalar(&ROOT, "schema")? {
-            ScalarValue::Uint(found) if found <= SCHEMA_VERSION && found > 0 => Ok(()),
-            ScalarValue::Uint(found) => Err(DocumentError::UnsupportedSchema { found, supported: SCHEMA_VERSION }),
-            _ => Err(DocumentError::malformed("schema version is not an unsigned integer")),
-        }
-    }
-
-    fn identity(&self) -> Result<(TicketId, WardId), DocumentError> {
-        Ok((parse_field("id", &self.string(&ROOT, "id")?)?, parse_field("ward", &self.string(&ROOT, "ward")?)?))
-    }
-
-    fn object(&self, parent: &ObjId, key: &str, kind: ObjType) -> Result<ObjId, DocumentError> {
-        match self.doc.get(parent, key)? {
-            Some((Value::Object(found), id)) if found == kind => Ok(id),
-            _ => Err(DocumentError::malformed(format!("{key} is missing or not a {kind:?}"))),
-        }
-    }
-
-    fn scalar(&self, parent: &ObjId, key: &str) -> Result<ScalarValue, DocumentError> {
-        match self.doc.get(parent, key)? {
-            Some((Value::Scalar(value), _)) => Ok(value.into_owned()),
-            _ => Err(DocumentError::malformed(format!("{key} is missing or not a scalar"))),
-        }
-    }
-
-    fn string(&self, parent: &ObjId, key: &str) -> Result<String, DocumentError> {
-        match self.scalar(parent, key)? {
-            ScalarValue::Str(s) => Ok(s.to_string()),
-            _ => Err(DocumentError::malformed(format!("{key} is not a string"))),
-        }
-    }
-
-    fn timestamp(&self, parent: &ObjId, key: &str) -> Result<UnixMillis, DocumentError> {
-        match self.scalar(parent, key)? {
-            ScalarValue::Timestamp(t) => Ok(t),
-            _ => Err(DocumentError::malformed(format!("{key} is not a timestamp"))),
-        }
-    }
-
-    fn string_list(&self, parent: &ObjId, key: &str) -> Result<Vec<String>, DocumentError> {
-        let list = self.object(parent, key, ObjType::List)?;
-        (0..self.doc.length(&list))
-            .map(|i| match self.doc.get(&list, i)? {
-                Some((Value::Scalar(value), _)) if value.is_str() => Ok(value.as_str().unwrap_or_default().to_owned()),
-                _ => Err(DocumentError::malformed(format!("{key} holds a non-string"))),
-            })
-            .collect()
     }
 }
 
@@ -703,61 +523,6 @@ fn put_item(doc: &mut AutoCommit, items: &ObjId, item: &LineItem) -> Result<(), 
     Ok(())
 }
 
-/// What an edit changes: the fields it touches, and the notes' new text.
-struct EditPlan {
-    fields: Vec<&'static str>,
-    notes: Option<String>,
-}
-
-/// Checks an edit against the ticket as it stands (the lifecycle's rules,
-/// the limits) and finds what it actually changes.
-fn plan_edit(current: &Ticket, edit: &TicketEdit, actor: &Actor, limits: &Limits) -> Result<EditPlan, DocumentError> {
-    let mut fields = Vec::new();
-    if let Some(items) = &edit.items {
-        lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
-        ticket::check_items(items, limits)?;
-        if *items != current.items {
-            fields.push("items");
-        }
-    }
-    if let Some(priority) = edit.priority {
-        lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
-        if priority != current.priority {
-            fields.push("priority");
-        }
-    }
-    let notes = match &edit.notes {
-        Some(notes) => {
-            lifecycle::check_edit(EditKind::Notes, current.status, actor.role)?;
-            let text = match notes {
-                NotesEdit::Append(line) if current.notes.is_empty() || current.notes.ends_with('\n') => {
-                    format!("{}{line}", current.notes)
-                }
-                NotesEdit::Append(line) => format!("{}\n{line}", current.notes),
-                NotesEdit::Replace(text) => text.clone(),
-            };
-            ticket::check_notes(&text, limits)?;
-            (text != current.notes).then(|| {
-                fields.push("notes");
-                text
-            })
-        }
-        None => None,
-    };
-    if let Some(assignee) = &edit.assignee {
-        lifecycle::check_edit(EditKind::Assignee, current.status, actor.role)?;
-        if *assignee != current.assignee {
-            fields.push("assignee");
-        }
-    }
-    if fields.is_empty() {
-        return Err(TicketError::EmptyEdit.into());
-    }
-    Ok(EditPlan { fields, notes })
-}
-
-/// Writes only the fields that differ, so a concurrent edit of another field
-/// of the same line survives.
 fn update_item(doc: &mut AutoCommit, items: &ObjId, item: &LineItem) -> Result<(), DocumentError> {
     let entry = match doc.get(items, item.medication_code.as_str())? {
         Some((Value::Object(ObjType::Map), entry)) => entry,
@@ -788,13 +553,6 @@ fn put_string_list(doc: &mut AutoCommit, parent: &ObjId, key: &str, values: &[St
     Ok(())
 }
 
-fn parse_field<T: std::str::FromStr>(field: &str, value: &str) -> Result<T, DocumentError>
-where
-    T::Err: std::fmt::Display,
-{
-    value.parse().map_err(|e| DocumentError::malformed(format!("{field}: {e}")))
-}
-
 /// What [`TicketDocument::merge_accepted`] did.
 #[derive(Debug, Default)]
 pub struct Merged {
@@ -802,171 +560,4 @@ pub struct Merged {
     pub new: Vec<String>,
     /// Changes not applied because changes they depend on are missing.
     pub held: Vec<ReceivedChange>,
-}
-
-/// A change from a peer, decoded once, with the ticket-independent facts
-/// read without applying it: its hash and audit record. A bridge checks
-/// these (which device sent it, in which role) before letting the change
-/// near a document.
-#[derive(Debug, Clone)]
-pub struct ReceivedChange {
-    change: Change,
-    hash: String,
-    audit: ChangeAudit,
-}
-
-impl ReceivedChange {
-    /// Decodes a change and its audit record; a change without a valid one is refused.
-    pub fn decode(bytes: &[u8]) -> Result<Self, DocumentError> {
-        let change = Change::from_bytes(bytes.to_vec())?;
-        let audit = parse_audit(&change)?;
-        Ok(Self { hash: change.hash().to_string(), change, audit })
-    }
-
-    fn decode_all(changes: &[Vec<u8>]) -> Result<Vec<Self>, DocumentError> {
-        changes.iter().map(|bytes| Self::decode(bytes)).collect()
-    }
-
-    /// The change's hash, hex encoded: its identity in every replica.
-    pub fn hash(&self) -> &str {
-        &self.hash
-    }
-
-    pub fn audit(&self) -> &ChangeAudit {
-        &self.audit
-    }
-
-    /// The change as it travels: what a peer decodes.
-    pub fn bytes(&self) -> &[u8] {
-        self.change.raw_bytes()
-    }
-
-    /// Whether the change depends on no other: only a ticket's first change does.
-    pub fn is_root(&self) -> bool {
-        self.change.deps().is_empty()
-    }
-}
-
-fn parse_audit(change: &Change) -> Result<ChangeAudit, DocumentError> {
-    let unaudited = |problem: String| DocumentError::Unaudited { hash: change.hash().to_string(), problem };
-    let message = change.message().ok_or_else(|| unaudited("no commit message".into()))?;
-    serde_json::from_str(message).map_err(|e| unaudited(e.to_string()))
-}
-
-/// Checks that what changed between `before` and `after` was declared by the
-/// audit records of the changes, by roles allowed to make such edits, and
-/// that the ticket's identity did not change.
-fn check_declared_edits(
-    before: Option<&Ticket>,
-    after: &Ticket,
-    audits: &[(String, ChangeAudit)],
-) -> Result<(), DocumentError> {
-    let forbidden = |hash: &str, problem: String| DocumentError::Forbidden { hash: hash.to_owned(), problem };
-    for (hash, audit) in audits {
-        match &audit.action {
-            AuditAction::Create if before.is_some() => {
-                return Err(forbidden(hash, "a ticket can be created only once".into()));
-            }
-            AuditAction::Create if !audit.actor.role.works_at_ward() => {
-                return Err(forbidden(hash, format!("a {} may not create tickets", audit.actor.role)));
-            }
-            AuditAction::Edit { fields } => {
-                for field in fields {
-                    let kind = match field.as_str() {
-                        "items" | "priority" => EditKind::Order,
-                        "notes" => EditKind::Notes,
-                        "assignee" => EditKind::Assignee,
-                        other => return Err(forbidden(hash, format!("unknown field {other:?}"))),
-                    };
-                    // The status the author saw is not known for edits;
-                    // check the role with the most permissive status.
-                    let status = if kind == EditKind::Notes { Status::Requested } else { Status::Acknowledged };
-                    lifecycle::check_edit(kind, status, audit.actor.role)
-                        .map_err(|e| forbidden(hash, e.to_string()))?;
-                }
-            }
-            _ => {}
-        }
-    }
-    let Some(before) = before else {
-        return match audits.iter().any(|(_, audit)| audit.action == AuditAction::Create) {
-            true => Ok(()),
-            false => Err(DocumentError::malformed("a new ticket's changes include no creation")),
-        };
-    };
-    if after.id != before.id || after.ward != before.ward || after.created_at != before.created_at {
-        return Err(DocumentError::malformed("a change altered the ticket's id, ward or creation"));
-    }
-    let declared = |field: &str| {
-        audits.iter().any(
-            |(_, audit)| matches!(&audit.action, AuditAction::Edit { fields } if fields.iter().any(|f| f == field)),
-        )
-    };
-    let changed = [
-        ("items", after.items != before.items),
-        ("priority", after.priority != before.priority),
-        ("notes", after.notes != before.notes),
-        ("assignee", after.assignee != before.assignee),
-    ];
-    for (field, changed) in changed {
-        if changed && !declared(field) {
-            return Err(DocumentError::malformed(format!("{field} changed without an audited edit")));
-        }
-    }
-    Ok(())
-}
-
-/// The checks a transition must pass when it is authored.
-fn check_request(
-    to: Status,
-    reason: Option<&str>,
-    resolves: &[String],
-    current: &lifecycle::Resolution,
-    role: Role,
-    limits: &Limits,
-) -> Result<(), TicketError> {
-    if resolves.is_empty() {
-        lifecycle::check_transition(current.status, to, role)?;
-    } else {
-        lifecycle::check_resolution(&current.conflicts, resolves, to, role)?;
-    }
-    if to.needs_reason() && reason.is_none() {
-        return Err(TicketError::ReasonRequired { to });
-    }
-    ticket::check_reason(reason, limits)
-}
-
-/// Checks a transition received from another replica against the status its
-/// author saw (the transitions it names in `seen`, and their ancestors), and
-/// that it names the author of a change that arrived with it.
-fn check_authored_transition(
-    new: &Transition,
-    all: &[Transition],
-    audits: &[(String, ChangeAudit)],
-    limits: &Limits,
-) -> Result<(), DocumentError> {
-    let forbidden = |problem: String| DocumentError::Forbidden { hash: new.id.clone(), problem };
-    let authored = audits.iter().any(|(_, audit)| {
-        audit.actor.user == new.user
-            && audit.actor.role == new.role
-            && audit.actor.device == new.device
-            && matches!(audit.action, AuditAction::Transition { to } | AuditAction::Resolve { to, .. } if to == new.to)
-    });
-    if !authored {
-        return Err(forbidden("the transition does not match the audit record of its change".into()));
-    }
-    let mut seen: Vec<&str> = new.seen.iter().map(String::as_str).collect();
-    let mut view: Vec<Transition> = Vec::new();
-    while let Some(id) = seen.pop() {
-        if view.iter().any(|t| t.id == id) {
-            continue;
-        }
-        let ancestor =
-            all.iter().find(|t| t.id == id).ok_or_else(|| forbidden(format!("it saw unknown transition {id}")))?;
-        seen.extend(ancestor.seen.iter().map(String::as_str));
-        view.push(ancestor.clone());
-    }
-    let before = lifecycle::resolve(&view);
-    check_request(new.to, new.reason.as_deref(), &new.resolves, &before, new.role, limits)
-        .map_err(|e| forbidden(e.to_string()))
 }

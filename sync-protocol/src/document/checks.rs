@@ -1,0 +1,187 @@
+//! The checks an edit or a transition must pass: when it is authored
+//! (against the ticket as it stands) and when it arrives from a peer
+//! (against what its audit declares and the status its author had seen).
+
+use super::audit::{AuditAction, ChangeAudit};
+use super::{DocumentError, NotesEdit, TicketEdit};
+use crate::ids::Role;
+use crate::lifecycle::{self, EditKind, Transition};
+use crate::ticket::{self, Actor, Limits, Status, Ticket, TicketError};
+
+/// What an edit changes: the fields it touches, and the notes' new text.
+pub(super) struct EditPlan {
+    pub fields: Vec<&'static str>,
+    pub notes: Option<String>,
+}
+
+/// Checks an edit against the ticket as it stands (the lifecycle's rules,
+/// the limits) and finds what it actually changes.
+pub(super) fn plan_edit(
+    current: &Ticket,
+    edit: &TicketEdit,
+    actor: &Actor,
+    limits: &Limits,
+) -> Result<EditPlan, DocumentError> {
+    let mut fields = Vec::new();
+    if let Some(items) = &edit.items {
+        lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
+        ticket::check_items(items, limits)?;
+        if *items != current.items {
+            fields.push("items");
+        }
+    }
+    if let Some(priority) = edit.priority {
+        lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
+        if priority != current.priority {
+            fields.push("priority");
+        }
+    }
+    let notes = match &edit.notes {
+        Some(notes) => {
+            lifecycle::check_edit(EditKind::Notes, current.status, actor.role)?;
+            let text = match notes {
+                NotesEdit::Append(line) if current.notes.is_empty() || current.notes.ends_with('\n') => {
+                    format!("{}{line}", current.notes)
+                }
+                NotesEdit::Append(line) => format!("{}\n{line}", current.notes),
+                NotesEdit::Replace(text) => text.clone(),
+            };
+            ticket::check_notes(&text, limits)?;
+            (text != current.notes).then(|| {
+                fields.push("notes");
+                text
+            })
+        }
+        None => None,
+    };
+    if let Some(assignee) = &edit.assignee {
+        lifecycle::check_edit(EditKind::Assignee, current.status, actor.role)?;
+        if *assignee != current.assignee {
+            fields.push("assignee");
+        }
+    }
+    if fields.is_empty() {
+        return Err(TicketError::EmptyEdit.into());
+    }
+    Ok(EditPlan { fields, notes })
+}
+
+/// Writes only the fields that differ, so a concurrent edit of another field
+/// of the same line survives.
+/// Checks that what changed between `before` and `after` was declared by the
+/// audit records of the changes, by roles allowed to make such edits, and
+/// that the ticket's identity did not change.
+pub(super) fn check_declared_edits(
+    before: Option<&Ticket>,
+    after: &Ticket,
+    audits: &[(String, ChangeAudit)],
+) -> Result<(), DocumentError> {
+    let forbidden = |hash: &str, problem: String| DocumentError::Forbidden { hash: hash.to_owned(), problem };
+    for (hash, audit) in audits {
+        match &audit.action {
+            AuditAction::Create if before.is_some() => {
+                return Err(forbidden(hash, "a ticket can be created only once".into()));
+            }
+            AuditAction::Create if !audit.actor.role.works_at_ward() => {
+                return Err(forbidden(hash, format!("a {} may not create tickets", audit.actor.role)));
+            }
+            AuditAction::Edit { fields } => {
+                for field in fields {
+                    let kind = match field.as_str() {
+                        "items" | "priority" => EditKind::Order,
+                        "notes" => EditKind::Notes,
+                        "assignee" => EditKind::Assignee,
+                        other => return Err(forbidden(hash, format!("unknown field {other:?}"))),
+                    };
+                    // The status the author saw is not known for edits;
+                    // check the role with the most permissive status.
+                    let status = if kind == EditKind::Notes { Status::Requested } else { Status::Acknowledged };
+                    lifecycle::check_edit(kind, status, audit.actor.role)
+                        .map_err(|e| forbidden(hash, e.to_string()))?;
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(before) = before else {
+        return match audits.iter().any(|(_, audit)| audit.action == AuditAction::Create) {
+            true => Ok(()),
+            false => Err(DocumentError::malformed("a new ticket's changes include no creation")),
+        };
+    };
+    if after.id != before.id || after.ward != before.ward || after.created_at != before.created_at {
+        return Err(DocumentError::malformed("a change altered the ticket's id, ward or creation"));
+    }
+    let declared = |field: &str| {
+        audits.iter().any(
+            |(_, audit)| matches!(&audit.action, AuditAction::Edit { fields } if fields.iter().any(|f| f == field)),
+        )
+    };
+    let changed = [
+        ("items", after.items != before.items),
+        ("priority", after.priority != before.priority),
+        ("notes", after.notes != before.notes),
+        ("assignee", after.assignee != before.assignee),
+    ];
+    for (field, changed) in changed {
+        if changed && !declared(field) {
+            return Err(DocumentError::malformed(format!("{field} changed without an audited edit")));
+        }
+    }
+    Ok(())
+}
+
+/// The checks a transition must pass when it is authored.
+pub(super) fn check_request(
+    to: Status,
+    reason: Option<&str>,
+    resolves: &[String],
+    current: &lifecycle::Resolution,
+    role: Role,
+    limits: &Limits,
+) -> Result<(), TicketError> {
+    if resolves.is_empty() {
+        lifecycle::check_transition(current.status, to, role)?;
+    } else {
+        lifecycle::check_resolution(&current.conflicts, resolves, to, role)?;
+    }
+    if to.needs_reason() && reason.is_none() {
+        return Err(TicketError::ReasonRequired { to });
+    }
+    ticket::check_reason(reason, limits)
+}
+
+/// Checks a transition received from another replica against the status its
+/// author saw (the transitions it names in `seen`, and their ancestors), and
+/// that it names the author of a change that arrived with it.
+pub(super) fn check_authored_transition(
+    new: &Transition,
+    all: &[Transition],
+    audits: &[(String, ChangeAudit)],
+    limits: &Limits,
+) -> Result<(), DocumentError> {
+    let forbidden = |problem: String| DocumentError::Forbidden { hash: new.id.clone(), problem };
+    let authored = audits.iter().any(|(_, audit)| {
+        audit.actor.user == new.user
+            && audit.actor.role == new.role
+            && audit.actor.device == new.device
+            && matches!(audit.action, AuditAction::Transition { to } | AuditAction::Resolve { to, .. } if to == new.to)
+    });
+    if !authored {
+        return Err(forbidden("the transition does not match the audit record of its change".into()));
+    }
+    let mut seen: Vec<&str> = new.seen.iter().map(String::as_str).collect();
+    let mut view: Vec<Transition> = Vec::new();
+    while let Some(id) = seen.pop() {
+        if view.iter().any(|t| t.id == id) {
+            continue;
+        }
+        let ancestor =
+            all.iter().find(|t| t.id == id).ok_or_else(|| forbidden(format!("it saw unknown transition {id}")))?;
+        seen.extend(ancestor.seen.iter().map(String::as_str));
+        view.push(ancestor.clone());
+    }
+    let before = lifecycle::resolve(&view);
+    check_request(new.to, new.reason.as_deref(), &new.resolves, &before, new.role, limits)
+        .map_err(|e| forbidden(e.to_string()))
+}

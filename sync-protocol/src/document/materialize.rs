@@ -1,0 +1,174 @@
+//! Reading the document: the materialized [`Ticket`], its transitions, its
+//! history, and the typed reads of the schema's fields they use.
+
+use automerge::{Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+
+use super::{DocumentError, HistoryEntry, SCHEMA_VERSION, TicketDocument, audit::parse_audit};
+use crate::ids::{TicketId, UserId, WardId};
+use crate::lifecycle::{self, Transition};
+use crate::ticket::{LineItem, Priority, Status, Ticket, Unit, UnixMillis};
+
+impl TicketDocument {
+    /// The ticket as it stands in this replica.
+    pub fn ticket(&self) -> Result<Ticket, DocumentError> {
+        match &self.materialized {
+            Some(ticket) => Ok(ticket.clone()),
+            None => self.materialize(),
+        }
+    }
+
+    pub(super) fn materialize(&self) -> Result<Ticket, DocumentError> {
+        let (id, ward) = self.identity()?;
+        let transitions = self.transitions()?;
+        let resolution = lifecycle::resolve(&transitions);
+        let items_obj = self.object(&ROOT, "items", ObjType::Map)?;
+        let mut items = Vec::new();
+        for code in self.doc.keys(&items_obj) {
+            let item = self.object(&items_obj, &code, ObjType::Map)?;
+            let quantity = match self.scalar(&item, "quantity")? {
+                ScalarValue::Uint(q) => {
+                    u32::try_from(q).map_err(|_| DocumentError::malformed("quantity out of range"))?
+                }
+                _ => return Err(DocumentError::malformed("quantity is not an unsigned integer")),
+            };
+            let unit = self.string(&item, "unit")?;
+            items.push(LineItem {
+                description: self.string(&item, "description")?,
+                quantity,
+                unit: Unit::parse(&unit).ok_or_else(|| DocumentError::malformed(format!("unknown unit {unit:?}")))?,
+                medication_code: code,
+            });
+        }
+        let priority = self.string(&ROOT, "priority")?;
+        let notes = self.object(&ROOT, "notes", ObjType::Text)?;
+        let assignee = match self.scalar(&ROOT, "assignee")? {
+            ScalarValue::Null => None,
+            ScalarValue::Str(user) => Some(parse_field::<UserId>("assignee", &user)?),
+            _ => return Err(DocumentError::malformed("assignee is neither a user nor null")),
+        };
+        // Concurrent updates leave several values; the latest time is the truth.
+        let updated_at = self
+            .doc
+            .get_all(ROOT, "updated_at")?
+            .into_iter()
+            .filter_map(|(value, _)| value.as_i64())
+            .max()
+            .ok_or_else(|| DocumentError::malformed("updated_at missing"))?;
+        Ok(Ticket {
+            id,
+            ward,
+            items,
+            priority: Priority::parse(&priority)
+                .ok_or_else(|| DocumentError::malformed(format!("unknown priority {priority:?}")))?,
+            status: resolution.status,
+            status_reason: resolution.status_reason,
+            requested_by: parse_field("created_by", &self.string(&ROOT, "created_by")?)?,
+            requested_on: parse_field("created_on", &self.string(&ROOT, "created_on")?)?,
+            created_at: self.timestamp(&ROOT, "created_at")?,
+            updated_at,
+            notes: self.doc.text(&notes)?,
+            assignee,
+            conflicts: resolution.conflicts,
+        })
+    }
+
+    /// Every recorded status transition, in document order.
+    pub fn transitions(&self) -> Result<Vec<Transition>, DocumentError> {
+        let list = self.object(&ROOT, "transitions", ObjType::List)?;
+        let length = self.doc.length(&list);
+        let mut transitions = Vec::with_capacity(length);
+        for index in 0..length {
+            let entry = match self.doc.get(&list, index)? {
+                Some((Value::Object(ObjType::Map), id)) => id,
+                _ => return Err(DocumentError::malformed("transition entry is not a map")),
+            };
+            let to = self.string(&entry, "to")?;
+            let role = self.string(&entry, "role")?;
+            transitions.push(Transition {
+                // The entry's object id is unique across replicas by
+                // construction (counter@actor), so it needs no randomness.
+                id: entry.to_string(),
+                to: Status::parse(&to).ok_or_else(|| DocumentError::malformed(format!("unknown status {to:?}")))?,
+                seen: self.string_list(&entry, "seen")?,
+                resolves: self.string_list(&entry, "resolves")?,
+                reason: match self.scalar(&entry, "reason")? {
+                    ScalarValue::Str(reason) => Some(reason.to_string()),
+                    _ => None,
+                },
+                user: parse_field("transition user", &self.string(&entry, "user")?)?,
+                role: role.parse().map_err(|_| DocumentError::malformed(format!("unknown role {role:?}")))?,
+                device: parse_field("transition device", &self.string(&entry, "device")?)?,
+                at: self.timestamp(&entry, "at")?,
+            });
+        }
+        Ok(transitions)
+    }
+
+    /// The audit trail: every change in causal order, ties by time then hash.
+    pub fn history(&mut self) -> Result<Vec<HistoryEntry>, DocumentError> {
+        let changes = self.doc.get_changes(&[]);
+        let ordered =
+            crate::causal::order(&changes, Change::hash, |c| c.deps().to_vec(), |c| (c.timestamp(), c.hash()));
+        ordered
+            .into_iter()
+            .map(|change| Ok(HistoryEntry { change: change.hash().to_string(), audit: parse_audit(change)? }))
+            .collect()
+    }
+
+    pub(super) fn check_schema(&self) -> Result<(), DocumentError> {
+        match self.scalar(&ROOT, "schema")? {
+            ScalarValue::Uint(found) if found <= SCHEMA_VERSION && found > 0 => Ok(()),
+            ScalarValue::Uint(found) => Err(DocumentError::UnsupportedSchema { found, supported: SCHEMA_VERSION }),
+            _ => Err(DocumentError::malformed("schema version is not an unsigned integer")),
+        }
+    }
+
+    pub(super) fn identity(&self) -> Result<(TicketId, WardId), DocumentError> {
+        Ok((parse_field("id", &self.string(&ROOT, "id")?)?, parse_field("ward", &self.string(&ROOT, "ward")?)?))
+    }
+
+    pub(super) fn object(&self, parent: &ObjId, key: &str, kind: ObjType) -> Result<ObjId, DocumentError> {
+        match self.doc.get(parent, key)? {
+            Some((Value::Object(found), id)) if found == kind => Ok(id),
+            _ => Err(DocumentError::malformed(format!("{key} is missing or not a {kind:?}"))),
+        }
+    }
+
+    pub(super) fn scalar(&self, parent: &ObjId, key: &str) -> Result<ScalarValue, DocumentError> {
+        match self.doc.get(parent, key)? {
+            Some((Value::Scalar(value), _)) => Ok(value.into_owned()),
+            _ => Err(DocumentError::malformed(format!("{key} is missing or not a scalar"))),
+        }
+    }
+
+    pub(super) fn string(&self, parent: &ObjId, key: &str) -> Result<String, DocumentError> {
+        match self.scalar(parent, key)? {
+            ScalarValue::Str(s) => Ok(s.to_string()),
+            _ => Err(DocumentError::malformed(format!("{key} is not a string"))),
+        }
+    }
+
+    pub(super) fn timestamp(&self, parent: &ObjId, key: &str) -> Result<UnixMillis, DocumentError> {
+        match self.scalar(parent, key)? {
+            ScalarValue::Timestamp(t) => Ok(t),
+            _ => Err(DocumentError::malformed(format!("{key} is not a timestamp"))),
+        }
+    }
+
+    pub(super) fn string_list(&self, parent: &ObjId, key: &str) -> Result<Vec<String>, DocumentError> {
+        let list = self.object(parent, key, ObjType::List)?;
+        (0..self.doc.length(&list))
+            .map(|i| match self.doc.get(&list, i)? {
+                Some((Value::Scalar(value), _)) if value.is_str() => Ok(value.as_str().unwrap_or_default().to_owned()),
+                _ => Err(DocumentError::malformed(format!("{key} holds a non-string"))),
+            })
+            .collect()
+    }
+}
+
+pub(super) fn parse_field<T: std::str::FromStr>(field: &str, value: &str) -> Result<T, DocumentError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e| DocumentError::malformed(format!("{field}: {e}")))
+}

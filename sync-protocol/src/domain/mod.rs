@@ -1,0 +1,8 @@
+//! The domain: who and what a ticket is (`ids`, `ticket`), the lifecycle's
+//! rules (`lifecycle`), and the canonical order of a causal graph that the
+//! status fold and the history share (`causal`).
+
+pub(crate) mod causal;
+pub mod ids;
+pub mod lifecycle;
+pub mod ticket;
