@@ -25,6 +25,11 @@
 //! Storage: SQLite in `data_dir` (one instance), or with `[mongodb]` the
 //! accounts, keys and tokens in MongoDB and with `[redis]` the rate limits
 //! in Redis, shared by any number of instances.
+//!
+//! This crate owns accounts, keys and tokens. It must never hold ticket
+//! data or build the CRDT or the change stream (it uses the core without its
+//! `document` feature; `tests/tests/layout.rs` checks its dependencies), and
+//! never stores a secret in a form that logs anyone in.
 
 pub mod config;
 pub mod keys;
