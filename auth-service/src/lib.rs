@@ -51,7 +51,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use service_kit::clock::now_s;
-use service_kit::http::{Refusal, Severity, log_refusals};
+use service_kit::http::{Refusal, Severity, ShapedRefusal, log_refusals, reshape_refusals};
 use service_kit::runtime::{ServeError, create_data_dir};
 use service_kit::secrets;
 use sync_protocol::ids::{Role, WardId};
@@ -134,6 +134,13 @@ pub fn router(state: AuthState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .layer(axum::extract::DefaultBodyLimit::max(FORM_BYTES_MAX))
+        .layer(axum::middleware::from_fn(|request, next| {
+            // RFC 6749's shape; its own name for a failure on this side.
+            reshape_refusals(request, next, |status, code, message| {
+                let code = if status.is_server_error() { "server_error" } else { code };
+                OAuthError::new(status, code, message).into_response()
+            })
+        }))
         .layer(axum::middleware::from_fn(log_refusals))
         .with_state(state)
 }
@@ -206,6 +213,7 @@ impl IntoResponse for OAuthError {
             }
             _ => {}
         }
+        response.extensions_mut().insert(ShapedRefusal);
         if let Some(refusal) = self.detail {
             response.extensions_mut().insert(refusal);
         }

@@ -43,16 +43,29 @@ impl FromRequestParts<AppState> for PharmacyCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Ok(PharmacyCaller(PharmacySession::from_request_parts(parts, state).await?.actor))
+    }
+}
+
+/// A pharmacy caller with the token it was verified from, for what
+/// outlives the request (the live feed ends when the token does).
+#[derive(Debug, Clone)]
+pub struct PharmacySession {
+    pub actor: Actor,
+    pub principal: Principal,
+}
+
+impl FromRequestParts<AppState> for PharmacySession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let principal = bearer_principal(parts, state)?;
         let role = principal
             .acting_role(Role::works_at_pharmacy)
             .ok_or_else(|| ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "this API serves the pharmacy"))?;
-        Ok(PharmacyCaller(Actor {
-            user: principal.user,
-            role,
-            device: state.config.bridge.id.clone(),
-            offline_login: false,
-        }))
+        let actor =
+            Actor { user: principal.user.clone(), role, device: state.config.bridge.id.clone(), offline_login: false };
+        Ok(PharmacySession { actor, principal })
     }
 }
 

@@ -22,7 +22,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use cloud_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
-use service_kit::http::{ApiError, log_refusals};
+use service_kit::http::{ApiError, api_refusals, log_refusals};
 use service_kit::runtime::{ServeError, create_data_dir};
 use sync_protocol::token::Verifier;
 use tokio::net::TcpListener;
@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(|State(state): State<AppState>| std::future::ready(state.metrics.render())))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(state.config.http.body_bytes_max))
+        .layer(axum::middleware::from_fn(api_refusals))
         .layer(axum::middleware::from_fn(log_refusals))
         .with_state(state)
 }

@@ -3,7 +3,7 @@
 //!
 //! The node's token is checked at the upgrade (an edge-node token, for the
 //! node it names) and again against the `Hello` (same node, a ward the token
-//! covers). Upstream batches are stored durably before they are
+//! covers); the session ends when that token is revoked or expires. Upstream batches are stored durably before they are
 //! acknowledged. The downstream feed reads the ward's change log from the
 //! node's cursor, wakes on notices of new changes, and falls back to polling
 //! so a missed notice only delays, never loses, a change.
@@ -13,12 +13,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use cloud_store::{Feed, FeedLimits, LeaseUpdate, StoreError, WardNotice};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use service_kit::clock::now_ms;
+use service_kit::http::ApiError;
+use service_kit::keys::token_lapses;
 use sync_protocol::admission::{Admission, Claim};
 use sync_protocol::ids::{NodeId, WardId};
 use sync_protocol::session::{BridgeAction, BridgePhase, BridgeSession};
@@ -89,8 +92,15 @@ async fn renewal_asked(admitted: &Option<(OpenSession, DatabaseId)>) -> Database
 pub async fn upgrade(
     State(state): State<AppState>,
     EdgeCaller(principal): EdgeCaller,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            let message = format!("{}; the sync endpoint speaks WebSocket only", rejection.body_text());
+            return ApiError::new(rejection.status(), "websocket_upgrade_required", message).into_response();
+        }
+    };
     let limits = state.config.session.limits;
     ws.max_message_size(limits.frame_bytes_max)
         .max_frame_size(limits.frame_bytes_max)
@@ -143,6 +153,12 @@ async fn drive(
     let mut poll = tokio::time::interval(FEED_POLL_INTERVAL);
     let mut presence = tokio::time::interval(PRESENCE_RENEW_INTERVAL);
     let mut actions = VecDeque::new();
+    // A session lives no longer than the token the node connected with.
+    let lapsed = {
+        let (verifier, principal) = (Arc::clone(&link.state.verifier), link.principal.clone());
+        async move { token_lapses(&verifier, &principal).await }
+    };
+    tokio::pin!(lapsed);
     loop {
         while let Some(action) = actions.pop_front() {
             match link.perform(action).await? {
@@ -169,6 +185,10 @@ async fn drive(
             }
             database = renewal_asked(link.admitted) => actions.extend(link.offer_lease(database).await?),
             _ = presence.tick(), if link.admitted.is_some() => link.keep_present().await?,
+            error = &mut lapsed => {
+                tracing::info!(node = %link.principal.user, code = error.code(), "the node's token lapsed; ending its session");
+                actions.extend(link.session.credentials_lapsed(error.code()));
+            }
             _ = poll.tick() => link.feed_wanted = true,
             _ = ticks.tick() => actions.extend(link.session.on_tick(now_ms())),
             _ = link.state.shutdown.cancelled() => {
@@ -294,8 +314,9 @@ impl Link<'_> {
                 Ok(message) => self.session.on_message(message, now_ms()),
                 Err(error) => self.session.on_frame_error(&error),
             })),
+            Some(Ok(WsMessage::Text(_))) => Ok(Some(self.session.on_text_frame())),
             Some(Ok(WsMessage::Close(_))) | None => Ok(None),
-            // Ping, pong, text: the protocol's own heartbeats are binary.
+            // WebSocket pings and pongs: the protocol's own heartbeats are binary.
             Some(Ok(_)) => Ok(Some(Vec::new())),
             Some(Err(error)) => Err(error.into()),
         }

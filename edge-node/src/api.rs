@@ -14,39 +14,64 @@
 //! | POST   | /api/v1/login                          | ward staff          | offline login while the cloud is unreachable: `{username, password}` -> token |
 //! | GET    | /healthz, /readyz, /metrics            | anyone on the port  | liveness, readiness, Prometheus |
 //!
-//! Errors are `{"error": {"code": "...", "message": "..."}}` with: 400 for
-//! malformed JSON or query, 401 for a missing or invalid token, 403 for a
-//! token of another ward or role, 404 for an unknown ticket, 409 for a
-//! transition or edit the ticket's state or the caller's role does not allow,
-//! 413 for a body over the limit, 415 without a JSON content type, 422 for a
-//! well-formed request the domain refuses, 503 when the write queue is full.
+//! Every refusal, the framework's own included, is
+//! `{"error": {"code": "...", "message": "..."}}` with a stable code:
+//!
+//! | status | codes | when |
+//! |--------|-------|------|
+//! | 400 | `malformed_json`, `invalid_query`, `invalid_ticket_id`, `bad_request` | the body is not JSON at all; a query or path that does not parse |
+//! | 401 | `missing_token`, `unsupported_auth_scheme`, `invalid_token`, `token_expired`, `token_revoked` | no `Authorization`, another scheme than `Bearer`, a token that does not verify |
+//! | 403 | `forbidden_role`, `wrong_ward` | a role that does not work at wards (checked first) or may never make that change, a token of another ward |
+//! | 404 | `ticket_not_found`, `not_found` | an unknown ticket, an unknown path |
+//! | 405 | `method_not_allowed` | a path that does not take the method (the `Allow` header lists those it does) |
+//! | 409 | `illegal_transition`, `illegal_edit`, `illegal_resolution`, `unknown_conflict`, `too_many_transitions`, `duplicate_ticket`, `cloud_reachable` | a transition or edit the ticket's state does not allow now; an offline login while the cloud is reachable |
+//! | 413 | `body_too_large` | a body over the limit |
+//! | 415 | `unsupported_media_type` | a body without a JSON content type |
+//! | 422 | `invalid_body`, `empty_items`, `quantity_zero`, `reason_required`, ... | well-formed JSON of the wrong shape or types, or content a rule refuses (`TicketError::code`) |
+//! | 431 | `headers_too_large` | over [`service_kit::http::HEADER_COUNT_MAX`] headers or [`service_kit::http::HEADER_BYTES_MAX`] bytes of them |
+//! | 503 | `overloaded`, `shutting_down` | the write queue is full, the node is stopping |
+//!
+//! *The rule for type errors:* a body that is not JSON is 400
+//! `malformed_json`; JSON whose shape or types are wrong (a string where a
+//! number belongs, an unknown field, a missing one) is 422 `invalid_body`,
+//! like any other well-formed request the service refuses.
+//!
+//! The live feed is bound to its token: when the token expires (past the
+//! configured leeway) or is revoked, the stream ends within one second of
+//! the node learning it (revocations arrive every `auth.refresh_interval_s`)
+//! with a last `event: session_ended` whose data is `{"code", "message"}`
+//! (`token_expired`, `token_revoked`).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use service_kit::http::{ApiError, ApiJson, bearer_token, log_refusals, parse_list};
+use service_kit::http::{
+    ApiError, ApiJson, TicketPath, api_refusals, bearer_token, live_feed, log_refusals, parse_list,
+};
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::ids::{Role, TicketId};
 use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket};
+use sync_protocol::token::Principal;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::AppState;
 use crate::cloud_auth::LoginError;
 use crate::store::{self, ListQuery, QueuePosition, StoreError, Write};
-use service_kit::clock::now_ms;
+use service_kit::clock::{now_ms, now_s};
 
 const PAGE_SIZE_DEFAULT: usize = 50;
 const PAGE_SIZE_MAX: usize = 200;
@@ -68,21 +93,6 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// A ticket id from the path, with a clear error when it is not one.
-#[derive(Debug)]
-pub struct TicketPath(TicketId);
-
-impl FromRequestParts<AppState> for TicketPath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
-        raw.parse()
-            .map(TicketPath)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_ticket_id", format!("{e}")))
-    }
-}
-
 /// The authenticated caller of a device request, as an audit actor.
 #[derive(Debug, Clone)]
 pub struct Caller(pub Actor);
@@ -91,22 +101,40 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let principal = state.verifier.verify(bearer_token(parts)?, now_ms() / 1_000)?;
+        Ok(Caller(WardSession::from_request_parts(parts, state).await?.actor))
+    }
+}
+
+/// A caller together with the token it was verified from, for what
+/// outlives the request (the live feed ends when the token does).
+#[derive(Debug, Clone)]
+pub struct WardSession {
+    pub actor: Actor,
+    pub principal: Principal,
+}
+
+impl FromRequestParts<AppState> for WardSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let principal = state.verifier.verify(bearer_token(parts)?, now_s())?;
+        // The role first: a pharmacist is told this API is not theirs,
+        // not that they hold the wrong ward. Pharmacists work through the
+        // cloud; an edge-node token is for sync, not for people.
+        let role = principal.acting_role(Role::works_at_ward).ok_or_else(|| {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "this API serves ward nurses and admins")
+        })?;
         let ward = &state.config.node.ward;
         if !principal.wards.contains(ward) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong_ward", format!("the token is not for {ward}")));
         }
-        // Pharmacists work through the cloud; an edge-node token is for
-        // sync, not for people.
-        let role = principal.acting_role(Role::works_at_ward).ok_or_else(|| {
-            ApiError::new(StatusCode::FORBIDDEN, "forbidden_role", "this API serves ward nurses and admins")
-        })?;
-        Ok(Caller(Actor {
-            user: principal.user,
+        let actor = Actor {
+            user: principal.user.clone(),
             role,
             device: state.config.node.id.clone(),
             offline_login: principal.offline_login,
-        }))
+        };
+        Ok(WardSession { actor, principal })
     }
 }
 
@@ -129,8 +157,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
         .layer(middleware::from_fn(record_request))
-        .layer(middleware::from_fn(log_refusals))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(middleware::from_fn(api_refusals))
+        .layer(middleware::from_fn(log_refusals))
         .with_state(state)
 }
 
@@ -271,23 +300,19 @@ async fn transition_ticket(
 
 /// Live ticket changes as Server-Sent Events: `event: ticket` with the
 /// ticket's JSON, or `event: resync` when this subscriber fell behind and
-/// must list again. Ends when the node shuts down.
+/// must list again. Ends when the node shuts down, and with `event:
+/// session_ended` when the caller's token is revoked or expires.
 async fn live_events(
     State(state): State<AppState>,
-    _caller: Caller,
+    session: WardSession,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let shutdown = state.shutdown.clone();
-    let events = BroadcastStream::new(state.store.subscribe())
-        .map(|item| {
-            Ok(match item {
-                Ok(event) => Event::default().event("ticket").id(event.id.to_string()).data(&*event.ticket_json),
-                Err(BroadcastStreamRecvError::Lagged(missed)) => {
-                    Event::default().event("resync").data(format!("{{\"missed\":{missed}}}"))
-                }
-            })
-        })
-        .take_until(async move { shutdown.cancelled().await });
-    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    let events = BroadcastStream::new(state.store.subscribe()).map(|item| match item {
+        Ok(event) => Event::default().event("ticket").id(event.id.to_string()).data(&*event.ticket_json),
+        Err(BroadcastStreamRecvError::Lagged(missed)) => {
+            Event::default().event("resync").data(format!("{{\"missed\":{missed}}}"))
+        }
+    });
+    live_feed(events, Arc::clone(&state.verifier), session.principal, state.shutdown.clone())
 }
 
 #[derive(Serialize)]

@@ -184,6 +184,13 @@ impl CloudAuth {
         Ok(token)
     }
 
+    /// Drops the node token bought last: the bridge refused it (revoked,
+    /// or expired early by a clock the node does not share), so the next
+    /// connection buys a new one.
+    pub async fn forget_node_token(&self) {
+        *self.node_token.lock().await = None;
+    }
+
     /// Fetches the ward staff's password hashes and keeps them on disk.
     async fn refresh_staff(&self, token_file: &Path) -> Result<usize, CloudAuthError> {
         let Some(url) = &self.url else { return Ok(0) };

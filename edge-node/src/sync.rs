@@ -20,8 +20,10 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 use service_kit::clock::now_ms;
-use sync_protocol::session::{EdgeAction, EdgePhase, EdgeSession, reconnect_delay_ms};
-use sync_protocol::wire::{self, DatabaseId, Hello, PROTOCOL_VERSION, UpstreamChange, WireLimits};
+use sync_protocol::session::{CloseReason, EdgeAction, EdgePhase, EdgeSession, reconnect_delay_ms};
+use sync_protocol::wire::{
+    self, DatabaseId, Hello, PROTOCOL_VERSION, RefusalReason, Refused, UpstreamChange, WireLimits,
+};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -152,6 +154,10 @@ async fn connect(state: &AppState, config: &SyncConfig) -> Result<(Socket, Hello
         Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 403 => {
             return Err(Stop { reason: "the bridge forbids this node's token".into(), retryable: false });
         }
+        Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 401 => {
+            state.cloud_auth.forget_node_token().await;
+            return Err(Stop::retry("the bridge refused the node's token (revoked or expired)"));
+        }
         Ok(Err(e)) => return Err(Stop::retry(format!("cannot connect: {e}"))),
         Err(_) => return Err(Stop::retry("connecting timed out")),
     };
@@ -239,6 +245,9 @@ impl Link<'_> {
             }
             EdgeAction::Close(reason) => {
                 let _ = self.sink.close().await;
+                if let CloseReason::Refused(Refused { reason: RefusalReason::Unauthorized, .. }) = &reason {
+                    self.state.cloud_auth.forget_node_token().await;
+                }
                 return Err(Stop { reason: format!("{reason:?}"), retryable: reason.retryable() });
             }
             EdgeAction::Resend { missing } => Write::Resend { missing, node },

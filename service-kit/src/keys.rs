@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sync_protocol::token::{self, AuthError, TokenPolicy, Verifier};
+use sync_protocol::token::{self, AuthError, Principal, TokenPolicy, Verifier};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
@@ -202,4 +202,24 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<(), KeysError> {
         std::fs::rename(&temporary, path)
     })();
     written.map_err(|source| KeysError::Write { path: path.to_owned(), source })
+}
+
+/// How often an open session (a live feed, a sync link) checks its token
+/// against the revocation list. The list itself changes at most once per
+/// `refresh_interval_s`, so a revoked token's sessions end within that
+/// interval plus this one; the check is a set lookup.
+pub const SESSION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Completes, with the reason, once the token `principal` was verified from
+/// no longer holds: revoked since, or expired (after the leeway). A session
+/// opened with a token lives no longer than the token.
+pub async fn token_lapses(verifier: &Verifier, principal: &Principal) -> AuthError {
+    loop {
+        let now = crate::clock::now_s();
+        if let Err(error) = verifier.still_valid(principal, now) {
+            return error;
+        }
+        let until_expiry = u64::try_from(verifier.valid_until(principal) - now).unwrap_or(0);
+        tokio::time::sleep(SESSION_CHECK_INTERVAL.min(Duration::from_secs(until_expiry))).await;
+    }
 }

@@ -79,6 +79,8 @@ pub enum PolicyError {
 pub enum AuthError {
     #[error("no bearer token")]
     Missing,
+    #[error("the authorization header is not a bearer token")]
+    NotBearer,
     #[error("token is malformed: {0}")]
     Malformed(String),
     #[error("token algorithm {0:?} is not accepted")]
@@ -111,6 +113,7 @@ impl AuthError {
     pub fn code(&self) -> &'static str {
         match self {
             AuthError::Missing => "missing_token",
+            AuthError::NotBearer => "unsupported_auth_scheme",
             AuthError::Expired => "token_expired",
             AuthError::Revoked => "token_revoked",
             _ => "invalid_token",
@@ -244,17 +247,31 @@ impl Verifier {
         }
     }
 
+    /// Whether a token verified earlier still holds at `now_s`: not revoked
+    /// since, not expired (after the leeway). A session opened with a token
+    /// (a live feed, a sync link) asks this while it lasts, so that revoking
+    /// or expiring the token ends it too.
+    pub fn still_valid(&self, principal: &Principal, now_s: i64) -> Result<(), AuthError> {
+        self.check_not_revoked(principal)?;
+        if now_s >= self.valid_until(principal) {
+            return Err(AuthError::Expired);
+        }
+        Ok(())
+    }
+
+    /// The first second at which `principal`'s token no longer holds: its
+    /// expiry plus the leeway.
+    pub fn valid_until(&self, principal: &Principal) -> i64 {
+        principal.expires_at.saturating_add(self.leeway_s as i64)
+    }
+
     /// Verifies `token` at time `now_s` (seconds since the epoch).
     pub fn verify(&self, token: &str, now_s: i64) -> Result<Principal, AuthError> {
         let cached = self.verified.lock().ok().and_then(|verified| verified.get(token).cloned());
         if let Some(principal) = cached {
             // Checked on every use, not only the first: a revocation must
             // reach tokens already verified.
-            self.check_not_revoked(&principal)?;
-            if principal.expires_at.saturating_add(self.leeway_s as i64) > now_s {
-                return Ok(principal);
-            }
-            return Err(AuthError::Expired);
+            return self.still_valid(&principal, now_s).map(|()| principal);
         }
         let principal = self.verify_signed(token)?;
         self.check_not_revoked(&principal)?;

@@ -671,6 +671,23 @@ impl BridgeSession {
         vec![BridgeAction::Send(Message::Welcome(welcome)), BridgeAction::StartFeed { cursor }]
     }
 
+    /// The token the edge connected with no longer holds (revoked, or
+    /// expired after the leeway): a session lives no longer than its
+    /// credentials. The edge is told why and the session ends; the edge
+    /// may come back with a new token.
+    pub fn credentials_lapsed(&mut self, why: &str) -> Vec<BridgeAction> {
+        if self.phase == BridgePhase::Closed {
+            return Vec::new();
+        }
+        self.refuse(Refused { reason: RefusalReason::Unauthorized, detail: why.to_owned() })
+    }
+
+    /// A text frame arrived: the protocol is binary frames only, so a
+    /// peer sending text is not speaking it.
+    pub fn on_text_frame(&mut self) -> Vec<BridgeAction> {
+        self.violation(ErrorCode::Malformed, "text frames are not part of the sync protocol".into())
+    }
+
     /// The driver finished the oldest pending `Store`: accepted changes are
     /// durable, and `rejected` ones failed validation.
     pub fn stored(&mut self, rejected: Vec<Rejection>, now: UnixMillis) -> Vec<BridgeAction> {
@@ -962,6 +979,31 @@ mod tests {
         assert_eq!(actions[0], EdgeAction::HoldLease(renewed));
         let held = sent(&actions)[0].clone();
         assert_eq!(bridge.on_message(held, 7), vec![BridgeAction::LeaseHeld { lease: renewed }]);
+    }
+
+    /// A revoked or expired token ends an established session: the edge
+    /// hears why, and may come back with a fresh token.
+    #[test]
+    fn lapsed_credentials_end_an_established_session_with_a_refusal() {
+        let (mut edge, mut bridge) = established();
+        let actions = bridge.credentials_lapsed("token_revoked");
+        let refused = bridge_sent(&actions)[0].clone();
+        assert!(
+            matches!(&refused, Message::Refused(r) if r.reason == RefusalReason::Unauthorized && r.detail == "token_revoked")
+        );
+        assert_eq!(bridge.phase(), BridgePhase::Closed);
+        assert!(bridge.credentials_lapsed("token_expired").is_empty(), "said once");
+        let actions = edge.on_message(refused, 9);
+        let Some(EdgeAction::Close(reason)) = actions.last() else { panic!("{actions:?}") };
+        assert!(reason.retryable(), "a new token may be had without a person");
+    }
+
+    #[test]
+    fn a_text_frame_is_a_malformed_frame() {
+        let (_, mut bridge) = established();
+        let actions = bridge.on_text_frame();
+        assert!(matches!(bridge_sent(&actions)[0], Message::Error { code: ErrorCode::Malformed, .. }), "{actions:?}");
+        assert_eq!(bridge.phase(), BridgePhase::Closed);
     }
 
     #[test]
