@@ -12,33 +12,45 @@
 //! | GET    | /sync                             | edge nodes         | WebSocket sync |
 //! | GET    | /healthz, /readyz, /metrics       | anyone on the port | liveness, readiness (names the service that is down), Prometheus |
 //!
-//! Errors are `{"error": {"code", "message"}}` with the statuses of the edge
-//! node's API.
+//! Every refusal, the framework's own included, is
+//! `{"error": {"code", "message"}}` with the statuses, codes and type-error
+//! rule of the edge node's API (`edge-node/src/api.rs`), and these of its own:
+//! 403 `forbidden_role` for a caller who is not pharmacy staff (or, on
+//! `/sync`, not an edge node); 400 `websocket_upgrade_required` for `/sync`
+//! without a valid WebSocket upgrade; 503 `storage_unavailable` while a
+//! backing service is down.
+//!
+//! Sessions are bound to their tokens: the live feed ends with
+//! `event: session_ended` (`token_expired`, `token_revoked`), and a sync
+//! WebSocket with a `Refused { Unauthorized }` frame and a close, within one
+//! second of the bridge learning it (revocations arrive every
+//! `auth.refresh_interval_s`). A text frame on `/sync` is answered with
+//! `Error { Malformed }` and a close.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cloud_store::{NodeDiagnostics, QueueQuery, TicketView};
 use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use service_kit::clock::now_ms;
-use service_kit::http::{ApiError, ApiJson, parse_list};
+use service_kit::http::{ApiError, ApiJson, TicketPath, live_feed, parse_list};
 use sync_protocol::document::{TicketDocument, TransitionRequest};
-use sync_protocol::ids::{TicketId, WardId};
+use sync_protocol::ids::WardId;
 use sync_protocol::ticket::{Priority, Status, Ticket};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::AppState;
-use crate::caller::{PharmacyCaller, refusal};
+use crate::caller::{PharmacyCaller, PharmacySession, refusal};
 
 const QUEUE_LIMIT_DEFAULT: usize = 100;
 const QUEUE_LIMIT_MAX: usize = 500;
@@ -52,10 +64,6 @@ pub fn routes() -> Router<AppState> {
         .route("/tickets/{id}/transitions", post(transition))
         .route("/nodes", get(nodes))
         .route("/events", get(live_events))
-}
-
-fn ticket_id(raw: &str) -> Result<TicketId, ApiError> {
-    raw.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_ticket_id", format!("{e}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,27 +111,26 @@ async fn queue(
 async fn ticket(
     State(state): State<AppState>,
     _caller: PharmacyCaller,
-    Path(id): Path<String>,
+    TicketPath(id): TicketPath,
 ) -> Result<Json<TicketView>, ApiError> {
-    Ok(Json(state.store.ticket(ticket_id(&id)?).await.map_err(refusal)?))
+    Ok(Json(state.store.ticket(id).await.map_err(refusal)?))
 }
 
 async fn fhir(
     State(state): State<AppState>,
     _caller: PharmacyCaller,
-    Path(id): Path<String>,
+    TicketPath(id): TicketPath,
 ) -> Result<impl IntoResponse, ApiError> {
-    let TicketView { ticket, .. } = state.store.ticket(ticket_id(&id)?).await.map_err(refusal)?;
+    let TicketView { ticket, .. } = state.store.ticket(id).await.map_err(refusal)?;
     Ok(([(header::CONTENT_TYPE, "application/fhir+json")], Json(sync_protocol::fhir::supply_request_bundle(&ticket))))
 }
 
 async fn transition(
     State(state): State<AppState>,
     PharmacyCaller(actor): PharmacyCaller,
-    Path(id): Path<String>,
+    TicketPath(id): TicketPath,
     ApiJson(request): ApiJson<TransitionRequest>,
 ) -> Result<(StatusCode, Json<Ticket>), ApiError> {
-    let id = ticket_id(&id)?;
     let now = now_ms();
     let limits = state.config.limits.clone();
     let mutation = Box::new(move |doc: &mut TicketDocument| doc.transition(&request, &actor, now, &limits));
@@ -141,30 +148,27 @@ struct EventParams {
 
 /// Live ticket changes of all wards (or those named), as Server-Sent
 /// Events: `event: ticket` with the ticket's JSON, or `event: resync` when
-/// this subscriber fell behind and must read the queue again.
+/// this subscriber fell behind and must read the queue again. Ends with
+/// `event: session_ended` when the caller's token is revoked or expires.
 async fn live_events(
     State(state): State<AppState>,
-    _caller: PharmacyCaller,
+    session: PharmacySession,
     params: Result<Query<EventParams>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(params) = params?;
     let wards: Vec<WardId> = parse_list(params.ward.as_deref(), |s| s.parse::<WardId>().ok(), "invalid_ward")?;
-    let shutdown = state.shutdown.clone();
-    let events = BroadcastStream::new(state.store.subscribe())
-        .filter_map(move |item| {
-            let event = match item {
-                Ok(notice) if wards.is_empty() || wards.contains(&notice.ward) => {
-                    Some(Event::default().event("ticket").data(&*notice.ticket_json))
-                }
-                Ok(_) => None,
-                Err(BroadcastStreamRecvError::Lagged(missed)) => {
-                    Some(Event::default().event("resync").data(format!("{{\"missed\":{missed}}}")))
-                }
-            };
-            std::future::ready(event.map(Ok))
+    let events = BroadcastStream::new(state.store.subscribe()).filter_map(move |item| {
+        std::future::ready(match item {
+            Ok(notice) if wards.is_empty() || wards.contains(&notice.ward) => {
+                Some(Event::default().event("ticket").data(&*notice.ticket_json))
+            }
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                Some(Event::default().event("resync").data(format!("{{\"missed\":{missed}}}")))
+            }
         })
-        .take_until(async move { shutdown.cancelled().await });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    });
+    Ok(live_feed(events, Arc::clone(&state.verifier), session.principal, state.shutdown.clone()))
 }
 
 async fn nodes(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<NodeDiagnostics>>, ApiError> {
@@ -177,5 +181,10 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Result<&'static str,
         .ready()
         .await
         .map_err(|error| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {error}")))?;
-    Ok("ready")
+    // Still ready without a projector: edges' changes are durable on the
+    // brokers, and refusing them would only pile them up on the wards.
+    match state.store.projectors_running() {
+        Some(0) => Ok("ready; degraded: no projector running, so stored changes do not reach reads or feeds"),
+        _ => Ok("ready"),
+    }
 }

@@ -421,6 +421,15 @@ impl Store {
         }
     }
 
+    /// Projectors running, for a store that needs them (the distributed
+    /// one, once it has counted); `None` for the embedded store.
+    pub fn projectors_running(&self) -> Option<u64> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Distributed(store) => store.projectors_running(),
+        }
+    }
+
     /// Stops taking writes and finishes those queued.
     pub async fn close(&self) {
         match self {

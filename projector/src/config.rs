@@ -15,6 +15,11 @@ use sync_protocol::wire::WireLimits;
 /// Upper bound of `projector.batch_records_max`: a round holds its records
 /// and their documents in memory.
 const BATCH_RECORDS_LIMIT: usize = 20_000;
+/// Bounds of `projector.session_timeout_ms`. Apache Kafka's brokers refuse
+/// less than their `group.min.session.timeout.ms` (6 s by default) and more
+/// than `group.max.session.timeout.ms` (30 minutes).
+const SESSION_TIMEOUT_MS_MIN: u64 = 1_000;
+const SESSION_TIMEOUT_MS_MAX: u64 = 1_800_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +53,11 @@ pub struct ProjectorSection {
     /// a record larger than this and its envelope is dead-lettered.
     #[serde(default = "default_change_bytes_max")]
     pub change_bytes_max: usize,
+    /// How long the consumer group waits for a projector that stopped
+    /// answering before its partitions go to the others (or to it again,
+    /// restarted): the longest a crash holds projection up.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
     /// How long shutdown waits for the health endpoint's requests.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
@@ -64,6 +74,9 @@ fn default_batch_linger_ms() -> u64 {
 }
 fn default_change_bytes_max() -> usize {
     WireLimits::default().change_bytes_max
+}
+fn default_session_timeout_ms() -> u64 {
+    6_000
 }
 fn default_shutdown_grace_ms() -> u64 {
     5_000
@@ -93,6 +106,11 @@ impl ServiceConfig for ProjectorConfig {
                 "projector.batch_records_max must be 1 to {BATCH_RECORDS_LIMIT}"
             )));
         }
+        if !(SESSION_TIMEOUT_MS_MIN..=SESSION_TIMEOUT_MS_MAX).contains(&self.projector.session_timeout_ms) {
+            return Err(ConfigError::invalid(format!(
+                "projector.session_timeout_ms must be {SESSION_TIMEOUT_MS_MIN} to {SESSION_TIMEOUT_MS_MAX}"
+            )));
+        }
         if self.projector.change_bytes_max == 0 {
             return Err(ConfigError::invalid("projector.change_bytes_max must be positive"));
         }
@@ -118,6 +136,7 @@ mod tests {
         assert_eq!(p.id.as_str(), "projector-1");
         assert_eq!((p.listen, p.batch_records_max, p.batch_linger_ms), (default_listen(), 2_000, 20));
         assert_eq!(p.change_bytes_max, WireLimits::default().change_bytes_max);
+        assert_eq!(p.session_timeout_ms, default_session_timeout_ms());
         assert_eq!(
             (config.kafka.topic.as_str(), config.kafka.group_id.as_str()),
             ("medsync.changes", "medsync-projector")
@@ -132,6 +151,7 @@ mod tests {
             (EXAMPLE.replace("version = 1", "version = 2"), "version is 2"),
             (EXAMPLE.replace("batch_records_max = 2000", "batch_records_max = 0"), "batch_records_max"),
             (EXAMPLE.replace("partitions = 6", "partitions = 17"), "kafka.partitions must be 1 to 16"),
+            (EXAMPLE.replace("session_timeout_ms = 6000", "session_timeout_ms = 500"), "session_timeout_ms must be"),
             (EXAMPLE.replace("[projector]", "[projector]\nthreads = 2"), "threads"),
         ];
         for (text, expected) in cases {

@@ -45,6 +45,13 @@ const PREFETCH_KBYTES: &str = "16384";
 const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the lag query waits for the brokers.
 const LAG_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a projector renews its presence in MongoDB, and how long a
+/// presence holds unless renewed: the bridges' `/readyz` says "no projector
+/// running" within `PRESENCE_TTL_MS` of the last one dying.
+const PRESENCE_INTERVAL: Duration = Duration::from_secs(2);
+const PRESENCE_TTL_MS: i64 = 6_000;
+/// How long a stopping projector tries to withdraw its presence.
+const PRESENCE_WITHDRAW_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -108,7 +115,7 @@ pub async fn run(config: &ProjectorConfig, health: Health, stop: CancellationTok
     if set_up(&ChangeLog::new(kafka, &name)?, &db, &health, &stop).await.is_err() {
         return Ok(());
     }
-    let consumer = Arc::new(subscribe(kafka, &name)?);
+    let consumer = Arc::new(subscribe(kafka, &name, config.projector.session_timeout_ms)?);
     let mut preparer = Preparer {
         db: db.clone(),
         replica: ActorId::random(),
@@ -123,6 +130,7 @@ pub async fn run(config: &ProjectorConfig, health: Health, stop: CancellationTok
         mergers: Arc::clone(&preparer.mergers),
         owes_invalidation: false,
     };
+    let presence = tokio::spawn(keep_present(writer.db.clone(), config.projector.id.to_string(), stop.clone()));
     let written = Written::default();
     report_lag(Arc::clone(&consumer), kafka.topic.clone(), Arc::clone(&written), stop.clone());
     tracing::info!(topic = %kafka.topic, group = %kafka.group_id, "projector running");
@@ -160,8 +168,30 @@ pub async fn run(config: &ProjectorConfig, health: Health, stop: CancellationTok
         metrics::counter!("projector_records_total").increment(round.records as u64);
         metrics::histogram!("projector_round_seconds").record(started.elapsed().as_secs_f64());
     }
+    stop.cancel();
+    let _ = presence.await;
     tracing::info!("projector stopped");
     Ok(())
+}
+
+/// Renews this projector's presence until `stop`, then withdraws it, so
+/// the bridges can tell operators when no projector runs.
+async fn keep_present(db: Db, id: String, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(PRESENCE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        if let Err(error) = db.projector_present(&id, now_ms() + PRESENCE_TTL_MS).await {
+            tracing::debug!(%error, "projector presence not renewed");
+        }
+    }
+    match tokio::time::timeout(PRESENCE_WITHDRAW_TIMEOUT, db.projector_gone(&id)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "projector presence not withdrawn; it lapses by itself"),
+        Err(_) => tracing::warn!("projector presence not withdrawn in time; it lapses by itself"),
+    }
 }
 
 /// Creates the topic (the bridges do too; a projector that starts first
@@ -180,10 +210,19 @@ async fn set_up(log: &ChangeLog, db: &Db, health: &Health, stop: &CancellationTo
 }
 
 /// A member of the projectors' consumer group on the change topic; it
-/// commits offsets itself, after each round is written.
-fn subscribe(kafka: &KafkaConfig, name: &str) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+/// commits offsets itself, after each round is written. The session timeout
+/// bounds how long a killed projector holds its partitions (librdkafka's
+/// default, 45 s, held projection up that long after a crash); heartbeats
+/// go three times per timeout, as Kafka advises.
+fn subscribe(
+    kafka: &KafkaConfig,
+    name: &str,
+    session_timeout_ms: u64,
+) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
     let consumer: StreamConsumer = client_config(kafka, name)
         .set("group.id", &kafka.group_id)
+        .set("session.timeout.ms", session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (session_timeout_ms / 3).to_string())
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")

@@ -36,7 +36,7 @@ pub mod record;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use automerge::ActorId;
@@ -85,6 +85,8 @@ const ADMIT_ATTEMPTS_MAX: usize = 4;
 /// How long a session's presence holds unless renewed: as long as a bridge
 /// takes to notice a dead connection (the default heartbeat timeout).
 const PRESENCE_TTL_MS: i64 = 15_000;
+/// How often a bridge counts the projectors present (`bridge_projectors_running`).
+const PROJECTOR_COUNT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A ticket's document while a batch is checked: as stored, or as created
 /// by a change earlier in the batch (kept saved until needed).
@@ -145,6 +147,8 @@ struct Shared {
     cursor_notes: Arc<Semaphore>,
     /// This instance's name, for the presence of the sessions it holds.
     bridge: String,
+    /// Projectors present at the last count; -1 before one succeeded.
+    projectors: AtomicI64,
 }
 
 impl std::fmt::Debug for DistributedStore {
@@ -175,10 +179,12 @@ impl DistributedStore {
             visible_wait: Duration::from_millis(options.visible_wait_ms),
             cursor_notes: Arc::new(Semaphore::new(CURSOR_NOTES_IN_FLIGHT_MAX)),
             bridge: options.instance.to_string(),
+            projectors: AtomicI64::new(-1),
         });
         let tasks = CancellationToken::new();
         tokio::spawn(Arc::clone(&shared).set_up(tasks.clone()));
         tokio::spawn(Arc::clone(&shared).poll_watermarks(tasks.clone()));
+        tokio::spawn(Arc::clone(&shared).count_projectors(tasks.clone()));
         if shared.cache.is_some() {
             tokio::spawn(Arc::clone(&shared).follow_notices(tasks.clone()));
         }
@@ -474,6 +480,11 @@ impl DistributedStore {
         self.shared.db.ping().await
     }
 
+    /// Projectors running at the last count (every 2 s), once one succeeded.
+    pub fn projectors_running(&self) -> Option<u64> {
+        u64::try_from(self.shared.projectors.load(Ordering::Relaxed)).ok()
+    }
+
     pub async fn close(&self) {
         self.tasks.cancel();
         let shared = Arc::clone(&self.shared);
@@ -753,6 +764,25 @@ impl Shared {
                 && let Err(error) = self.announce(&moved).await
             {
                 tracing::debug!(%error, "cannot announce polled changes");
+            }
+        }
+    }
+
+    /// Counts the projectors present now and then: without one, changes are
+    /// stored but nothing reaches reads or feeds, which operators must see.
+    async fn count_projectors(self: Arc<Self>, stop: CancellationToken) {
+        let mut interval = tokio::time::interval(PROJECTOR_COUNT_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            match self.db.projectors_present(now_ms()).await {
+                Ok(count) => {
+                    self.projectors.store(i64::try_from(count).unwrap_or(i64::MAX), Ordering::Relaxed);
+                    metrics::gauge!("bridge_projectors_running").set(count as f64);
+                }
+                Err(error) => tracing::debug!(%error, "cannot count the projectors"),
             }
         }
     }

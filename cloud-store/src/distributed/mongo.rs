@@ -223,6 +223,7 @@ pub struct Db {
     pages: Collection<PageDoc>,
     watermarks: Collection<WatermarkDoc>,
     nodes: Collection<NodeDoc>,
+    projectors: Collection<Document>,
     rejected: Collection<Document>,
     dead_letters: Collection<Document>,
 }
@@ -240,6 +241,7 @@ impl Db {
             pages: collection("feed_pages").clone_with_type(),
             watermarks: collection("watermarks").clone_with_type(),
             nodes: collection("nodes").clone_with_type(),
+            projectors: collection("projectors"),
             rejected: collection("rejected_changes"),
             dead_letters: collection("dead_letters"),
             database,
@@ -634,6 +636,26 @@ impl Db {
             .await
             .map(|_| ())
             .map_err(mongo_error)
+    }
+
+    /// Records that projector `id` runs, until `until` (ms) unless renewed.
+    pub async fn projector_present(&self, id: &str, until: i64) -> Result<(), StoreError> {
+        self.projectors
+            .update_one(doc! { "_id": id }, doc! { "$set": { "until": until } })
+            .upsert(true)
+            .await
+            .map(|_| ())
+            .map_err(mongo_error)
+    }
+
+    /// Ends projector `id`'s presence (it stopped cleanly).
+    pub async fn projector_gone(&self, id: &str) -> Result<(), StoreError> {
+        self.projectors.delete_one(doc! { "_id": id }).await.map(|_| ()).map_err(mongo_error)
+    }
+
+    /// How many projectors are present at `now` (ms).
+    pub async fn projectors_present(&self, now: i64) -> Result<u64, StoreError> {
+        self.projectors.count_documents(doc! { "until": { "$gt": now } }).await.map_err(mongo_error)
     }
 
     pub async fn note_cursor(&self, node: &str, cursor: &[i64]) -> Result<(), StoreError> {
