@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs an edge node on ward hardware: the binary, a system user, a data
-# directory only that user can read, a configuration from the commented
-# example, and the systemd unit. Idempotent: an existing configuration and
-# data directory are kept.
+# directory only that user can read, the key the database is encrypted
+# with (readable by that user alone), a configuration from the commented
+# example, and the systemd unit. Idempotent: an existing configuration, key
+# and data directory are kept.
 #
 #   sudo deploy/install-edge-node.sh --binary target/release/edge-node --node edge-ward-4b-1 --ward ward-4b
 #
@@ -37,6 +38,7 @@ config_dir=${CONFIG_DIR:-$root/etc/edge-node}
 data_dir=${DATA_DIR:-$root/var/lib/edge-node}
 unit_dir=${UNIT_DIR:-$root/etc/systemd/system}
 config="$config_dir/edge-node.toml"
+key="$config_dir/database.key"
 
 # A system user with no login and no home of its own beyond the data directory.
 if ! getent passwd "$service_user" >/dev/null; then
@@ -50,12 +52,26 @@ install -m 0755 "$binary" "$bin_dir/edge-node"
 install -d -m 0750 -o "$service_user" -g "$service_group" "$data_dir"
 install -d -m 0750 -o root -g "$service_group" "$config_dir"
 
+# The database key: the node reads it as a systemd credential, the admin
+# commands (run as the service user) from the file. Losing it loses the
+# database and its backups: keep a copy in the hospital's key escrow.
+if [ -e "$key" ]; then
+  echo "kept the existing database key $key"
+else
+  "$binary" generate-key "$key.new"
+  chown "$service_user:$service_group" "$key.new"
+  chmod 0400 "$key.new"
+  mv "$key.new" "$key"
+  echo "wrote a new database key $key: copy it to the hospital's key escrow"
+fi
+
 if [ -e "$config" ]; then
   echo "kept the existing configuration $config"
 else
   sed -e "s|^id = \".*\"|id = \"$node\"|" \
       -e "s|^ward = \".*\"|ward = \"$ward\"|" \
       -e "s|^data_dir = \".*\"|data_dir = \"$data_dir\"|" \
+      -e "s|^key_file = \".*\"|key_file = \"$key\"|" \
       "$here/edge-node.example.toml" > "$config.new"
   chown "root:$service_group" "$config.new"
   chmod 0640 "$config.new"
@@ -67,6 +83,7 @@ fi
 sed -e "s|/usr/local/bin/edge-node|$bin_dir/edge-node|g" \
     -e "s|/etc/edge-node/edge-node.toml|$config|g" \
     -e "s|ReadWritePaths=/var/lib/edge-node|ReadWritePaths=$data_dir|" \
+    -e "s|/etc/edge-node/database.key|$key|" \
     -e "s|^User=edge-node|User=$service_user|" \
     -e "s|^Group=edge-node|Group=$service_group|" \
     "$here/systemd/edge-node.service" > "$unit_dir/edge-node.service"

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use automerge::ActorId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_bytes::ByteBuf;
-use service_kit::sqlite::{self, ReadPool};
+use service_kit::sqlite::{self, Database, ReadPool};
 use service_kit::writer::GroupWriter;
 use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{Mutation, ReceivedChange, TicketDocument};
@@ -161,10 +161,12 @@ fn seq_of(cursor: &Cursor) -> Option<u64> {
 
 impl EmbeddedStore {
     pub fn open(path: &Path, limits: Limits, replica: ActorId, write_queue_max: usize) -> Result<Self, StoreError> {
-        let mut writer = Connection::open(path)?;
+        // The cloud's disks are the hospital's data centre's: plain SQLite.
+        let database = Database::plain(path);
+        let mut writer = database.open()?;
         sqlite::configure_writer(&writer)?;
         sqlite::migrate(&mut writer, MIGRATIONS)?;
-        let readers = ReadPool::open(path, READERS)?;
+        let readers = ReadPool::open(&database, READERS)?;
         let (notices, _) = broadcast::channel(NOTICES_CAPACITY);
         let stager = Stager::new(limits.clone(), replica.clone())?;
         let writer_state = Writer { replica: replica.clone(), limits, notices: notices.clone() };

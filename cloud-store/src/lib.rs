@@ -50,6 +50,8 @@ pub enum StoreError {
     Migrate(#[from] service_kit::sqlite::MigrateError),
     #[error(transparent)]
     ReadTask(#[from] service_kit::sqlite::ReadTaskFailed),
+    #[error(transparent)]
+    Open(#[from] service_kit::sqlite::OpenError),
     #[error("the store is shut down")]
     Closed,
     #[error("sqlite: {0}")]
@@ -88,6 +90,7 @@ impl StoreError {
         matches!(
             self,
             StoreError::Corrupt(_)
+                | StoreError::Open(_)
                 | StoreError::Config(_)
                 | StoreError::Client(_)
                 | StoreError::Encode(_)

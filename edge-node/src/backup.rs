@@ -16,13 +16,21 @@
 //! number the backup shares with the replaced database can drop a change.
 //! And it compares every ticket with the cloud (a reconciliation), putting
 //! what the cloud lacks of its changes into the outbox again.
+//!
+//! A backup is encrypted with the database's key (the backup API copies
+//! between two connections keyed alike) and created readable by its owner
+//! only. A restore re-encrypts what it restores under the current key
+//! (`sqlite::export`), so a backup made under an older key, or before the
+//! node had one, is restored by naming its key. [`rotate_key`] re-encrypts
+//! the database under a new key the same way.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rusqlite::Connection;
 use rusqlite::backup::{Backup, StepResult};
-use rusqlite::{Connection, OpenFlags};
+use service_kit::sqlite::{self, Database, DatabaseKey, KeyError, OpenError};
 
 use crate::store;
 
@@ -34,6 +42,10 @@ const BUSY_RETRY_DELAY: Duration = Duration::from_millis(50);
 pub enum BackupError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("{0} exists; choose a new file")]
@@ -42,6 +54,8 @@ pub enum BackupError {
     Running,
     #[error("not a usable backup: {0}")]
     Invalid(String),
+    #[error("the database is already encrypted with that key")]
+    SameKey,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -49,7 +63,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
 }
 
 /// What a backup or restore holds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     pub tickets: u64,
     pub outbox: u64,
@@ -90,10 +104,20 @@ fn check(conn: &Connection) -> Result<(), BackupError> {
     Ok(())
 }
 
-/// Copies `from` into a new file `to` in one step of the backup API (all
-/// pages at once), retrying a step the source's lock held up.
-fn copy(from: &Connection, to: &Path) -> Result<(), BackupError> {
-    let mut destination = Connection::open(to)?;
+/// Opens a database that must already exist (opening creates one).
+fn open_existing(database: &Database) -> Result<Connection, BackupError> {
+    if !database.path.is_file() {
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        return Err(io(&database.path)(missing));
+    }
+    Ok(database.open()?)
+}
+
+/// Copies `from` into the new, empty file of `to` (keyed alike) in one
+/// step of the backup API (all pages at once), retrying a step the
+/// source's lock held up.
+fn copy(from: &Connection, to: &Database) -> Result<(), BackupError> {
+    let mut destination = to.open()?;
     {
         let backup = Backup::new(from, &mut destination)?;
         let mut attempts = 0;
@@ -110,32 +134,48 @@ fn copy(from: &Connection, to: &Path) -> Result<(), BackupError> {
         }
     }
     destination.pragma_update(None, "journal_mode", "DELETE")?;
-    File::open(to).and_then(|f| f.sync_all()).map_err(io(to))
+    File::open(&to.path).and_then(|f| f.sync_all()).map_err(io(&to.path))
 }
 
-/// Backs up the database at `database` into the new file `to`, while the node serves.
-pub fn backup(database: &Path, to: &Path) -> Result<Summary, BackupError> {
-    if to.exists() {
-        return Err(BackupError::Exists(to.display().to_string()));
+/// Backs up `database` into the new file `to`, encrypted with the same
+/// key and readable by its owner only, while the node serves.
+pub fn backup(database: &Database, to: &Path) -> Result<Summary, BackupError> {
+    sqlite::create_private(to).map_err(|error| match error.kind() {
+        std::io::ErrorKind::AlreadyExists => BackupError::Exists(to.display().to_string()),
+        _ => io(to)(error),
+    })?;
+    let target = Database { path: to.to_owned(), key: database.key.clone() };
+    let written = database.open_read_only().map_err(BackupError::from).and_then(|source| {
+        copy(&source, &target)?;
+        let written = target.open_read_only()?;
+        check(&written)?;
+        summarize(&written)
+    });
+    if written.is_err() {
+        // An unfinished backup must not pass for one later.
+        let _ = std::fs::remove_file(to);
     }
-    let source = Connection::open_with_flags(database, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    copy(&source, to)?;
-    let written = Connection::open_with_flags(to, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    check(&written)?;
-    summarize(&written)
+    written
 }
 
-/// Puts the backup `from` in place of the database at `database` (the node
-/// must be stopped). The database it replaces is kept beside it, renamed.
-pub fn restore(data_dir: &Path, database: &Path, from: &Path) -> Result<(Summary, Option<PathBuf>), BackupError> {
+/// Puts the backup `from` (opened with the key it was made under, or as
+/// plain SQLite if it predates encryption) in place of `database` (the
+/// node must be stopped), re-encrypted under the database's key. The
+/// database it replaces is kept beside it, renamed, with its WAL.
+pub fn restore(
+    data_dir: &Path,
+    database: &Database,
+    from: &Database,
+) -> Result<(Summary, Option<PathBuf>), BackupError> {
     let _lock = lock_data_dir(data_dir)?;
-    let source = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let source = open_existing(&from.as_found()?)?;
     check(&source)?;
-    let staged = database.with_extension("restoring");
-    let _ = std::fs::remove_file(&staged);
-    copy(&source, &staged)?;
+    let staged = Database { path: database.path.with_extension("restoring"), key: database.key.clone() };
+    let _ = std::fs::remove_file(&staged.path);
+    sqlite::export(&source, &staged)?;
+    drop(source);
     {
-        let conn = Connection::open(&staged)?;
+        let conn = staged.open()?;
         conn.execute("DELETE FROM sync_state WHERE key IN ('cursor', ?1)", [store::LEASE_KEY])?;
         conn.execute(
             "INSERT INTO sync_state (key, value) VALUES (?1, randomblob(16)) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -148,21 +188,73 @@ pub fn restore(data_dir: &Path, database: &Path, from: &Path) -> Result<(Summary
             [store::RECONCILE_KEY],
         )?;
     }
-    let kept = if database.exists() {
-        // Fold the old database's WAL in before moving it, so the kept copy is whole.
-        Connection::open(database)?.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
-        let stamp = service_kit::clock::now_ms();
-        let kept = database.with_extension(format!("before-restore-{stamp}"));
-        std::fs::rename(database, &kept).map_err(io(database))?;
+    // The replaced database is moved with its WAL, not opened: it may be
+    // unreadable with the current key (a lost key is one reason to restore).
+    let kept = if database.path.exists() {
+        let kept = database.path.with_extension(format!("before-restore-{}", service_kit::clock::now_ms()));
+        move_with_wal(&database.path, &kept)?;
         Some(kept)
     } else {
         None
     };
-    for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", database.display()));
-        let _ = std::fs::remove_file(side);
-    }
-    std::fs::rename(&staged, database).map_err(io(database))?;
-    let restored = Connection::open_with_flags(database, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    put_in_place(&staged.path, &database.path)?;
+    let restored = database.open_read_only()?;
     Ok((summarize(&restored)?, kept))
+}
+
+/// Re-encrypts `database` (the node must be stopped) under `new_key`: a
+/// first encryption of a plain database, or a key rotation. Backups made
+/// before it still need the key they were made under.
+pub fn rotate_key(data_dir: &Path, database: &Database, new_key: DatabaseKey) -> Result<Summary, BackupError> {
+    let _lock = lock_data_dir(data_dir)?;
+    let current = database.as_found()?;
+    if current.key.as_ref() == Some(&new_key) {
+        return Err(BackupError::SameKey);
+    }
+    let conn = open_existing(&current)?;
+    conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
+    let before = summarize(&conn)?;
+    let staged = Database { path: database.path.with_extension("rekeying"), key: Some(new_key) };
+    let _ = std::fs::remove_file(&staged.path);
+    sqlite::export(&conn, &staged)?;
+    drop(conn);
+    let after = {
+        let conn = staged.open_read_only()?;
+        check(&conn)?;
+        summarize(&conn)?
+    };
+    if after != before {
+        let _ = std::fs::remove_file(&staged.path);
+        return Err(BackupError::Invalid(format!("the re-encrypted copy holds {after:?}, the database {before:?}")));
+    }
+    // Checkpointed above: the WAL holds nothing the file lacks.
+    put_in_place(&staged.path, &database.path)?;
+    Ok(after)
+}
+
+/// Renames `from` to `to`, and its WAL along with it (SQLite finds a
+/// database's WAL by its name), dropping the shared-memory index.
+fn move_with_wal(from: &Path, to: &Path) -> Result<(), BackupError> {
+    std::fs::rename(from, to).map_err(io(from))?;
+    let wal = side_file(from, "-wal");
+    if wal.exists() {
+        std::fs::rename(&wal, side_file(to, "-wal")).map_err(io(&wal))?;
+    }
+    let _ = std::fs::remove_file(side_file(from, "-shm"));
+    Ok(())
+}
+
+/// Puts the finished file `staged` in place of `database`, whose WAL and
+/// index (if any are left) belong to the file it replaces.
+fn put_in_place(staged: &Path, database: &Path) -> Result<(), BackupError> {
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(side_file(database, suffix));
+    }
+    std::fs::rename(staged, database).map_err(io(database))?;
+    let directory = database.parent().unwrap_or(Path::new("."));
+    File::open(directory).and_then(|dir| dir.sync_all()).map_err(io(directory))
+}
+
+fn side_file(database: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", database.display()))
 }

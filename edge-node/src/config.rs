@@ -13,6 +13,7 @@ use serde::Deserialize;
 use service_kit::config::{ConfigError, ServiceConfig};
 use service_kit::keys::AuthConfig;
 use service_kit::logging::LogConfig;
+use service_kit::sqlite::{Database, DatabaseKey, KeyError};
 use sync_protocol::ids::{NodeId, WardId};
 use sync_protocol::ticket::Limits;
 
@@ -108,11 +109,33 @@ pub struct StorageConfig {
     pub write_queue_max: usize,
     /// Read connections.
     pub readers: usize,
+    /// The key the database and its backups are encrypted with: a file of
+    /// 64 hexadecimal characters (`edge-node generate-key FILE`) that no
+    /// group or other user may read. Read when `key_credential` is not
+    /// handed over (the admin commands, run from a shell).
+    pub key_file: Option<PathBuf>,
+    /// The same key as a systemd credential of this name
+    /// (`LoadCredential=NAME:PATH` in the unit), read from
+    /// `$CREDENTIALS_DIRECTORY` when systemd sets it.
+    pub key_credential: Option<String>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { group_commit_max: 256, write_queue_max: 4_096, readers: 4 }
+        Self { group_commit_max: 256, write_queue_max: 4_096, readers: 4, key_file: None, key_credential: None }
+    }
+}
+
+impl StorageConfig {
+    /// Where the key is read from: the systemd credential when systemd
+    /// handed credentials over, else the key file; `None` without either
+    /// (the database is then plain SQLite, and the node says so at start).
+    pub fn key_path(&self) -> Option<PathBuf> {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        match (&self.key_credential, credentials) {
+            (Some(name), Some(directory)) => Some(directory.join(name)),
+            _ => self.key_file.clone(),
+        }
     }
 }
 
@@ -157,6 +180,15 @@ impl ServiceConfig for Config {
                 return invalid("sync.reconnect_base_ms must be positive and at most sync.reconnect_cap_ms".into());
             }
         }
+        if self.storage.key_file.as_ref().is_some_and(|path| !path.is_absolute()) {
+            return invalid("storage.key_file must be an absolute path".into());
+        }
+        let credential_name = |name: &String| {
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) && name != ".."
+        };
+        if self.storage.key_credential.as_ref().is_some_and(|name| !credential_name(name)) {
+            return invalid("storage.key_credential must be a credential name (letters, digits, - _ .)".into());
+        }
         if self.storage.readers > 64 || self.storage.group_commit_max > 10_000 {
             return invalid("storage.readers must be at most 64 and storage.group_commit_max at most 10000".into());
         }
@@ -175,6 +207,13 @@ impl Config {
 
     pub fn database_path(&self) -> PathBuf {
         self.node.data_dir.join("edge-node.sqlite3")
+    }
+
+    /// The database and the key it is encrypted with, read from the key
+    /// file or credential (`storage.key_path`).
+    pub fn database(&self) -> Result<Database, KeyError> {
+        let key = self.storage.key_path().map(|path| DatabaseKey::read(&path)).transpose()?;
+        Ok(Database { path: self.database_path(), key })
     }
 }
 

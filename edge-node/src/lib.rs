@@ -50,9 +50,13 @@ pub fn open_state(config: Config) -> Result<AppState, ServeError> {
         ServeError::Keys(AuthError::Jwks(format!("{error}; run `edge-node enrol` or place the JWKS there")))
     })?;
     let cloud_auth = cloud_auth::CloudAuth::open(&config, &verifier)?;
+    let database = config.database().map_err(ServeError::store)?;
+    if database.key.is_none() {
+        tracing::warn!(path = %database.path.display(), "the database is not encrypted at rest: set storage.key_file");
+    }
     // A fresh actor id per process: see ARCHITECTURE.md, "actor ids".
-    let store = Store::open(&config.database_path(), &config.storage, config.limits.clone(), ActorId::random())
-        .map_err(ServeError::store)?;
+    let store =
+        Store::open(&database, &config.storage, config.limits.clone(), ActorId::random()).map_err(ServeError::store)?;
     Ok(AppState {
         config: Arc::new(config),
         store: Arc::new(store),

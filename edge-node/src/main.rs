@@ -7,6 +7,7 @@ use edge_node::cloud_auth::{self, ClientCredentials};
 use edge_node::config::Config;
 use service_kit::config::ServiceConfig;
 use service_kit::runtime::{self, Threads};
+use service_kit::sqlite::{Database, DatabaseKey};
 
 /// The ward's edge node: serves ward devices, stores tickets, works offline.
 #[derive(Parser)]
@@ -30,21 +31,47 @@ enum Command {
         #[arg(long)]
         credentials: PathBuf,
     },
-    /// Take a consistent backup of the database into a new FILE, while the node serves.
+    /// Take a consistent backup of the database into a new FILE, while the
+    /// node serves. It is encrypted with the database's key.
     Backup { file: PathBuf },
     /// Replace the database with a backup (the node must be stopped). The
     /// node then re-syncs from the cloud what the backup lacks.
-    Restore { file: PathBuf },
+    Restore {
+        file: PathBuf,
+        /// The key the backup was made under, if not the current one (a
+        /// backup from before a key rotation).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Write a new random database key into the new FILE (mode 0600).
+    GenerateKey { file: PathBuf },
+    /// Re-encrypt the database under the key in FILE (the node must be
+    /// stopped): a key rotation, or the first encryption of a plain database.
+    RotateKey {
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::GenerateKey { file } = &cli.command {
+        // Needs no configuration: the installer runs it before writing one.
+        DatabaseKey::generate().write_new(file)?;
+        println!("wrote a new database key to {} (mode 0600)", file.display());
+        return Ok(());
+    }
     let path = cli.config.context("--config (or EDGE_NODE_CONFIG) is required")?;
     let config = Config::load(&path)?;
     match cli.command {
         Command::Serve => serve(config),
         Command::CheckConfig => {
-            println!("configuration is valid: {}", config.summary());
+            // The key is read too: a missing or exposed key stops the unit here.
+            let encryption = match (config.database()?.key, config.storage.key_path()) {
+                (Some(_), Some(path)) => format!("database encrypted with the key in {}", path.display()),
+                _ => "database NOT encrypted (no storage.key_file)".to_owned(),
+            };
+            println!("configuration is valid: {}; {encryption}", config.summary());
             Ok(())
         }
         Command::Enrol { credentials } => {
@@ -65,7 +92,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backup { file } => {
-            let summary = backup::backup(&config.database_path(), &file)?;
+            let summary = backup::backup(&config.database()?, &file)?;
             println!(
                 "backup written to {}: {} tickets, {} changes not yet synced",
                 file.display(),
@@ -74,8 +101,15 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Restore { file } => {
-            let (summary, kept) = backup::restore(&config.node.data_dir, &config.database_path(), &file)?;
+        Command::Restore { file, key_file } => {
+            let database = config.database()?;
+            let key = match key_file {
+                Some(path) => Some(DatabaseKey::read(&path)?),
+                None => database.key.clone(),
+            };
+            let from = Database { path: file.clone(), key };
+            let (summary, kept) = backup::restore(&config.node.data_dir, &database, &from)
+                .context("restore failed (a backup made under another key needs --key-file)")?;
             println!(
                 "restored {}: {} tickets, {} changes not yet synced; the node re-syncs from the cloud when it starts",
                 file.display(),
@@ -85,6 +119,22 @@ fn main() -> anyhow::Result<()> {
             if let Some(kept) = kept {
                 println!("the database it replaced is kept as {}", kept.display());
             }
+            Ok(())
+        }
+        Command::GenerateKey { .. } => unreachable!("handled before the configuration is read"),
+        Command::RotateKey { new_key_file } => {
+            let new_key = DatabaseKey::read(&new_key_file)?;
+            let summary = backup::rotate_key(&config.node.data_dir, &config.database()?, new_key)?;
+            println!(
+                "database re-encrypted under {}: {} tickets, {} changes not yet synced",
+                new_key_file.display(),
+                summary.tickets,
+                summary.outbox
+            );
+            println!(
+                "next: point storage.key_file (or the key credential) at that key before starting the node; \
+                 keep the old key with the backups made before now (restore them with --key-file)"
+            );
             Ok(())
         }
     }

@@ -13,12 +13,11 @@
 //! the writer) and return the materialized ticket JSON stored with each
 //! document, so listing never parses Automerge.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use automerge::ActorId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use service_kit::sqlite::{self, ReadPool};
+use service_kit::sqlite::{self, Database, ReadPool};
 use service_kit::writer::{GroupWriter, QueueError};
 use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId};
@@ -94,6 +93,9 @@ pub enum StoreError {
     Document(#[from] DocumentError),
     #[error(transparent)]
     Migrate(#[from] sqlite::MigrateError),
+    /// The database could not be opened: a wrong or missing key, or no database.
+    #[error(transparent)]
+    Open(#[from] sqlite::OpenError),
     #[error(transparent)]
     ReadTask(#[from] sqlite::ReadTaskFailed),
     #[error("too many writes are waiting; retry shortly")]
@@ -236,13 +238,18 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`, migrates it, and
-    /// starts the writer thread.
-    pub fn open(path: &Path, config: &StorageConfig, limits: Limits, replica: ActorId) -> Result<Self, StoreError> {
-        let mut writer = Connection::open(path)?;
+    /// Opens (creating if needed) the database with its key, migrates it,
+    /// and starts the writer thread.
+    pub fn open(
+        database: &Database,
+        config: &StorageConfig,
+        limits: Limits,
+        replica: ActorId,
+    ) -> Result<Self, StoreError> {
+        let mut writer = database.open()?;
         sqlite::configure_writer(&writer)?;
         sqlite::migrate(&mut writer, MIGRATIONS)?;
-        let readers = ReadPool::open(path, config.readers)?;
+        let readers = ReadPool::open(database, config.readers)?;
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let context = WriterContext { replica: replica.clone(), limits, events: events.clone() };
         let writer = GroupWriter::spawn(

@@ -14,6 +14,7 @@ use automerge::ActorId;
 use edge_node::config::StorageConfig;
 use edge_node::store::{self, ListQuery, SCHEMA_VERSION, Store, StoreError};
 use rusqlite::Connection;
+use service_kit::sqlite::Database;
 use sync_protocol::ticket::{Limits, Status};
 
 fn fixtures() -> Vec<PathBuf> {
@@ -40,8 +41,9 @@ async fn every_released_schema_opens_with_its_tickets_and_outbox() {
     for fixture in fixtures {
         let dir = tempfile::tempdir().unwrap();
         let path = copy_into(dir.path(), &fixture);
-        let store = Store::open(&path, &StorageConfig::default(), Limits::default(), ActorId::random())
-            .unwrap_or_else(|e| panic!("{}: {e}", fixture.display()));
+        let store =
+            Store::open(&Database::plain(&path), &StorageConfig::default(), Limits::default(), ActorId::random())
+                .unwrap_or_else(|e| panic!("{}: {e}", fixture.display()));
         let (tickets, outbox) = store
             .read(|conn| {
                 let page = store::list_tickets(conn, &ListQuery { limit: 50, ..ListQuery::default() })?;
@@ -72,7 +74,8 @@ async fn a_database_newer_than_this_build_is_refused_and_left_alone() {
     let path = copy_into(dir.path(), &fixtures()[0]);
     Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION as i64 + 1).unwrap();
     let before = std::fs::read(&path).unwrap();
-    let error = Store::open(&path, &StorageConfig::default(), Limits::default(), ActorId::random()).unwrap_err();
+    let error = Store::open(&Database::plain(&path), &StorageConfig::default(), Limits::default(), ActorId::random())
+        .unwrap_err();
     assert!(matches!(error, StoreError::Migrate(_)), "{error}");
     assert!(error.to_string().contains("newer than this build"), "{error}");
     assert_eq!(std::fs::read(&path).unwrap(), before, "the database was not touched");

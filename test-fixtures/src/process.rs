@@ -127,7 +127,28 @@ pub fn edge_config_on(data_dir: &Path, node: &str, ward: &str, listen: &str, ext
     edge_config_with_auth(data_dir, node, ward, listen, "", extra)
 }
 
+/// The database key of every test node: one for all, so a database copied
+/// from one test node's directory to another's opens there, as a copy of a
+/// ward's disk with its key would.
+pub const EDGE_DATABASE_KEY: &str = "5e1f0c2a9b7d4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
+
+/// Writes [`EDGE_DATABASE_KEY`] into `data_dir/database.key` (mode 0600)
+/// unless it is there; returns its path.
+pub fn edge_key_file(data_dir: &Path) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("database.key");
+    std::fs::create_dir_all(data_dir).expect("create the node's data directory");
+    match std::fs::File::options().write(true).create_new(true).mode(0o600).open(&path) {
+        Ok(mut file) => file.write_all(EDGE_DATABASE_KEY.as_bytes()).expect("write the test key"),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => panic!("{}: {error}", path.display()),
+    }
+    path
+}
+
 /// Like [`edge_config_on`], with `auth_extra` added to the `[auth]` section.
+/// The database is encrypted with [`EDGE_DATABASE_KEY`], as on a ward.
 pub fn edge_config_with_auth(
     data_dir: &Path,
     node: &str,
@@ -136,6 +157,7 @@ pub fn edge_config_with_auth(
     auth_extra: &str,
     extra: &str,
 ) -> String {
+    let key_file = edge_key_file(data_dir);
     format!(
         r#"
 version = 1
@@ -145,6 +167,8 @@ ward = "{ward}"
 data_dir = "{data_dir}"
 [http]
 listen = "{listen}"
+[storage]
+key_file = "{key_file}"
 [auth]
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
@@ -154,7 +178,8 @@ format = "json"
 filter = "info"
 {extra}
 "#,
-        data_dir = data_dir.display()
+        data_dir = data_dir.display(),
+        key_file = key_file.display()
     )
 }
 

@@ -1,7 +1,8 @@
 //! The edge node's installer, run into a temporary root as IT runs it on
 //! ward hardware: the installed binary starts from the installed
 //! configuration and serves; the systemd unit passes `systemd-analyze
-//! verify`; a second run keeps what the first one set up.
+//! verify`; the database is encrypted with the key the installer made;
+//! a second run keeps what the first one set up.
 #![allow(clippy::unwrap_used)] // test code: a failure is the test failing
 
 use std::os::unix::fs::PermissionsExt;
@@ -37,19 +38,24 @@ fn mode(path: &Path) -> u32 {
 async fn the_installed_node_starts_from_its_installed_configuration_and_serves() {
     let root = tempfile::tempdir().unwrap();
     install(root.path());
-    let (program, config, data_dir, unit) = (
+    let (program, config, data_dir, unit, key) = (
         root.path().join("usr/local/bin/edge-node"),
         root.path().join("etc/edge-node/edge-node.toml"),
         root.path().join("var/lib/edge-node"),
         root.path().join("etc/systemd/system/edge-node.service"),
+        root.path().join("etc/edge-node/database.key"),
     );
     assert_eq!(mode(&program), 0o755);
     assert_eq!(mode(&data_dir), 0o750, "the data directory is the service user's alone");
     assert_eq!(mode(&config), 0o640);
+    assert_eq!(mode(&key), 0o400, "the database key is the service user's alone");
+    let config_text = std::fs::read_to_string(&config).unwrap();
+    assert!(config_text.contains(&format!("key_file = \"{}\"", key.display())), "{config_text}");
     let unit_text = std::fs::read_to_string(&unit).unwrap();
     for expected in [
         format!("ExecStart={} --config {} serve", program.display(), config.display()),
         format!("ReadWritePaths={}", data_dir.display()),
+        format!("LoadCredential=database-key:{}", key.display()),
         "NoNewPrivileges=yes".into(),
         "ProtectSystem=strict".into(),
         "PrivateTmp=yes".into(),
@@ -80,11 +86,21 @@ async fn the_installed_node_starts_from_its_installed_configuration_and_serves()
     assert_eq!(created.status(), 201);
     assert!(data_dir.join("edge-node.sqlite3").exists(), "the database lives in the data directory");
     drop(node);
+    for file in ["edge-node.sqlite3", "edge-node.sqlite3-wal"] {
+        let stored = std::fs::read(data_dir.join(file)).unwrap_or_default();
+        assert!(!stored.windows(8).any(|bytes| bytes == b"AMOX-500"), "{file} is encrypted");
+    }
+    let checked = Command::new(&program).arg("--config").arg(&config).arg("check-config").output().unwrap();
+    let checked = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.contains(&format!("database encrypted with the key in {}", key.display())), "{checked}");
+    let key_text = std::fs::read(&key).unwrap();
 
     // Installing again keeps the configuration and the data.
     std::fs::write(&config, std::fs::read_to_string(&config).unwrap() + "\n# edited by IT\n").unwrap();
     let again = install(root.path());
     assert!(again.contains("kept the existing configuration"), "{again}");
+    assert!(again.contains("kept the existing database key"), "{again}");
+    assert_eq!(std::fs::read(&key).unwrap(), key_text, "the key is never replaced");
     assert!(std::fs::read_to_string(&config).unwrap().contains("# edited by IT"));
     assert!(data_dir.join("edge-node.sqlite3").exists());
 }

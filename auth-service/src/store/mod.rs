@@ -20,6 +20,8 @@ pub enum AuthStoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Migrate(#[from] service_kit::sqlite::MigrateError),
+    #[error(transparent)]
+    Open(#[from] service_kit::sqlite::OpenError),
     #[error("mongodb: {0}")]
     Mongo(String),
     #[error("{0} already exists")]

@@ -55,7 +55,8 @@ fn parse_list<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, Auth
 
 impl SqliteAuthStore {
     pub fn open(path: &Path) -> Result<Self, AuthStoreError> {
-        let mut conn = Connection::open(path)?;
+        // Created readable by the service alone: it holds the signing keys.
+        let mut conn = sqlite::Database::plain(path).open()?;
         sqlite::configure_writer(&conn)?;
         sqlite::migrate(&mut conn, MIGRATIONS)?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })

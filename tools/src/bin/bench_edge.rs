@@ -1,24 +1,28 @@
 //! Benchmark of the edge node's durable write path: starts the release
 //! binary on a temporary data directory, measures its idle RSS, then has
 //! `--clients` concurrent clients create tickets over HTTP for `--seconds`
-//! and reports creates per second and latency percentiles.
+//! and reports creates per second and latency percentiles. The database is
+//! encrypted as on a ward (SQLCipher); `--plaintext 1` runs it without a
+//! key, to state what encryption costs.
 //!
-//! cargo build --release -p edge-node -p devtools && target/release/bench-edge
+//! cargo build --release -p edge-node -p devtools && target/release/bench-edge [--plaintext 1]
 
 use anyhow::Context;
 use std::time::{Duration, Instant};
 
 use devtools::bench::{cpu_ticks, percentile, status_kib};
 use serde_json::json;
+use test_fixtures::process::{edge_config, edge_key_file};
 use test_fixtures::{EdgeNodeProcess, TestIssuer};
 
 struct Args {
     clients: usize,
     seconds: u64,
+    plaintext: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { clients: 32, seconds: 10 };
+    let mut args = Args { clients: 32, seconds: 10, plaintext: false };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
         let value = words.next().with_context(|| format!("{flag} needs a value"))?;
@@ -26,7 +30,8 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--clients" => args.clients = number as usize,
             "--seconds" => args.seconds = number,
-            other => anyhow::bail!("unknown flag {other}; use --clients N --seconds N"),
+            "--plaintext" => args.plaintext = number != 0,
+            other => anyhow::bail!("unknown flag {other}; use --clients N --seconds N --plaintext 0|1"),
         }
     }
     Ok(args)
@@ -37,7 +42,13 @@ async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let dir = tempfile::tempdir()?;
     let issuer = TestIssuer::new("bench");
-    let node = EdgeNodeProcess::start(dir.path(), "edge-bench", "ward-bench", &issuer.jwks(), "");
+    let mut config = edge_config(dir.path(), "edge-bench", "ward-bench", "");
+    if args.plaintext {
+        let key_line = format!("key_file = \"{}\"", edge_key_file(dir.path()).display());
+        anyhow::ensure!(config.contains(&key_line), "the test configuration names no key file");
+        config = config.replace(&key_line, "");
+    }
+    let node = EdgeNodeProcess::launch_with_config("edge-node", dir.path(), &issuer.jwks(), &config);
     let pid = node.pid().context("node has no pid")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = status_kib(pid, "VmRSS:").context("cannot read the node's RSS")?;
@@ -88,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
         return Err(anyhow::anyhow!("no request succeeded"));
     }
     let rate = latencies.len() as f64 / args.seconds as f64;
-    println!("edge node durable creates over HTTP: {} clients, {} s", args.clients, args.seconds);
+    let storage = if args.plaintext { "plain SQLite" } else { "encrypted (SQLCipher)" };
+    println!("edge node durable creates over HTTP: {} clients, {} s, {storage}", args.clients, args.seconds);
     println!("  creates/s      {rate:.0}  ({} ok, {failures} failed)", latencies.len());
     println!("  latency p50    {:.2} ms", percentile(&latencies, 0.50).as_secs_f64() * 1e3);
     println!("  latency p99    {:.2} ms", percentile(&latencies, 0.99).as_secs_f64() * 1e3);
