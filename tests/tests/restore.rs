@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use service_kit::sqlite::{Database, DatabaseKey};
 use test_fixtures::cloud::Cloud;
-use test_fixtures::process::{ServiceProcess, binary, edge_config};
+use test_fixtures::process::{ServiceProcess, binary, edge_config, edge_key_file};
 use test_fixtures::{BridgeProcess, EdgeNodeProcess, TestIssuer, free_port, get_json, wait_for};
 
 const WARD: &str = "ward-4b";
@@ -401,12 +402,12 @@ async fn a_re_read_cut_by_a_bridge_restart_completes(mut side: Side, tickets: us
     std::fs::write(restored_dir.path().join("jwks.json"), side.issuer().jwks().to_string()).unwrap();
     eprintln!("{}", edge_command(restored_dir.path(), &["restore", file.to_str().unwrap()]));
     let restored = ServiceProcess::launch_with_config("edge-node", restored_dir.path(), &side.issuer().jwks(), &config);
+    let restored_database = Database {
+        path: database(restored_dir.path()),
+        key: Some(DatabaseKey::read(&edge_key_file(restored_dir.path())).unwrap()),
+    };
     let count = || {
-        let conn = rusqlite::Connection::open_with_flags(
-            database(restored_dir.path()),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
+        let conn = restored_database.open_read_only().unwrap();
         conn.query_row("SELECT count(*) FROM tickets", [], |r| r.get::<_, i64>(0)).unwrap() as usize
     };
     wait_for("the re-read to begin", Duration::from_secs(30), async || count() > 0).await;
