@@ -89,6 +89,9 @@ pub async fn run(
     tracing::info!(%address, bridge = %state.config.bridge.id, backend, "cloud bridge serving");
     service_kit::shutdown::cancel_when(state.shutdown.clone(), shutdown);
     state.config.auth.spawn_refresh(&state.config.bridge.data_dir, Arc::clone(&state.verifier), state.shutdown.clone());
+    if let Some(requests) = state.store.renewal_requests() {
+        tokio::spawn(Arc::clone(&state.sessions).follow_renewals(requests));
+    }
     service_kit::shutdown::serve_until(listener, router(state.clone()), state.shutdown.clone(), grace).await?;
     state.store.close().await;
     tracing::info!("cloud bridge stopped");

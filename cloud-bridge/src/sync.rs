@@ -71,6 +71,30 @@ impl OpenSessions {
     }
 }
 
+impl OpenSessions {
+    /// Has `node`'s session here, if it has one, take a new lease: another
+    /// instance refused a hello that showed its lease (a copy).
+    pub fn ask_renewal(&self, node: &NodeId) {
+        if let Some(renew) = self.0.lock().unwrap_or_else(PoisonError::into_inner).get(node) {
+            renew.notify_one();
+        }
+    }
+
+    /// Passes the renewal requests of other instances to the sessions
+    /// here, until the store closes the stream.
+    pub async fn follow_renewals(self: Arc<Self>, mut requests: broadcast::Receiver<NodeId>) {
+        loop {
+            match requests.recv().await {
+                Ok(node) => self.ask_renewal(&node),
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "lease renewal requests missed; the presence renewal catches them");
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
 impl Drop for OpenSession {
     fn drop(&mut self) {
         self.sessions.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.node);

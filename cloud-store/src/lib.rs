@@ -268,6 +268,16 @@ impl Store {
         }
     }
 
+    /// Nodes whose session on this instance another instance asked to take
+    /// a new lease; `None` for the embedded store (one instance, whose
+    /// sessions are asked directly).
+    pub fn renewal_requests(&self) -> Option<broadcast::Receiver<NodeId>> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Distributed(store) => Some(store.renewal_requests()),
+        }
+    }
+
     /// Validates a node's upstream batch and stores it durably; returns
     /// only then. The changes refused by validation are returned; every
     /// other one is stored (or already was).

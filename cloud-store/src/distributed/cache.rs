@@ -1,5 +1,7 @@
-//! Redis: a cache of the pharmacy's hot reads, and the channel on which the
-//! projector tells every bridge instance what it projected.
+//! Redis: a cache of the pharmacy's hot reads, the channel on which the
+//! projector tells every bridge instance what it projected, and the one on
+//! which a bridge asks the instance holding a node's session to have it
+//! take a new lease (a copy of its database knocked elsewhere).
 //!
 //! Invalidation is by generation, not deletion: a cached value's key holds
 //! the generation counters current when it was read, and the projector
@@ -98,6 +100,22 @@ impl Cache {
         format!("{{{}}}:projected", self.prefix)
     }
 
+    fn renewals_channel(&self) -> String {
+        format!("{{{}}}:renew", self.prefix)
+    }
+
+    /// Whether a message on `channel` asks for a lease renewal (its payload
+    /// is the node id); otherwise it is a projected round.
+    pub fn is_renewal(&self, channel: &str) -> bool {
+        channel == self.renewals_channel()
+    }
+
+    /// Asks every bridge instance to have `node`'s open session take a new lease.
+    pub async fn request_renewal(&self, node: &str) -> Result<(), CacheError> {
+        let mut connection = self.connection.clone();
+        bounded(connection.publish::<_, _, ()>(self.renewals_channel(), node)).await
+    }
+
     /// The key a queue page is cached under now: `query` names the filters.
     pub async fn queue_key(&self, query: &str) -> Result<String, CacheError> {
         let mut connection = self.connection.clone();
@@ -152,10 +170,11 @@ impl Cache {
         bounded(pipe.query_async::<()>(&mut connection)).await
     }
 
-    /// A subscription to the projector's rounds (its own connection).
+    /// A subscription to the projector's rounds and to lease renewal
+    /// requests (its own connection).
     pub async fn subscribe(&self) -> Result<redis::aio::PubSub, CacheError> {
         let mut pubsub = bounded(self.client.get_async_pubsub()).await?;
-        bounded(pubsub.subscribe(self.channel())).await?;
+        bounded(pubsub.subscribe(&[self.channel(), self.renewals_channel()])).await?;
         Ok(pubsub)
     }
 }

@@ -77,6 +77,9 @@ const POLLED_PAGES_MAX: usize = 256;
 const SETUP_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 /// Cursor notes written at once; more are dropped (diagnostics only).
 const CURSOR_NOTES_IN_FLIGHT_MAX: usize = 8;
+/// Renewal requests a slow subscriber may fall behind by (they are rare:
+/// one per refused copy's hello).
+const RENEWALS_CAPACITY: usize = 64;
 /// Between attempts to resubscribe to the projector's notices.
 const SUBSCRIBE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Writes of a node's admission record tried before a hello is answered
@@ -139,6 +142,8 @@ struct Shared {
     db: Db,
     cache: Option<Cache>,
     notices: broadcast::Sender<WardNotice>,
+    /// Nodes whose open session another instance asked to take a new lease.
+    renewals: broadcast::Sender<NodeId>,
     /// The watermarks this instance knows of, from notices and polling.
     projected: watch::Sender<Vec<i64>>,
     /// Set once the topic and the indexes are known to be in place.
@@ -174,6 +179,7 @@ impl DistributedStore {
             db: Db::connect(mongodb, &name).await?,
             cache,
             notices: broadcast::channel(NOTICES_CAPACITY).0,
+            renewals: broadcast::channel(RENEWALS_CAPACITY).0,
             projected: watch::channel(vec![-1; partitions]).0,
             set_up: AtomicBool::new(false),
             visible_wait: Duration::from_millis(options.visible_wait_ms),
@@ -197,6 +203,13 @@ impl DistributedStore {
 
     pub fn subscribe(&self) -> broadcast::Receiver<WardNotice> {
         self.shared.notices.subscribe()
+    }
+
+    /// Nodes whose open session on this instance should take a new lease,
+    /// as other instances ask through Redis. Without Redis the request
+    /// reaches the session at its next presence renewal instead.
+    pub fn renewal_requests(&self) -> broadcast::Receiver<NodeId> {
+        self.shared.renewals.subscribe()
     }
 
     pub async fn store_upstream(
@@ -295,7 +308,16 @@ impl DistributedStore {
                     Ok(admitted) => admitted,
                     Err(refused) => {
                         if refused.reason == RefusalReason::AlreadyConnected && elsewhere {
+                            // The flag is read at the holder's next presence
+                            // renewal; Redis, if there, tells it at once, so
+                            // the copy's lease is void before the original
+                            // can go offline.
                             db.request_renewal(node.as_str()).await?;
+                            if let Some(cache) = &self.shared.cache
+                                && let Err(error) = cache.request_renewal(node.as_str()).await
+                            {
+                                tracing::debug!(%node, %error, "renewal request left to the presence renewal");
+                            }
                         }
                         return Ok(Err(refused));
                     }
@@ -709,6 +731,9 @@ impl Shared {
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             message = messages.next() => match message {
+                                Some(message) if cache.is_renewal(message.get_channel_name()) => {
+                                    self.on_renewal_request(message.get_payload_bytes());
+                                }
                                 Some(message) => self.on_projected(message.get_payload_bytes()),
                                 None => break,
                             },
@@ -722,6 +747,15 @@ impl Shared {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(SUBSCRIBE_RETRY_INTERVAL) => {}
             }
+        }
+    }
+
+    fn on_renewal_request(&self, payload: &[u8]) {
+        match std::str::from_utf8(payload).ok().and_then(|node| node.parse::<NodeId>().ok()) {
+            Some(node) => {
+                let _ = self.renewals.send(node);
+            }
+            None => tracing::warn!("unreadable lease renewal request"),
         }
     }
 

@@ -28,7 +28,8 @@
 //! driver's to tell: each bridge instance knows its own sessions, and the
 //! distributed store keeps a presence per node that the instance holding a
 //! session renews (so a copy reaching another instance is refused too, and
-//! asks that instance's session to renew its lease). Nothing is lost either way: a refused database keeps its outbox, the
+//! asks that instance's session to renew its lease, at once through Redis,
+//! else at the session's next presence renewal). Nothing is lost either way: a refused database keeps its outbox, the
 //! refusal is shown at the edge, and a person decides (restore the one to
 //! keep with `edge-node restore`, which takes the node over).
 
