@@ -2,6 +2,8 @@
 //! Redis; see `scripts/services`): two bridge instances and two projectors.
 #![allow(clippy::unwrap_used)] // test code: a failure is the test failing
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -175,4 +177,118 @@ async fn changes_through_either_bridge_and_either_projector_reach_every_ward_and
     })
     .await;
     assert_eq!(snapshot().await, before, "the replay changed MongoDB");
+}
+
+/// The bridge's `/readyz` body (200 in every case here).
+async fn readiness(client: &reqwest::Client, bridge: &test_fixtures::BridgeProcess) -> String {
+    let response = client.get(bridge.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "the bridge stays ready without a projector");
+    response.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_projector_resumes_in_seconds_and_one_that_stops_hands_over_at_once() {
+    const RESUME_WITHIN: Duration = Duration::from_secs(10);
+    let mut cloud = Cloud::start("projector_resume", 1, 2);
+    let edge = cloud.edge("edge-ward-7", "ward-7", 0);
+    let client = reqwest::Client::new();
+    let (nurse, pharmacist) = (cloud.issuer.nurse("ward-7"), cloud.pharmacist());
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(create(&client, &edge, &nurse, n).await);
+    }
+    let bridge = &cloud.bridges[0];
+    wait_for("the first tickets in the queue", Duration::from_secs(60), async || {
+        queue_total(&client, bridge, &pharmacist, "ward-7").await == 20
+    })
+    .await;
+    wait_for("the bridge to count the projector", Duration::from_secs(10), async || {
+        readiness(&client, bridge).await == "ready"
+    })
+    .await;
+
+    // Under load (a ward creating a ticket every 50 ms throughout), a crash:
+    // the bridge says so within the presence's lifetime, and a restart takes
+    // the partitions back after the 6 s session timeout, not librdkafka's
+    // default 45 s.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (client, url, nurse, stop) =
+            (client.clone(), edge.url("/api/v1/tickets"), nurse.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut made = Vec::new();
+            for n in 20.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let response = client.post(&url).bearer_auth(&nurse).json(&ticket(n)).send().await.unwrap();
+                assert_eq!(response.status(), 201);
+                made.push((response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned(), Instant::now()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            made
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cloud.projector.kill9();
+    wait_for("the bridge to report no projector", Duration::from_secs(15), async || {
+        readiness(&client, bridge).await.contains("degraded: no projector running")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cloud.projector.restart();
+    let restarted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let made = load.await.unwrap();
+    let after_restart: Vec<&String> = made.iter().filter(|(_, at)| *at > restarted).map(|(id, _)| id).collect();
+    assert!(!after_restart.is_empty(), "tickets were made after the restart");
+    ids.extend(made.iter().map(|(id, _)| id.clone()));
+    let database = cloud.database().await;
+    let tickets = database.collection::<Document>("tickets");
+    let newest = after_restart[after_restart.len() - 1].as_str();
+    wait_for("a ticket made after the restart in MongoDB", RESUME_WITHIN * 2, async || {
+        tickets.count_documents(doc! { "_id": newest }).await.unwrap() == 1
+    })
+    .await;
+    let resumed = restarted.elapsed();
+    eprintln!(
+        "a projector killed under load and restarted 2 s later projected new tickets {resumed:?} after its restart"
+    );
+    assert!(resumed < RESUME_WITHIN, "resumed in {resumed:?}, not after a 45 s session timeout");
+    wait_for("the bridge to see the projector again", Duration::from_secs(10), async || {
+        readiness(&client, bridge).await == "ready"
+    })
+    .await;
+
+    // A clean stop leaves the group at once: the other member takes every
+    // partition without waiting for the session timeout.
+    let mut second = cloud.start_projector("projector-2", None);
+    wait_for("the two projectors to share the partitions", Duration::from_secs(60), async || {
+        Cloud::metric(&second, "projector_assigned_partitions").await == Some(1.0)
+    })
+    .await;
+    assert!(cloud.projector.terminate().is_some_and(|status| status.success()), "the projector stopped cleanly");
+    let stopped = Instant::now();
+    wait_for("the remaining projector to take both partitions", Duration::from_secs(20), async || {
+        Cloud::metric(&second, "projector_assigned_partitions").await == Some(2.0)
+    })
+    .await;
+    let handed_over = stopped.elapsed();
+    eprintln!("a stopped projector's partitions were taken over in {handed_over:?}");
+    assert!(handed_over < Duration::from_secs(5), "handed over in {handed_over:?}, not after the session timeout");
+    second.terminate();
+    wait_for("the bridge to report no projector once the last one stopped", Duration::from_secs(5), async || {
+        readiness(&client, bridge).await.contains("degraded: no projector running")
+    })
+    .await;
+
+    // Nothing lost, nothing projected twice.
+    let stored = tickets.count_documents(doc! { "ward": "ward-7" }).await.unwrap();
+    assert_eq!(stored, ids.len() as u64, "every ticket projected exactly once");
+    for id in &ids {
+        let at_cloud = get_json(&client, bridge.url(&format!("/api/v1/tickets/{id}")), &pharmacist).await;
+        let at_edge = get_json(&client, edge.url(&format!("/api/v1/tickets/{id}")), &nurse).await;
+        assert_eq!(at_cloud["ticket"], at_edge["ticket"], "{id} is the same at both sides");
+    }
 }
