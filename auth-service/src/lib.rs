@@ -16,7 +16,8 @@
 //! - `POST /oauth/introspect` (RFC 7662), for authenticated clients.
 //! - `GET /.well-known/jwks.json`, `GET /.well-known/oauth-authorization-server` (RFC 8414).
 //! - `GET /oauth/revocations`: access tokens revoked before expiry (ids and
-//!   expiry only), which resource servers poll.
+//!   expiry only) and the disabled accounts (`auth-service disable-account`),
+//!   which resource servers poll.
 //! - `GET /api/v1/wards/{ward}/staff-credentials`: for the edge node of
 //!   that ward, the argon2 hashes of its staff's passwords, so staff can log
 //!   in at the edge during an outage.
@@ -341,7 +342,7 @@ impl AuthState {
             RefreshUse::Invalid => return Err(OAuthError::invalid_grant("the refresh token is invalid or expired")),
         };
         let user = self.store.account(&subject, AccountKind::User).await?;
-        let user = user.ok_or_else(|| OAuthError::invalid_grant("the account no longer exists"))?;
+        let user = user.ok_or_else(|| OAuthError::invalid_grant("the account no longer exists or is disabled"))?;
         Ok((user, family))
     }
 
@@ -352,7 +353,7 @@ impl AuthState {
         let jwks = token::parse_jwks(&jwks.to_string()).map_err(OAuthError::internal)?;
         let verifier = Verifier::new(&self.config.policy(), &jwks).map_err(OAuthError::internal)?;
         let revoked = self.store.revoked_access(now_s()).await?;
-        verifier.replace_revoked(revoked.into_iter().map(|(jti, _)| jti));
+        verifier.replace_revoked(revoked.into_iter().map(|(jti, _)| jti), self.store.disabled_accounts().await?);
         Ok(verifier)
     }
 }
@@ -475,7 +476,8 @@ async fn jwks(State(state): State<AuthState>) -> Result<Response, OAuthError> {
 async fn revocations(State(state): State<AuthState>) -> Result<Json<Value>, OAuthError> {
     let revoked = state.store.revoked_access(now_s()).await?;
     let revoked: Vec<Value> = revoked.into_iter().map(|(jti, exp)| json!({ "jti": jti, "exp": exp })).collect();
-    Ok(Json(json!({ "revoked": revoked })))
+    let disabled = state.store.disabled_accounts().await?;
+    Ok(Json(json!({ "revoked": revoked, "disabled_accounts": disabled })))
 }
 
 async fn metadata(State(state): State<AuthState>) -> Json<Value> {

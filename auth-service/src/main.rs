@@ -55,6 +55,14 @@ enum Command {
     },
     /// Add a signing key; it is published now and signs after `key_publish_ahead_s`.
     RotateKey,
+    /// Disable a staff account or a client (an edge node's, an
+    /// integration's): it gets no token and logs in nowhere, and every
+    /// service refuses its tokens and ends its open sessions within its
+    /// `auth.refresh_interval_s`.
+    DisableAccount {
+        #[arg(long)]
+        name: UserId,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +105,14 @@ fn main() -> anyhow::Result<()> {
             let store = auth::open_store(&config).await?;
             let (kid, activates_at) = store.add_key(now_s() + config.tokens.key_publish_ahead_s).await?;
             println!("key {kid} published; it signs from {activates_at} (unix seconds)");
+            Ok(())
+        }),
+        Command::DisableAccount { name } => admin(async {
+            let store = auth::open_store(&config).await?;
+            if !store.disable_account(name.as_str(), now_s()).await? {
+                bail!("there is no account {name}");
+            }
+            println!("account {name} disabled: services refuse its tokens from their next revocation refresh");
             Ok(())
         }),
     }

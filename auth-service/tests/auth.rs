@@ -140,6 +140,7 @@ impl Service {
         let (_, revoked) = self.call("GET", "/oauth/revocations", &[], "").await;
         verifier.replace_revoked(
             revoked["revoked"].as_array().unwrap().iter().map(|r| r["jti"].as_str().unwrap().to_owned()),
+            revoked["disabled_accounts"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()),
         );
         verifier
     }
@@ -254,6 +255,47 @@ async fn revoked_tokens_are_listed_for_resource_servers_and_inactive_on_introspe
         assert_eq!(body["active"], false);
         let (status, _) = service.token(&format!("grant_type=refresh_token&refresh_token={refresh}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+}
+
+#[tokio::test]
+async fn a_disabled_account_gets_no_token_and_its_tokens_are_refused_everywhere() {
+    for service in Service::each(100).await {
+        let session = service.login("n.okafor").await;
+        let (access, refresh) =
+            (session["access_token"].as_str().unwrap().to_owned(), session["refresh_token"].as_str().unwrap());
+        let node = service.edge_token().await;
+        for name in ["n.okafor", "edge-ward-4b"] {
+            assert!(service.store.disable_account(name, now()).await.unwrap(), "{name} exists");
+        }
+        assert!(!service.store.disable_account("nobody", now()).await.unwrap(), "no such account");
+        assert!(service.store.disable_account("n.okafor", now()).await.unwrap(), "disabling twice is harmless");
+
+        // Resource servers learn it from the revocation list: every token of
+        // the account is refused, whatever its id.
+        let (_, list) = service.call("GET", "/oauth/revocations", &[], "").await;
+        assert_eq!(list["disabled_accounts"], serde_json::json!(["edge-ward-4b", "n.okafor"]), "{list}");
+        let verifier = service.verifier().await;
+        for token in [&access, &node] {
+            let refused = verifier.verify(token, now());
+            assert!(matches!(refused, Err(AuthError::AccountDisabled)), "{refused:?}");
+        }
+        assert_eq!(AuthError::AccountDisabled.code(), "account_disabled");
+        let (status, _) = service.token(&format!("grant_type=refresh_token&refresh_token={refresh}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "its refresh tokens are revoked");
+        let password = format!("grant_type=password&username=n.okafor&password={}", encode(PASSWORD));
+        let (status, body) = service.token(&password).await;
+        assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")), "{body}");
+        let client = format!("grant_type=client_credentials&client_id=edge-ward-4b&client_secret={EDGE_SECRET}");
+        let (status, body) = service.token(&client).await;
+        assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_client")), "{body}");
+        // Nor can the nurse log in at the edge offline: its hash is gone from there.
+        let staff = service.store.ward_staff(&"ward-4b".parse().unwrap()).await.unwrap();
+        assert!(staff.is_empty(), "{staff:?}");
+        let edge = basic("edge-ward-4b", EDGE_SECRET);
+        let (_, body) = service.call("POST", "/oauth/introspect", &[edge], &format!("token={access}")).await;
+        assert_eq!(body["error"], "invalid_client", "the disabled node cannot introspect either: {body}");
+        service.login("p.lindqvist").await;
     }
 }
 

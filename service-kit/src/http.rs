@@ -213,6 +213,7 @@ fn token_refusal_message(error: &AuthError) -> &'static str {
         AuthError::NotBearer => "send the token as Authorization: Bearer",
         AuthError::Expired => "the token has expired; log in again",
         AuthError::Revoked => "the token has been revoked; log in again",
+        AuthError::AccountDisabled => "the account has been disabled; ask the hospital's IT",
         _ => "the token is not valid here",
     }
 }

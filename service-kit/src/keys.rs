@@ -68,6 +68,16 @@ fn default_refresh_interval_s() -> u64 {
 #[derive(Debug, Deserialize)]
 struct Revocations {
     revoked: Vec<Revoked>,
+    /// Accounts whose every token is refused; absent from lists of
+    /// auth services before accounts could be disabled.
+    #[serde(default)]
+    disabled_accounts: Vec<String>,
+}
+
+impl Revocations {
+    fn apply(self, verifier: &Verifier) {
+        verifier.replace_revoked(self.revoked.into_iter().map(|r| r.jti), self.disabled_accounts);
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,7 +110,7 @@ impl AuthConfig {
         if let Ok(text) = std::fs::read_to_string(data_dir.join(REVOCATIONS_FILE)) {
             let revocations: Revocations =
                 serde_json::from_str(&text).map_err(|e| AuthError::Jwks(format!("{REVOCATIONS_FILE}: {e}")))?;
-            verifier.replace_revoked(revocations.revoked.into_iter().map(|r| r.jti));
+            revocations.apply(&verifier);
         }
         Ok(verifier)
     }
@@ -174,7 +184,7 @@ async fn refresh_once(
     write_atomically(jwks_path, &jwks)?;
     let revocations = fetch(client, &format!("{base}/oauth/revocations")).await?;
     let parsed: Revocations = serde_json::from_str(&revocations).map_err(KeysError::Revocations)?;
-    verifier.replace_revoked(parsed.revoked.into_iter().map(|r| r.jti));
+    parsed.apply(verifier);
     write_atomically(&data_dir.join(REVOCATIONS_FILE), &revocations)
 }
 

@@ -95,6 +95,8 @@ pub enum AuthError {
     Expired,
     #[error("token has been revoked")]
     Revoked,
+    #[error("the account has been disabled")]
+    AccountDisabled,
     #[error("token is not valid yet")]
     NotYetValid,
     #[error("token is for another audience")]
@@ -116,6 +118,7 @@ impl AuthError {
             AuthError::NotBearer => "unsupported_auth_scheme",
             AuthError::Expired => "token_expired",
             AuthError::Revoked => "token_revoked",
+            AuthError::AccountDisabled => "account_disabled",
             _ => "invalid_token",
         }
     }
@@ -170,6 +173,13 @@ struct Key {
 /// lifetime. Cleared when full, which bounds memory without bookkeeping.
 const VERIFIED_TOKENS_MAX: usize = 4_096;
 
+/// The revocation list as a verifier holds it.
+#[derive(Debug, Default)]
+struct Revoked {
+    tokens: HashSet<String>,
+    accounts: HashSet<String>,
+}
+
 pub struct Verifier {
     keys: RwLock<HashMap<String, Key>>,
     /// Keys that stay when the key set is replaced: an edge node's own
@@ -178,8 +188,9 @@ pub struct Verifier {
     /// Exact token text -> what it verified to. Entries are only ever made
     /// by a full verification with the current keys.
     verified: Mutex<HashMap<String, Principal>>,
-    /// Token ids revoked before their expiry, from the auth service.
-    revoked: RwLock<HashSet<String>>,
+    /// Token ids revoked before their expiry, and accounts disabled, from
+    /// the auth service.
+    revoked: RwLock<Revoked>,
     algorithms: Vec<Algorithm>,
     issuer: String,
     audience: String,
@@ -199,7 +210,7 @@ impl Verifier {
             keys: RwLock::new(HashMap::new()),
             pinned: RwLock::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
-            revoked: RwLock::new(HashSet::new()),
+            revoked: RwLock::new(Revoked::default()),
             algorithms: config.algorithms.clone(),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
@@ -232,17 +243,26 @@ impl Verifier {
         Ok(())
     }
 
-    /// Replaces the set of revoked token ids (`jti`).
-    pub fn replace_revoked(&self, revoked: impl IntoIterator<Item = String>) {
-        if let Ok(mut set) = self.revoked.write() {
-            *set = revoked.into_iter().collect();
+    /// Replaces the revocation list: the revoked token ids (`jti`) and the
+    /// disabled accounts, whose every token is refused (`sub`).
+    pub fn replace_revoked(
+        &self,
+        tokens: impl IntoIterator<Item = String>,
+        disabled_accounts: impl IntoIterator<Item = String>,
+    ) {
+        if let Ok(mut revoked) = self.revoked.write() {
+            *revoked =
+                Revoked { tokens: tokens.into_iter().collect(), accounts: disabled_accounts.into_iter().collect() };
         }
     }
 
     fn check_not_revoked(&self, principal: &Principal) -> Result<(), AuthError> {
         let revoked = self.revoked.read().map_err(|_| AuthError::Jwks("revocation list poisoned".into()))?;
+        if revoked.accounts.contains(principal.user.as_str()) {
+            return Err(AuthError::AccountDisabled);
+        }
         match &principal.jti {
-            Some(jti) if revoked.contains(jti) => Err(AuthError::Revoked),
+            Some(jti) if revoked.tokens.contains(jti) => Err(AuthError::Revoked),
             _ => Ok(()),
         }
     }

@@ -1,7 +1,8 @@
 //! What a token opened ends with the token: a live feed at the edge or at
 //! the bridge ends (with a last `session_ended` event) once its token is
-//! revoked or expires, and a node's sync session ends once its token is
-//! revoked, its next connection refused until it holds a new one.
+//! revoked or expires, or its account is disabled, and a node's sync session
+//! ends once its token is revoked or its client disabled, its next
+//! connection refused until it holds a new token (and, disabled, it gets none).
 #![allow(clippy::unwrap_used)] // test code: a failure is the test failing
 
 use std::time::{Duration, Instant};
@@ -132,8 +133,26 @@ async fn a_live_feed_ends_when_its_token_expires_after_the_leeway() {
     }
 }
 
+/// How IT cuts a nurse, a pharmacist and an edge node off.
+#[derive(Debug, Clone, Copy)]
+enum CutOff {
+    /// `POST /oauth/revoke` of their tokens: new tokens work again.
+    RevokeTokens,
+    /// `auth-service disable-account`: no new token either.
+    DisableAccounts,
+}
+
 #[tokio::test]
 async fn revoking_ends_open_feeds_and_the_nodes_sync_session() {
+    cutting_off_ends_open_feeds_and_the_nodes_sync_session(CutOff::RevokeTokens).await;
+}
+
+#[tokio::test]
+async fn disabling_the_accounts_ends_open_feeds_and_the_nodes_sync_session_for_good() {
+    cutting_off_ends_open_feeds_and_the_nodes_sync_session(CutOff::DisableAccounts).await;
+}
+
+async fn cutting_off_ends_open_feeds_and_the_nodes_sync_session(cut: CutOff) {
     const REFRESH_INTERVAL_S: u64 = 1;
     let (auth_dir, bridge_dir, edge_dir) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -148,6 +167,7 @@ async fn revoking_ends_open_feeds_and_the_nodes_sync_session() {
         auth_admin(auth_config_path.as_ref(), &args, password);
     };
     add_user("n.okafor", "nurse", NURSE_PASSWORD);
+    add_user("n.mbeki", "nurse", NURSE_PASSWORD);
     add_user("p.lindqvist", "pharmacist", PHARMACIST_PASSWORD);
     let credentials = auth_admin(auth_config_path.as_ref(), &["add-edge-node", "--node", NODE, "--ward", WARD], "");
     let credentials: Value = serde_json::from_str(credentials.trim()).unwrap();
@@ -188,7 +208,8 @@ async fn revoking_ends_open_feeds_and_the_nodes_sync_session() {
     );
     let nurse = token_for(&login("n.okafor", NURSE_PASSWORD)).await;
     let pharmacist = token_for(&login("p.lindqvist", PHARMACIST_PASSWORD)).await;
-    let ward_view = token_for(&login("n.okafor", NURSE_PASSWORD)).await;
+    // Another nurse's view of the ward, which nothing below cuts off.
+    let ward_view = token_for(&login("n.mbeki", NURSE_PASSWORD)).await;
     let linked = async |connected: bool| {
         let status = get_json(&client, edge.url("/api/v1/sync"), &ward_view).await;
         status["connected"] == connected
@@ -200,17 +221,29 @@ async fn revoking_ends_open_feeds_and_the_nodes_sync_session() {
     assert_eq!(at_ward.event("ticket", Duration::from_secs(5)).await["id"], id.as_str());
     assert_eq!(at_pharmacy.event("ticket", Duration::from_secs(15)).await["id"], id.as_str());
 
-    // Revoked: the open feeds end within the refresh interval (and the
+    // Cut off: the open feeds end within the refresh interval (and the
     // once-a-second check), with the reason.
-    for token in [&nurse, &pharmacist, &node_token] {
-        let revoked = client.post(auth.url("/oauth/revoke")).form(&[("token", token.as_str())]).send().await.unwrap();
-        assert_eq!(revoked.status(), 200);
-    }
+    let code = match cut {
+        CutOff::RevokeTokens => {
+            for token in [&nurse, &pharmacist, &node_token] {
+                let revoked =
+                    client.post(auth.url("/oauth/revoke")).form(&[("token", token.as_str())]).send().await.unwrap();
+                assert_eq!(revoked.status(), 200);
+            }
+            "token_revoked"
+        }
+        CutOff::DisableAccounts => {
+            for name in ["n.okafor", "p.lindqvist", client_id] {
+                auth_admin(auth_config_path.as_ref(), &["disable-account", "--name", name], "");
+            }
+            "account_disabled"
+        }
+    };
     let revoked_at = Instant::now();
     let bound = Duration::from_secs(REFRESH_INTERVAL_S + 4);
     for feed in [&mut at_ward, &mut at_pharmacy] {
         let ended = feed.event("session_ended", bound).await;
-        assert_eq!(ended["code"], "token_revoked", "{ended}");
+        assert_eq!(ended["code"], code, "{ended}");
         assert!(feed.ends(Duration::from_secs(2)).await);
     }
     assert!(revoked_at.elapsed() < bound, "feeds ended in {:?}", revoked_at.elapsed());
@@ -222,7 +255,19 @@ async fn revoking_ends_open_feeds_and_the_nodes_sync_session() {
     assert_eq!(status["connected"], false, "reconnecting with the revoked token is refused: {status}");
     assert!(status["last_error"].as_str().unwrap().contains("refused"), "{status}");
 
-    // A new token from IT, and the node is back.
-    std::fs::write(edge_dir.path().join("node-token"), token_for(&node_login).await).unwrap();
-    wait_for("the node linked again", Duration::from_secs(30), async || linked(true).await).await;
+    match cut {
+        // A new token from IT, and the node is back.
+        CutOff::RevokeTokens => {
+            std::fs::write(edge_dir.path().join("node-token"), token_for(&node_login).await).unwrap();
+            wait_for("the node linked again", Duration::from_secs(30), async || linked(true).await).await;
+        }
+        // Disabled, the node and the staff get no new token.
+        CutOff::DisableAccounts => {
+            let refused = client.post(auth.url("/oauth/token")).form(&node_login).send().await.unwrap();
+            assert_eq!(refused.status(), 401, "a disabled client gets no token");
+            let nurse_login = login("n.okafor", NURSE_PASSWORD);
+            let refused = client.post(auth.url("/oauth/token")).form(&nurse_login).send().await.unwrap();
+            assert_eq!(refused.status(), 400, "a disabled nurse cannot log in");
+        }
+    }
 }

@@ -130,6 +130,7 @@ impl AuthStore {
         }
     }
 
+    /// The enabled account `name` of `kind`.
     pub async fn account(&self, name: &str, kind: AccountKind) -> Result<Option<Account>, AuthStoreError> {
         match self {
             AuthStore::Sqlite(store) => {
@@ -209,6 +210,27 @@ impl AuthStore {
                 store.run(move |conn| sqlite::revoke_access(conn, &jti, expires_at)).await
             }
             AuthStore::Mongo(store) => store.revoke_access(jti, expires_at).await,
+        }
+    }
+
+    /// Disables the account `name` (a user or a client): it gets no token
+    /// and logs in nowhere, its refresh tokens are revoked, and the
+    /// revocation list names it, so every service refuses its tokens.
+    /// Returns whether there is such an account.
+    pub async fn disable_account(&self, name: &str, now: i64) -> Result<bool, AuthStoreError> {
+        match self {
+            AuthStore::Sqlite(store) => {
+                let name = name.to_owned();
+                store.run(move |conn| sqlite::disable_account(conn, &name, now)).await
+            }
+            AuthStore::Mongo(store) => store.disable_account(name, now).await,
+        }
+    }
+
+    pub async fn disabled_accounts(&self) -> Result<Vec<String>, AuthStoreError> {
+        match self {
+            AuthStore::Sqlite(store) => store.run(|conn| sqlite::disabled_accounts(conn)).await,
+            AuthStore::Mongo(store) => store.disabled_accounts().await,
         }
     }
 

@@ -44,6 +44,9 @@ struct AccountDoc {
     roles: Vec<Role>,
     wards: Vec<WardId>,
     created_at: i64,
+    /// Set once the account is disabled; absent while it is enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disabled_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +161,7 @@ impl MongoAuthStore {
             roles: account.roles.clone(),
             wards: account.wards.clone(),
             created_at: now,
+            disabled_at: None,
         };
         match self.accounts.insert_one(&doc).await {
             Ok(_) => Ok(()),
@@ -167,14 +171,18 @@ impl MongoAuthStore {
     }
 
     pub async fn account(&self, name: &str, kind: AccountKind) -> Result<Option<Account>, AuthStoreError> {
-        let found = self.accounts.find_one(doc! { "_id": name, "kind": kind.as_str() }).await.map_err(failed)?;
+        let enabled = doc! { "_id": name, "kind": kind.as_str(), "disabled_at": { "$exists": false } };
+        let found = self.accounts.find_one(enabled).await.map_err(failed)?;
         found.map(account_of).transpose()
     }
 
     pub async fn ward_staff(&self, ward: &WardId) -> Result<Vec<Account>, AuthStoreError> {
         let staff: Vec<AccountDoc> = self
             .accounts
-            .find(doc! { "kind": "user", "wards": ward.as_str(), "roles": { "$in": ward_roles() } })
+            .find(doc! {
+                "kind": "user", "wards": ward.as_str(), "roles": { "$in": ward_roles() },
+                "disabled_at": { "$exists": false },
+            })
             .sort(doc! { "_id": 1 })
             .await
             .map_err(failed)?
@@ -250,6 +258,35 @@ impl MongoAuthStore {
             .await
             .map_err(failed)?;
         Ok(true)
+    }
+
+    pub async fn disable_account(&self, name: &str, now: i64) -> Result<bool, AuthStoreError> {
+        let exists = self.accounts.find_one(doc! { "_id": name }).await.map_err(failed)?.is_some();
+        self.accounts
+            .update_one(
+                doc! { "_id": name, "disabled_at": { "$exists": false } },
+                doc! { "$set": { "disabled_at": now } },
+            )
+            .await
+            .map_err(failed)?;
+        self.refresh
+            .update_many(doc! { "subject": name }, doc! { "$set": { "revoked": true } })
+            .await
+            .map_err(failed)?;
+        Ok(exists)
+    }
+
+    pub async fn disabled_accounts(&self) -> Result<Vec<String>, AuthStoreError> {
+        let disabled: Vec<AccountDoc> = self
+            .accounts
+            .find(doc! { "disabled_at": { "$exists": true } })
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(failed)?
+            .try_collect()
+            .await
+            .map_err(failed)?;
+        Ok(disabled.into_iter().map(|account| account.name).collect())
     }
 
     pub async fn revoke_access(&self, jti: &str, expires_at: i64) -> Result<(), AuthStoreError> {

@@ -10,7 +10,8 @@ use sync_protocol::ids::WardId;
 use super::{Account, AccountKind, AuthStoreError, RefreshUse, refresh_digest};
 use crate::keys::StoredKey;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE signing_keys (
         kid          TEXT PRIMARY KEY,
         seed         BLOB NOT NULL,
@@ -38,7 +39,12 @@ const MIGRATIONS: &[&str] = &[r#"
         jti         TEXT PRIMARY KEY,
         expires_at  INTEGER NOT NULL
     ) STRICT;
-"#];
+"#,
+    r#"
+    -- Set once an account is disabled: it gets no token and its tokens are refused.
+    ALTER TABLE accounts ADD COLUMN disabled_at INTEGER;
+"#,
+];
 
 #[derive(Clone, Debug)]
 pub struct SqliteAuthStore {
@@ -144,7 +150,10 @@ fn parse_account(
 
 pub fn account(conn: &Connection, name: &str, kind: AccountKind) -> Result<Option<Account>, AuthStoreError> {
     let row = conn
-        .prepare_cached("SELECT name, kind, secret_hash, roles, wards FROM accounts WHERE name = ?1 AND kind = ?2")?
+        .prepare_cached(
+            "SELECT name, kind, secret_hash, roles, wards FROM accounts
+         WHERE name = ?1 AND kind = ?2 AND disabled_at IS NULL",
+        )?
         .query_row(params![name, kind.as_str()], account_of)
         .optional()?;
     row.map(parse_account).transpose()
@@ -154,7 +163,8 @@ pub fn account(conn: &Connection, name: &str, kind: AccountKind) -> Result<Optio
 pub fn ward_staff(conn: &Connection, ward: &WardId) -> Result<Vec<Account>, AuthStoreError> {
     let mut statement = conn.prepare_cached(
         "SELECT name, kind, secret_hash, roles, wards FROM accounts
-         WHERE kind = 'user' AND EXISTS (SELECT 1 FROM json_each(accounts.wards) WHERE value = ?1)
+         WHERE kind = 'user' AND disabled_at IS NULL
+           AND EXISTS (SELECT 1 FROM json_each(accounts.wards) WHERE value = ?1)
          ORDER BY name",
     )?;
     let rows = statement.query_map([ward.as_str()], account_of)?;
@@ -231,6 +241,24 @@ pub fn revoke_refresh_family(conn: &Connection, token: &str) -> Result<bool, Aut
         [refresh_digest(token)],
     )?;
     Ok(revoked > 0)
+}
+
+/// Disables the account `name` and revokes its refresh tokens. Returns
+/// whether there is such an account (disabled now or before).
+pub fn disable_account(conn: &mut Connection, name: &str, now: i64) -> Result<bool, AuthStoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let exists = tx.query_row("SELECT count(*) FROM accounts WHERE name = ?1", [name], |row| row.get::<_, i64>(0))? > 0;
+    tx.execute("UPDATE accounts SET disabled_at = ?2 WHERE name = ?1 AND disabled_at IS NULL", params![name, now])?;
+    tx.execute("UPDATE refresh_tokens SET revoked = 1 WHERE subject = ?1", [name])?;
+    tx.commit()?;
+    Ok(exists)
+}
+
+/// The names of the disabled accounts.
+pub fn disabled_accounts(conn: &Connection) -> Result<Vec<String>, AuthStoreError> {
+    let mut statement = conn.prepare_cached("SELECT name FROM accounts WHERE disabled_at IS NOT NULL ORDER BY name")?;
+    let rows = statement.query_map([], |row| row.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub fn revoke_access(conn: &Connection, jti: &str, expires_at: i64) -> Result<(), AuthStoreError> {
