@@ -54,18 +54,15 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if let Command::GenerateKey { file } = &cli.command {
-        // Needs no configuration: the installer runs it before writing one.
-        DatabaseKey::generate().write_new(file)?;
-        println!("wrote a new database key to {} (mode 0600)", file.display());
-        return Ok(());
-    }
-    let path = cli.config.context("--config (or EDGE_NODE_CONFIG) is required")?;
-    let config = Config::load(&path)?;
-    match cli.command {
-        Command::Serve => serve(config),
+    let Cli { config: path, command } = Cli::parse();
+    let load = || -> anyhow::Result<Config> {
+        let path = path.as_ref().context("--config (or EDGE_NODE_CONFIG) is required")?;
+        Ok(Config::load(path)?)
+    };
+    match command {
+        Command::Serve => serve(load()?),
         Command::CheckConfig => {
+            let config = load()?;
             // The key is read too: a missing or exposed key stops the unit here.
             let encryption = match (config.database()?.key, config.storage.key_path()) {
                 (Some(_), Some(path)) => format!("database encrypted with the key in {}", path.display()),
@@ -75,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Enrol { credentials } => {
+            let config = load()?;
             let text = if credentials.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("cannot read the credentials from stdin")?
             } else {
@@ -92,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backup { file } => {
+            let config = load()?;
             let summary = backup::backup(&config.database()?, &file)?;
             println!(
                 "backup written to {}: {} tickets, {} changes not yet synced",
@@ -102,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Restore { file, key_file } => {
+            let config = load()?;
             let database = config.database()?;
             let key = match key_file {
                 Some(path) => Some(DatabaseKey::read(&path)?),
@@ -121,8 +121,14 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::GenerateKey { .. } => unreachable!("handled before the configuration is read"),
+        // Needs no configuration: the installer runs it before writing one.
+        Command::GenerateKey { file } => {
+            DatabaseKey::generate().write_new(&file)?;
+            println!("wrote a new database key to {} (mode 0600)", file.display());
+            Ok(())
+        }
         Command::RotateKey { new_key_file } => {
+            let config = load()?;
             let new_key = DatabaseKey::read(&new_key_file)?;
             let summary = backup::rotate_key(&config.node.data_dir, &config.database()?, new_key)?;
             println!(

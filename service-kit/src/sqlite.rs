@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use zeroize::Zeroizing;
 
 /// The first 16 bytes of every plain SQLite database file; an encrypted
 /// one starts with its random salt instead.
@@ -52,8 +53,9 @@ pub enum KeyError {
 /// The key a database is encrypted with: 32 random bytes, handed to
 /// SQLCipher as a raw key. Being random already, it needs no passphrase
 /// derivation, so every connection of the read pool opens in microseconds.
+/// Wiped from memory when dropped.
 #[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseKey([u8; DatabaseKey::BYTES]);
+pub struct DatabaseKey(Zeroizing<[u8; DatabaseKey::BYTES]>);
 
 impl std::fmt::Debug for DatabaseKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,7 +67,7 @@ impl DatabaseKey {
     pub const BYTES: usize = 32;
 
     pub fn generate() -> Self {
-        Self(rand::random())
+        Self(Zeroizing::new(rand::random()))
     }
 
     /// Reads a key file: its 64 hexadecimal characters, and a mode that
@@ -77,10 +79,13 @@ impl DatabaseKey {
         if mode & 0o077 != 0 {
             return Err(KeyError::Exposed { path: path.to_owned(), mode });
         }
-        let mut text = String::new();
+        let mut text = Zeroizing::new(String::new());
         // One byte past a key's length is enough to tell it is too long.
         (&mut file).take(2 * Self::BYTES as u64 + 2).read_to_string(&mut text).map_err(io)?;
-        Self::from_hex(text.trim_end_matches('\n')).ok_or_else(|| KeyError::Malformed { path: path.to_owned() })
+        let mut key = Zeroizing::new([0; Self::BYTES]);
+        hex::decode_to_slice(text.trim_end_matches('\n'), key.as_mut_slice())
+            .map_err(|_| KeyError::Malformed { path: path.to_owned() })?;
+        Ok(Self(key))
     }
 
     /// Writes the key into the new file `path`, readable by its owner only.
@@ -89,32 +94,20 @@ impl DatabaseKey {
             std::io::ErrorKind::AlreadyExists => KeyError::Exists { path: path.to_owned() },
             _ => KeyError::Io { path: path.to_owned(), source },
         })?;
-        let text = format!("{}\n", self.hex());
+        let text = Zeroizing::new(format!("{}\n", self.hex().as_str()));
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(|source| KeyError::Io { path: path.to_owned(), source })
     }
 
-    fn from_hex(text: &str) -> Option<Self> {
-        let bytes = text.as_bytes();
-        if bytes.len() != 2 * Self::BYTES {
-            return None;
-        }
-        let mut key = [0; Self::BYTES];
-        for (byte, pair) in key.iter_mut().zip(bytes.chunks_exact(2)) {
-            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-        }
-        Some(Self(key))
-    }
-
-    fn hex(&self) -> String {
-        self.0.iter().map(|byte| format!("{byte:02x}")).collect()
+    fn hex(&self) -> Zeroizing<String> {
+        Zeroizing::new(hex::encode(self.0.as_slice()))
     }
 
     /// SQLCipher's raw-key form, `x'<64 hex>'`: hexadecimal only, so it
     /// can stand in SQL text without escaping.
-    fn sql(&self) -> String {
-        format!("x'{}'", self.hex())
+    fn sql(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!("x'{}'", self.hex().as_str()))
     }
 }
 
@@ -175,7 +168,7 @@ impl Database {
         }
         let conn = Connection::open_with_flags(&self.path, flags)?;
         if let Some(key) = &self.key {
-            conn.execute_batch(&format!("PRAGMA key = \"{}\"", key.sql()))?;
+            conn.execute_batch(&Zeroizing::new(format!("PRAGMA key = \"{}\"", key.sql().as_str())))?;
         }
         match conn.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get::<_, i64>(0)) {
             Ok(_) => Ok(conn),
@@ -209,7 +202,7 @@ impl Database {
 pub fn export(from: &Connection, to: &Database) -> Result<(), OpenError> {
     let io = |source| OpenError::Io { path: to.path.clone(), source };
     create_private(&to.path).map_err(io)?;
-    let key = to.key.as_ref().map_or_else(String::new, DatabaseKey::sql);
+    let key = to.key.as_ref().map_or_else(|| Zeroizing::new(String::new()), DatabaseKey::sql);
     from.execute("ATTACH DATABASE ?1 AS export KEY ?2", [to.path.to_string_lossy().as_ref(), key.as_str()])?;
     // `sqlcipher_export` copies schema and rows, not the schema version.
     let exported = from.query_row("SELECT sqlcipher_export('export')", [], |_| Ok(())).and_then(|()| {

@@ -81,7 +81,7 @@ pub enum RefreshUse {
 
 /// The digest a refresh token is stored under.
 pub fn refresh_digest(token: &str) -> String {
-    Sha256::digest(token.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// The auth service's store, embedded or in MongoDB.
