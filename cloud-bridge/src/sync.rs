@@ -69,9 +69,6 @@ impl OpenSessions {
         open.insert(node.clone(), Arc::clone(&renew));
         Ok(OpenSession { sessions: Arc::clone(self), node: node.clone(), renew })
     }
-}
-
-impl OpenSessions {
     /// Has `node`'s session here, if it has one, take a new lease: another
     /// instance refused a hello that showed its lease (a copy).
     pub fn ask_renewal(&self, node: &NodeId) {

@@ -9,7 +9,7 @@
 //! | `revoked_tokens` | `jti`          | expiry |
 
 use futures_util::TryStreamExt;
-use mongodb::bson::{Bson, doc};
+use mongodb::bson::{Bson, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Collection, IndexModel};
@@ -72,6 +72,14 @@ fn ward_roles() -> Vec<&'static str> {
     Role::ward_roles().map(Role::as_str).collect()
 }
 
+/// Every document of `collection` that matches `filter`, in `sort` order.
+async fn sorted<T>(collection: &Collection<T>, filter: Document, sort: Document) -> Result<Vec<T>, AuthStoreError>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    collection.find(filter).sort(sort).await.map_err(failed)?.try_collect().await.map_err(failed)
+}
+
 fn failed(error: mongodb::error::Error) -> AuthStoreError {
     AuthStoreError::Mongo(error.to_string())
 }
@@ -110,15 +118,7 @@ impl MongoAuthStore {
     }
 
     pub async fn keys(&self) -> Result<Vec<StoredKey>, AuthStoreError> {
-        let docs: Vec<KeyDoc> = self
-            .keys
-            .find(doc! {})
-            .sort(doc! { "activates_at": 1 })
-            .await
-            .map_err(failed)?
-            .try_collect()
-            .await
-            .map_err(failed)?;
+        let docs: Vec<KeyDoc> = sorted(&self.keys, doc! {}, doc! { "activates_at": 1 }).await?;
         docs.into_iter()
             .map(|key| {
                 let seed = <[u8; 32]>::try_from(key.seed.as_slice())
@@ -177,18 +177,15 @@ impl MongoAuthStore {
     }
 
     pub async fn ward_staff(&self, ward: &WardId) -> Result<Vec<Account>, AuthStoreError> {
-        let staff: Vec<AccountDoc> = self
-            .accounts
-            .find(doc! {
+        let staff: Vec<AccountDoc> = sorted(
+            &self.accounts,
+            doc! {
                 "kind": "user", "wards": ward.as_str(), "roles": { "$in": ward_roles() },
                 "disabled_at": { "$exists": false },
-            })
-            .sort(doc! { "_id": 1 })
-            .await
-            .map_err(failed)?
-            .try_collect()
-            .await
-            .map_err(failed)?;
+            },
+            doc! { "_id": 1 },
+        )
+        .await?;
         staff.into_iter().map(account_of).collect()
     }
 
@@ -277,15 +274,8 @@ impl MongoAuthStore {
     }
 
     pub async fn disabled_accounts(&self) -> Result<Vec<String>, AuthStoreError> {
-        let disabled: Vec<AccountDoc> = self
-            .accounts
-            .find(doc! { "disabled_at": { "$exists": true } })
-            .sort(doc! { "_id": 1 })
-            .await
-            .map_err(failed)?
-            .try_collect()
-            .await
-            .map_err(failed)?;
+        let disabled: Vec<AccountDoc> =
+            sorted(&self.accounts, doc! { "disabled_at": { "$exists": true } }, doc! { "_id": 1 }).await?;
         Ok(disabled.into_iter().map(|account| account.name).collect())
     }
 
@@ -300,15 +290,7 @@ impl MongoAuthStore {
 
     pub async fn revoked_access(&self, now: i64) -> Result<Vec<(String, i64)>, AuthStoreError> {
         self.revoked.delete_many(doc! { "expires_at": { "$lte": now } }).await.map_err(failed)?;
-        let live: Vec<RevokedDoc> = self
-            .revoked
-            .find(doc! {})
-            .sort(doc! { "_id": 1 })
-            .await
-            .map_err(failed)?
-            .try_collect()
-            .await
-            .map_err(failed)?;
+        let live: Vec<RevokedDoc> = sorted(&self.revoked, doc! {}, doc! { "_id": 1 }).await?;
         Ok(live.into_iter().map(|r| (r.jti, r.expires_at)).collect())
     }
 }
