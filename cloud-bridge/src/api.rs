@@ -5,6 +5,7 @@
 //! |--------|-----------------------------------|--------------------|------|
 //! | GET    | /api/v1/queue                     | pharmacist, admin  | all wards' tickets, priority then age; `ward`, `status`, `priority` (comma lists), `limit` (1-500) |
 //! | GET    | /api/v1/tickets/{id}              | pharmacist, admin  | one ticket with its history |
+//! | PATCH  | /api/v1/tickets/{id}              | pharmacist, admin  | notes (`{"notes": {"append": ..}}` or `{"replace": ..}`, merged with the ward's character by character), assignee (take a ticket: your own user; assign a colleague; `null` to release); 200 or 202 as for transitions |
 //! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle of SupplyRequests |
 //! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict; 200 once reads show it, 202 if stored but not yet shown (distributed backend) |
 //! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
@@ -43,8 +44,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use service_kit::clock::now_ms;
 use service_kit::http::{ApiError, ApiJson, TicketPath, live_feed, parse_list};
-use sync_protocol::document::{TicketDocument, TransitionRequest};
-use sync_protocol::ids::WardId;
+use sync_protocol::document::{Mutation, TicketDocument, TicketEdit, TransitionRequest};
+use sync_protocol::ids::{TicketId, WardId};
 use sync_protocol::ticket::{Priority, Status, Ticket};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -59,7 +60,7 @@ const QUEUE_LIMIT_MAX: usize = 500;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/queue", get(queue))
-        .route("/tickets/{id}", get(ticket))
+        .route("/tickets/{id}", get(ticket).patch(edit))
         .route("/tickets/{id}/fhir", get(fhir))
         .route("/tickets/{id}/transitions", post(transition))
         .route("/nodes", get(nodes))
@@ -125,6 +126,18 @@ async fn fhir(
     Ok(([(header::CONTENT_TYPE, "application/fhir+json")], Json(sync_protocol::fhir::supply_request_bundle(&ticket))))
 }
 
+async fn edit(
+    State(state): State<AppState>,
+    PharmacyCaller(actor): PharmacyCaller,
+    TicketPath(id): TicketPath,
+    ApiJson(edit): ApiJson<TicketEdit>,
+) -> Result<(StatusCode, Json<Ticket>), ApiError> {
+    let now = now_ms();
+    let limits = state.config.limits.clone();
+    let mutation = Box::new(move |doc: &mut TicketDocument| doc.edit(&edit, &actor, now, &limits));
+    write(&state, id, mutation).await
+}
+
 async fn transition(
     State(state): State<AppState>,
     PharmacyCaller(actor): PharmacyCaller,
@@ -134,6 +147,10 @@ async fn transition(
     let now = now_ms();
     let limits = state.config.limits.clone();
     let mutation = Box::new(move |doc: &mut TicketDocument| doc.transition(&request, &actor, now, &limits));
+    write(&state, id, mutation).await
+}
+
+async fn write(state: &AppState, id: TicketId, mutation: Mutation) -> Result<(StatusCode, Json<Ticket>), ApiError> {
     let outcome = state.store.pharmacy_write(id, mutation).await.map_err(refusal)?;
     // Stored either way; 202 says the queue and the wards will show it shortly.
     let status = if outcome.visible { StatusCode::OK } else { StatusCode::ACCEPTED };

@@ -117,6 +117,43 @@ async fn the_pharmacy_works_a_ticket_and_exports_it() {
     );
 }
 
+#[tokio::test]
+async fn a_pharmacist_writes_notes_and_takes_a_ticket() {
+    let bridge = Bridge::new().await;
+    let id = bridge.ticket_from_the_ward().await;
+    let pharmacist = bridge.issuer.token("p.lindqvist", &["pharmacist"], &[]);
+    let path = format!("/api/v1/tickets/{id}");
+    let take = r#"{"notes": {"append": "Checking stock at the satellite."}, "assignee": "p.lindqvist"}"#;
+    let (status, ticket) = bridge.call("PATCH", &path, Some(&pharmacist), Some(take)).await;
+    assert_eq!(status, StatusCode::OK, "{ticket}");
+    assert_eq!(
+        (ticket["notes"].as_str(), ticket["assignee"].as_str()),
+        (Some("Checking stock at the satellite."), Some("p.lindqvist"))
+    );
+    let hand_over = r#"{"assignee": "a.haddad"}"#;
+    let (status, ticket) = bridge.call("PATCH", &path, Some(&pharmacist), Some(hand_over)).await;
+    assert_eq!((status, ticket["assignee"].as_str()), (StatusCode::OK, Some("a.haddad")), "{ticket}");
+    let (_, view) = bridge.call("GET", &path, Some(&pharmacist), None).await;
+    let edits: Vec<&Value> =
+        view["history"].as_array().unwrap().iter().filter(|e| e["action"]["kind"] == "edit").collect();
+    assert_eq!(edits.len(), 2, "{view}");
+    assert_eq!((edits[1]["user"].as_str(), edits[1]["role"].as_str()), (Some("p.lindqvist"), Some("pharmacist")));
+    // Releasing it and refusals of what is not the pharmacy's to change.
+    let (status, ticket) = bridge.call("PATCH", &path, Some(&pharmacist), Some(r#"{"assignee": null}"#)).await;
+    assert_eq!((status, &ticket["assignee"]), (StatusCode::OK, &Value::Null), "{ticket}");
+    let order = r#"{"items": [{"medication_code": "AMOX-500", "quantity": 40, "unit": "capsule"}]}"#;
+    let cases = [
+        (order, StatusCode::FORBIDDEN, "forbidden_role"),
+        (r#"{"priority": "routine"}"#, StatusCode::FORBIDDEN, "forbidden_role"),
+        (r#"{"assignee": null}"#, StatusCode::UNPROCESSABLE_ENTITY, "empty_edit"),
+        (r#"{"assignee": "not a user id!"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+    ];
+    for (body, status, code) in cases {
+        let (got, answer) = bridge.call("PATCH", &path, Some(&pharmacist), Some(body)).await;
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{body}: {answer}");
+    }
+}
+
 /// A refused request: name, method, path, token, body, and the status and code answered.
 type Case<'a> = (&'a str, &'a str, String, Option<&'a str>, Option<&'a str>, StatusCode, &'a str);
 
@@ -230,6 +267,15 @@ async fn bad_requests_are_refused_with_their_code_and_change_nothing() {
             transitions.clone(),
             Some(&nurse),
             Some(r#"{"to":"cancelled"}"#),
+            StatusCode::FORBIDDEN,
+            "forbidden_role",
+        ),
+        (
+            "a nurse editing at the bridge",
+            "PATCH",
+            format!("/api/v1/tickets/{id}"),
+            Some(&nurse),
+            Some(r#"{"notes":{"append":"x"}}"#),
             StatusCode::FORBIDDEN,
             "forbidden_role",
         ),

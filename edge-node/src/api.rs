@@ -6,7 +6,7 @@
 //! | POST   | /api/v1/tickets                        | nurse, admin        | create a ticket (201) |
 //! | GET    | /api/v1/tickets                        | nurse, admin        | list: `status`, `priority` (comma lists), `limit` (1-200), `page` |
 //! | GET    | /api/v1/tickets/{id}                   | nurse, admin        | one ticket with its history |
-//! | PATCH  | /api/v1/tickets/{id}                   | nurse, admin        | edit items, priority, notes, assignee |
+//! | PATCH  | /api/v1/tickets/{id}                   | nurse, admin        | edit items and priority (until picking starts), notes (`{"append": ..}` or `{"replace": ..}`); assignee (admin only: assigning is the pharmacy's) |
 //! | POST   | /api/v1/tickets/{id}/transitions       | nurse, admin        | cancel, confirm receipt (`delivered`), resolve a conflict |
 //! | GET    | /api/v1/events                         | nurse, admin        | live ticket changes (Server-Sent Events) |
 //! | GET    | /api/v1/sync                           | nurse, admin        | sync state |
@@ -21,13 +21,13 @@
 //! |--------|-------|------|
 //! | 400 | `malformed_json`, `invalid_query`, `invalid_ticket_id`, `bad_request` | the body is not JSON at all; a query or path that does not parse |
 //! | 401 | `missing_token`, `unsupported_auth_scheme`, `invalid_token`, `token_expired`, `token_revoked` | no `Authorization`, another scheme than `Bearer`, a token that does not verify |
-//! | 403 | `forbidden_role`, `wrong_ward` | a role that does not work at wards (checked first) or may never make that change, a token of another ward |
+//! | 403 | `forbidden_role`, `wrong_ward` | a role that does not work at wards (checked first) or may never make that change (a nurse assigning a ticket), a token of another ward |
 //! | 404 | `ticket_not_found`, `not_found` | an unknown ticket, an unknown path |
 //! | 405 | `method_not_allowed` | a path that does not take the method (the `Allow` header lists those it does) |
 //! | 409 | `illegal_transition`, `illegal_edit`, `illegal_resolution`, `unknown_conflict`, `too_many_transitions`, `duplicate_ticket`, `cloud_reachable` | a transition or edit the ticket's state does not allow now; an offline login while the cloud is reachable |
 //! | 413 | `body_too_large` | a body over the limit |
 //! | 415 | `unsupported_media_type` | a body without a JSON content type |
-//! | 422 | `invalid_body`, `empty_items`, `quantity_zero`, `reason_required`, ... | well-formed JSON of the wrong shape or types, or content a rule refuses (`TicketError::code`) |
+//! | 422 | `invalid_body`, `empty_items`, `quantity_zero`, `reason_required` (also a conflict's resolution without one), ... | well-formed JSON of the wrong shape or types, or content a rule refuses (`TicketError::code`) |
 //! | 431 | `headers_too_large` | over [`service_kit::http::HEADER_COUNT_MAX`] headers or [`service_kit::http::HEADER_BYTES_MAX`] bytes of them |
 //! | 503 | `overloaded`, `shutting_down` | the write queue is full, the node is stopping |
 //!

@@ -286,6 +286,15 @@ async fn bad_input_is_refused_with_its_code_and_changes_nothing() {
             "empty_edit",
         ),
         on_ticket(
+            "a nurse assigning a ticket",
+            "PATCH",
+            format!("/api/v1/tickets/{id}"),
+            &nurse,
+            json!({ "assignee": "n.okafor" }),
+            StatusCode::FORBIDDEN,
+            "forbidden_role",
+        ),
+        on_ticket(
             "edit of another ward's ticket",
             "PATCH",
             format!("/api/v1/tickets/{other_ward_ticket}"),

@@ -1,6 +1,8 @@
 //! Sync between real processes: an edge node of a ward and the cloud bridge.
 #![allow(clippy::unwrap_used)] // test code: a failure is the test failing
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -325,10 +327,12 @@ async fn a_node_token_cannot_reach_another_ward() {
     assert_eq!(edge.status(), 403);
 }
 
-/// A TCP proxy on loopback whose connections the test can cut at will.
+/// A TCP proxy on loopback whose connections the test can cut at will, or
+/// hold down (a partition: connections refused until it is lifted).
 struct CuttableProxy {
     port: u16,
     cut: tokio::sync::watch::Sender<u64>,
+    down: Arc<AtomicBool>,
 }
 
 impl CuttableProxy {
@@ -336,8 +340,13 @@ impl CuttableProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let down = Arc::new(AtomicBool::new(false));
+        let partitioned = Arc::clone(&down);
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if partitioned.load(Ordering::SeqCst) {
+                    continue; // dropped: the peer sees its connection reset
+                }
                 let mut cuts = cuts.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await else {
@@ -351,12 +360,87 @@ impl CuttableProxy {
                 });
             }
         });
-        CuttableProxy { port, cut }
+        CuttableProxy { port, cut, down }
     }
 
     fn cut_all(&self) {
         self.cut.send_modify(|n| *n += 1);
     }
+
+    /// Cuts every link and refuses new ones until [`Self::heal`].
+    fn partition(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.cut_all();
+    }
+
+    fn heal(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The case the notes' character-level merge exists for, over HTTP: during
+/// a partition a nurse appends an allergy at the ward while a pharmacist
+/// appends to the same notes (and takes the ticket) at the bridge; after
+/// the link heals both texts are on both sides and the tickets are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn penicillin_over_http_both_notes_survive_a_partition() {
+    let issuer = TestIssuer::new("key-1");
+    let (edge_dir, bridge_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bridge_port = free_port();
+    let proxy = CuttableProxy::start(bridge_port).await;
+    std::fs::write(edge_dir.path().join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD])).unwrap();
+    let sync = format!(
+        "[sync]\nbridge_url = \"ws://127.0.0.1:{}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 500\n",
+        proxy.port
+    );
+    let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
+    let bridge =
+        BridgeProcess::start_bridge(bridge_dir.path(), &format!("127.0.0.1:{bridge_port}"), &issuer.jwks(), "");
+    let client = reqwest::Client::new();
+    let (nurse, pharmacist) = (issuer.nurse(WARD), issuer.token("p.lindqvist", &["pharmacist"], &[]));
+    let new = json!({
+        "items": [{ "medication_code": "AMOX-500", "quantity": 20, "unit": "capsule" }],
+        "priority": "urgent",
+        "notes": "Bed 4, post-op.",
+    });
+    let response = client.post(edge.url("/api/v1/tickets")).bearer_auth(&nurse).json(&new).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let at_bridge = bridge.url(&format!("/api/v1/tickets/{id}"));
+    wait_for("the ticket at the bridge", Duration::from_secs(30), async || {
+        client.get(&at_bridge).bearer_auth(&pharmacist).send().await.unwrap().status() == 200
+    })
+    .await;
+
+    proxy.partition();
+    wait_for("the edge to see the link down", Duration::from_secs(10), async || {
+        get_json(&client, edge.url("/api/v1/sync"), &nurse).await["connected"] == false
+    })
+    .await;
+    let at_edge = edge.url(&format!("/api/v1/tickets/{id}"));
+    let ward_edit = json!({ "notes": { "append": "ALLERGY: PENICILLIN" } });
+    let response = client.patch(&at_edge).bearer_auth(&nurse).json(&ward_edit).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let pharmacy_edit =
+        json!({ "notes": { "append": "Pharmacy: amoxicillin held, calling the ward." }, "assignee": "p.lindqvist" });
+    let response = client.patch(&at_bridge).bearer_auth(&pharmacist).json(&pharmacy_edit).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let edge_notes = get_json(&client, &at_edge, &nurse).await["ticket"]["notes"].clone();
+    assert_eq!(edge_notes, "Bed 4, post-op.\nALLERGY: PENICILLIN", "the partition held");
+
+    proxy.heal();
+    wait_for("both sides to hold both notes", Duration::from_secs(30), async || {
+        let (edge_view, bridge_view) =
+            (get_json(&client, &at_edge, &nurse).await, get_json(&client, &at_bridge, &pharmacist).await);
+        edge_view["ticket"] == bridge_view["ticket"] && edge_view["history"] == bridge_view["history"]
+    })
+    .await;
+    let ticket = get_json(&client, &at_edge, &nurse).await["ticket"].clone();
+    let notes = ticket["notes"].as_str().unwrap();
+    for line in ["Bed 4, post-op.", "ALLERGY: PENICILLIN", "Pharmacy: amoxicillin held, calling the ward."] {
+        assert_eq!(notes.matches(line).count(), 1, "{line:?} once in {notes:?}");
+    }
+    assert_eq!(ticket["assignee"], "p.lindqvist");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

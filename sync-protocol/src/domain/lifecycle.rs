@@ -65,18 +65,37 @@ impl EditKind {
             EditKind::Assignee => "assign",
         }
     }
+
+    fn action(self) -> &'static str {
+        match self {
+            EditKind::Order => "change a ticket's items or priority",
+            EditKind::Notes => "change a ticket's notes",
+            EditKind::Assignee => "assign tickets",
+        }
+    }
 }
 
-/// Whether `role` may make an edit of `kind` to a ticket in `status`.
+/// Whether `role` may make an edit of `kind` to a ticket in `status`: a
+/// role that may never make it is `Forbidden`; a status that does not
+/// allow it now is an `IllegalEdit`.
 pub fn check_edit(kind: EditKind, status: Status, role: Role) -> Result<(), TicketError> {
-    let allowed = match kind {
+    let role_may = match kind {
+        // The order is the ward's; who fills it is the pharmacy's to decide.
+        EditKind::Order => role.works_at_ward(),
+        EditKind::Notes => role != Role::EdgeNode,
+        EditKind::Assignee => role.works_at_pharmacy(),
+    };
+    if !role_may {
+        return Err(TicketError::Forbidden { role, action: kind.action() });
+    }
+    let status_allows = match kind {
         // Once picking has started the order is being filled; changing it
         // then would silently invalidate what is on the pharmacist's bench.
-        EditKind::Order => role.works_at_ward() && matches!(status, Status::Requested | Status::Acknowledged),
-        EditKind::Notes => role != Role::EdgeNode && status != Status::EnteredInError,
-        EditKind::Assignee => role.works_at_pharmacy() && !status.is_final(),
+        EditKind::Order => matches!(status, Status::Requested | Status::Acknowledged),
+        EditKind::Notes => status != Status::EnteredInError,
+        EditKind::Assignee => !status.is_final(),
     };
-    if allowed { Ok(()) } else { Err(TicketError::IllegalEdit { what: kind.verb(), status, role }) }
+    if status_allows { Ok(()) } else { Err(TicketError::IllegalEdit { what: kind.verb(), status, role }) }
 }
 
 /// One recorded status transition, as stored in the ticket document.
@@ -101,6 +120,7 @@ impl Transition {
         TransitionRef {
             id: self.id.clone(),
             to: self.to,
+            reason: self.reason.clone(),
             user: self.user.clone(),
             role: self.role,
             device: self.device.clone(),
