@@ -1,8 +1,10 @@
-//! The domain: who and what a ticket is (`ids`, `ticket`), the lifecycle's
+//! The domain: who and what a ticket is (`ids`, `ticket`), what a pack's
+//! label says (`gs1`), the lifecycle's
 //! rules (`lifecycle`), and the canonical order of a causal graph that the
 //! status fold and the history share (`causal`).
 
 pub(crate) mod causal;
+pub mod gs1;
 pub mod ids;
 pub mod lifecycle;
 pub mod ticket;
