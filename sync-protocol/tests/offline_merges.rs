@@ -111,6 +111,89 @@ fn history_lists_who_did_what_from_where_in_order() {
     assert_eq!(history[1].audit.at, T0 + 5);
 }
 
+/// The conflict of a cancel and a dispatch carries both sides' reasons; a
+/// resolution must say why; the trail shows each change's values.
+#[test]
+fn conflicts_and_the_trail_say_why_and_what() {
+    let limits = Limits::default();
+    let (mut ward, _) = created("Bed 4.");
+    let mut pharmacy = fork(&mut ward, 2);
+    pharmacy.transition(&transition(Status::Acknowledged), &pharmacist(), T0 + 5, &limits).unwrap();
+    let dispatch = TransitionRequest { reason: Some("porter 7 on the way".into()), ..transition(Status::Dispatched) };
+    pharmacy.transition(&dispatch, &pharmacist(), T0 + 10, &limits).unwrap();
+    let cancel =
+        TransitionRequest { reason: Some("patient transferred to ICU".into()), ..transition(Status::Cancelled) };
+    ward.transition(&cancel, &nurse(), T0 + 20, &limits).unwrap();
+    let append = TicketEdit { notes: Some(NotesEdit::Append("ALLERGY: PENICILLIN".into())), ..TicketEdit::default() };
+    ward.edit(&append, &nurse(), T0 + 30, &limits).unwrap();
+    sync(&mut ward, &mut pharmacy);
+
+    let ticket = pharmacy.ticket().unwrap();
+    let conflict = &ticket.conflicts[0];
+    assert_eq!(conflict.held.reason.as_deref(), Some("porter 7 on the way"));
+    assert_eq!(conflict.overridden.reason.as_deref(), Some("patient transferred to ICU"));
+    let mut resolve =
+        TransitionRequest { resolves: vec![conflict.overridden.id.clone()], ..transition(Status::Cancelled) };
+    let err = pharmacy.transition(&resolve, &pharmacist(), T0 + 40, &limits).unwrap_err();
+    assert!(err.to_string().contains("needs a reason"), "{err}");
+    resolve.reason = Some("porter recalled".into());
+    pharmacy.transition(&resolve, &pharmacist(), T0 + 40, &limits).unwrap();
+
+    let history = pharmacy.history().unwrap();
+    let fields: Vec<serde_json::Value> =
+        history.iter().map(|entry| serde_json::to_value(&entry.changes).unwrap()).collect();
+    assert_eq!(fields[0], serde_json::json!([]), "the creation is the ticket itself");
+    let find = |field: &str| {
+        fields.iter().flat_map(|f| f.as_array().unwrap()).filter(|c| c["field"] == field).cloned().collect::<Vec<_>>()
+    };
+    let notes = find("notes");
+    assert_eq!(notes, [serde_json::json!({ "field": "notes", "removed": "", "inserted": "\nALLERGY: PENICILLIN" })]);
+    let transitions = find("transition");
+    assert_eq!(transitions.len(), 4, "{transitions:?}");
+    let reasons: Vec<(&str, &str)> =
+        transitions.iter().filter_map(|t| Some((t["to"].as_str()?, t["reason"].as_str()?))).collect();
+    assert_eq!(reasons.len(), 3, "{transitions:?}");
+    for expected in [
+        ("dispatched", "porter 7 on the way"),
+        ("cancelled", "patient transferred to ICU"),
+        ("cancelled", "porter recalled"),
+    ] {
+        assert!(reasons.contains(&expected), "{expected:?} in {reasons:?}");
+    }
+    assert_eq!(transitions.iter().filter(|t| t["resolves"] != serde_json::json!([])).count(), 1);
+}
+
+#[test]
+fn the_trail_shows_old_and_new_values_of_an_edit() {
+    let limits = Limits::default();
+    let (mut doc, _) = created("Bed 4, post-op.");
+    let mut items = doc.ticket().unwrap().items;
+    items[0].quantity = 40;
+    items.pop();
+    let edit = TicketEdit {
+        items: Some(items),
+        priority: Some(sync_protocol::ticket::Priority::Stat),
+        notes: Some(NotesEdit::Replace("Bed 6, post-op.".into())),
+        ..TicketEdit::default()
+    };
+    doc.edit(&edit, &nurse(), T0 + 5, &limits).unwrap();
+    let entry = serde_json::to_value(&doc.history().unwrap()[1]).unwrap();
+    assert_eq!(entry["action"], serde_json::json!({ "kind": "edit", "fields": ["items", "priority", "notes"] }));
+    assert_eq!(
+        entry["changes"],
+        serde_json::json!([
+            { "field": "priority", "old": "urgent", "new": "stat" },
+            { "field": "item", "medication_code": "AMOX-500",
+              "old": { "medication_code": "AMOX-500", "description": "Amoxicillin 500 mg", "quantity": 20, "unit": "capsule" },
+              "new": { "medication_code": "AMOX-500", "description": "Amoxicillin 500 mg", "quantity": 40, "unit": "capsule" } },
+            { "field": "item", "medication_code": "NACL-09",
+              "old": { "medication_code": "NACL-09", "description": "Saline 0.9% 1 L", "quantity": 4, "unit": "bag" },
+              "new": null },
+            { "field": "notes", "removed": "4", "inserted": "6" },
+        ])
+    );
+}
+
 #[test]
 fn rules_are_checked_when_writing() {
     let limits = Limits::default();

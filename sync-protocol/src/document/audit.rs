@@ -6,7 +6,9 @@ use automerge::Change;
 use serde::{Deserialize, Serialize};
 
 use super::DocumentError;
-use crate::ticket::{Actor, Status, UnixMillis};
+use crate::ids::UserId;
+use crate::lifecycle::Transition;
+use crate::ticket::{Actor, LineItem, Priority, Status, Ticket, UnixMillis};
 
 /// What a change did, for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +37,98 @@ pub struct HistoryEntry {
     pub change: String,
     #[serde(flatten)]
     pub audit: ChangeAudit,
+    /// What the change did, read from the document itself (not from what
+    /// the audit record claims): each field's value before and after it.
+    pub changes: Vec<FieldChange>,
+}
+
+/// One field a change altered, with the values before and after. "Before"
+/// is the ticket as the changes ahead of it in the history left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "field", rename_all = "snake_case")]
+pub enum FieldChange {
+    Priority {
+        old: Priority,
+        new: Priority,
+    },
+    Assignee {
+        old: Option<UserId>,
+        new: Option<UserId>,
+    },
+    /// One line of the order: added (`old` null), removed (`new` null) or changed.
+    Item {
+        medication_code: String,
+        old: Option<LineItem>,
+        new: Option<LineItem>,
+    },
+    /// The text the change removed from the notes and the text it put in
+    /// their place (one span: the notes between the longest unchanged
+    /// beginning and end).
+    Notes {
+        removed: String,
+        inserted: String,
+    },
+    /// A status transition the change recorded, with its reason.
+    Transition {
+        id: String,
+        to: Status,
+        reason: Option<String>,
+        resolves: Vec<String>,
+    },
+}
+
+impl FieldChange {
+    /// What changed from `before` (`None` for a ticket's creation) to `after`.
+    pub(super) fn between(
+        before: Option<(&Ticket, &[Transition])>,
+        after: (&Ticket, &[Transition]),
+    ) -> Vec<FieldChange> {
+        let Some((old, old_transitions)) = before else {
+            return Vec::new(); // the creation: the ticket itself is the record
+        };
+        let (new, new_transitions) = after;
+        let mut changes = Vec::new();
+        if old.priority != new.priority {
+            changes.push(FieldChange::Priority { old: old.priority, new: new.priority });
+        }
+        if old.assignee != new.assignee {
+            changes.push(FieldChange::Assignee { old: old.assignee.clone(), new: new.assignee.clone() });
+        }
+        let line = |items: &[LineItem], code: &str| items.iter().find(|i| i.medication_code == code).cloned();
+        let mut codes: Vec<&str> =
+            old.items.iter().chain(&new.items).map(|item| item.medication_code.as_str()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        for code in codes {
+            let (was, is) = (line(&old.items, code), line(&new.items, code));
+            if was != is {
+                changes.push(FieldChange::Item { medication_code: code.to_owned(), old: was, new: is });
+            }
+        }
+        if old.notes != new.notes {
+            let (removed, inserted) = changed_span(&old.notes, &new.notes);
+            changes.push(FieldChange::Notes { removed: removed.to_owned(), inserted: inserted.to_owned() });
+        }
+        for t in new_transitions.iter().filter(|t| !old_transitions.iter().any(|o| o.id == t.id)) {
+            changes.push(FieldChange::Transition {
+                id: t.id.clone(),
+                to: t.to,
+                reason: t.reason.clone(),
+                resolves: t.resolves.clone(),
+            });
+        }
+        changes
+    }
+}
+
+/// The spans of `old` and `new` between their longest common beginning
+/// and end, on character boundaries.
+fn changed_span<'a>(old: &'a str, new: &'a str) -> (&'a str, &'a str) {
+    let prefix: usize = old.chars().zip(new.chars()).take_while(|(a, b)| a == b).map(|(c, _)| c.len_utf8()).sum();
+    let (old_rest, new_rest) = (&old[prefix..], &new[prefix..]);
+    let suffix: usize =
+        old_rest.chars().rev().zip(new_rest.chars().rev()).take_while(|(a, b)| a == b).map(|(c, _)| c.len_utf8()).sum();
+    (&old_rest[..old_rest.len() - suffix], &new_rest[..new_rest.len() - suffix])
 }
 
 /// A change from a peer, decoded once, with the ticket-independent facts

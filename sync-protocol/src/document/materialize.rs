@@ -3,7 +3,7 @@
 
 use automerge::{Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 
-use super::{DocumentError, HistoryEntry, SCHEMA_VERSION, TicketDocument, audit::parse_audit};
+use super::{DocumentError, FieldChange, HistoryEntry, SCHEMA_VERSION, TicketDocument, audit::parse_audit};
 use crate::ids::{TicketId, UserId, WardId};
 use crate::lifecycle::{self, Transition};
 use crate::ticket::{LineItem, Priority, Status, Ticket, Unit, UnixMillis};
@@ -104,15 +104,29 @@ impl TicketDocument {
         Ok(transitions)
     }
 
-    /// The audit trail: every change in causal order, ties by time then hash.
+    /// The audit trail: every change in causal order, ties by time then
+    /// hash, each with what it changed. The changes are replayed one by one
+    /// into a scratch document, so each entry's values are the document's
+    /// own, whatever its audit record claims.
     pub fn history(&mut self) -> Result<Vec<HistoryEntry>, DocumentError> {
         let changes = self.doc.get_changes(&[]);
         let ordered =
             crate::causal::order(&changes, Change::hash, |c| c.deps().to_vec(), |c| (c.timestamp(), c.hash()));
-        ordered
-            .into_iter()
-            .map(|change| Ok(HistoryEntry { change: change.hash().to_string(), audit: parse_audit(change)? }))
-            .collect()
+        let mut replay = TicketDocument::empty(self.doc.get_actor().clone());
+        let mut before: Option<(Ticket, Vec<Transition>)> = None;
+        let mut history = Vec::with_capacity(ordered.len());
+        for change in ordered {
+            let audit = parse_audit(change)?;
+            replay.doc.apply_changes([change.clone()])?;
+            let after = (replay.materialize()?, replay.transitions()?);
+            let changes = FieldChange::between(
+                before.as_ref().map(|(ticket, transitions)| (ticket, transitions.as_slice())),
+                (&after.0, &after.1),
+            );
+            history.push(HistoryEntry { change: change.hash().to_string(), audit, changes });
+            before = Some(after);
+        }
+        Ok(history)
     }
 
     pub(super) fn check_schema(&self) -> Result<(), DocumentError> {

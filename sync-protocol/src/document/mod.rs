@@ -33,7 +33,7 @@ use crate::ids::{TicketId, UserId, WardId};
 use crate::lifecycle;
 use crate::ticket::{self, Actor, Limits, LineItem, NewTicket, Priority, Status, Ticket, TicketError, UnixMillis};
 
-pub use self::audit::{AuditAction, ChangeAudit, HistoryEntry, ReceivedChange};
+pub use self::audit::{AuditAction, ChangeAudit, FieldChange, HistoryEntry, ReceivedChange};
 use self::checks::{EditPlan, check_authored_transition, check_declared_edits, check_request, plan_edit};
 
 /// The schema this build writes and the newest it can read.
@@ -480,6 +480,11 @@ impl TicketDocument {
         let current = lifecycle::resolve(&transitions);
         let reason = request.reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
         check_request(request.to, reason, &request.resolves, &current, actor.role, limits)?;
+        // Checked where a resolution is authored, not where one arrives:
+        // documents of releases that did not ask for a reason still merge.
+        if !request.resolves.is_empty() && reason.is_none() {
+            return Err(TicketError::ResolutionReasonRequired.into());
+        }
         self.materialized = None;
         let list = self.object(&ROOT, "transitions", ObjType::List)?;
         let entry = self.doc.insert_object(&list, self.doc.length(&list), ObjType::Map)?;

@@ -61,6 +61,8 @@ pub enum TicketError {
     TextTooLong { field: &'static str, max: usize, len: usize },
     #[error("moving a ticket to {to} needs a reason")]
     ReasonRequired { to: Status },
+    #[error("resolving a conflict needs a reason: the trail must say why one side was chosen")]
+    ResolutionReasonRequired,
     #[error("a {role} may not move a ticket from {from} to {to}")]
     IllegalTransition { from: Status, to: Status, role: Role },
     #[error("a {role} may not {what} a ticket that is {status}")]
@@ -111,7 +113,7 @@ impl TicketError {
             TicketError::MalformedMedicationCode { .. } => "malformed_medication_code",
             TicketError::DuplicateMedicationCode { .. } => "duplicate_medication_code",
             TicketError::TextTooLong { .. } => "text_too_long",
-            TicketError::ReasonRequired { .. } => "reason_required",
+            TicketError::ReasonRequired { .. } | TicketError::ResolutionReasonRequired => "reason_required",
             TicketError::IllegalTransition { .. } => "illegal_transition",
             TicketError::IllegalEdit { .. } => "illegal_edit",
             TicketError::EmptyEdit => "empty_edit",
@@ -330,6 +332,11 @@ pub struct Conflict {
 pub struct TransitionRef {
     pub id: String,
     pub to: Status,
+    /// Why its author made it ("patient transferred to ICU"): a person
+    /// settling the conflict needs both sides' reasons. Absent from tickets
+    /// stored before reasons were shown.
+    #[serde(default)]
+    pub reason: Option<String>,
     pub user: UserId,
     pub role: Role,
     pub device: NodeId,
