@@ -362,7 +362,7 @@ impl Pending {
             ticket.priority as i64,
             ticket.created_at,
             ticket.updated_at,
-            ticket.conflicts.len() as i64,
+            ticket.open_conflicts() as i64,
             &*json,
             document
         ])?;

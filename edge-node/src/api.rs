@@ -6,7 +6,7 @@
 //! | POST   | /api/v1/tickets                        | nurse, admin        | create a ticket (201) |
 //! | GET    | /api/v1/tickets                        | nurse, admin        | list: `status`, `priority` (comma lists), `limit` (1-200), `page` |
 //! | GET    | /api/v1/tickets/{id}                   | nurse, admin        | one ticket with its history |
-//! | PATCH  | /api/v1/tickets/{id}                   | nurse, admin        | edit items and priority (until picking starts), notes (`{"append": ..}` or `{"replace": ..}`); assignee (admin only: assigning is the pharmacy's) |
+//! | PATCH  | /api/v1/tickets/{id}                   | nurse, admin        | edit items and priority (until picking starts; an offline edit the pharmacy had not seen when it started picking becomes an `order_conflicts` entry), notes (`{"append": ..}` or `{"replace": ..}`); assignee (admin only: assigning is the pharmacy's); an optional `reason`, kept in the trail |
 //! | POST   | /api/v1/tickets/{id}/transitions       | nurse, admin        | cancel, confirm receipt (`delivered`), resolve a conflict |
 //! | GET    | /api/v1/events                         | nurse, admin        | live ticket changes (Server-Sent Events) |
 //! | GET    | /api/v1/sync                           | nurse, admin        | sync state |

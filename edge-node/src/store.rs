@@ -525,7 +525,7 @@ fn write_ticket_row(
         ticket.priority as i64,
         ticket.created_at,
         ticket.updated_at,
-        ticket.conflicts.len() as i64,
+        ticket.open_conflicts() as i64,
         json,
         document
     ])?;

@@ -662,7 +662,7 @@ fn written(
         priority_rank: ticket.priority as i32,
         created_at: ticket.created_at,
         updated_at: ticket.updated_at,
-        conflicts: i32::try_from(ticket.conflicts.len()).unwrap_or(i32::MAX),
+        conflicts: i32::try_from(ticket.open_conflicts()).unwrap_or(i32::MAX),
         ticket: json.to_owned(),
         document,
         held,

@@ -108,6 +108,7 @@ mod tests {
             notes: String::new(),
             assignee: None,
             conflicts: vec![],
+            order_conflicts: vec![],
         }
     }
 

@@ -194,6 +194,71 @@ fn the_trail_shows_old_and_new_values_of_an_edit() {
     );
 }
 
+/// The ward doubles a quantity offline while the pharmacy starts picking:
+/// the edit is kept and shown, not applied silently, until a person
+/// accepts the order as it stands, with a reason.
+#[test]
+fn an_offline_order_edit_concurrent_with_picking_is_one_conflict_until_resolved() {
+    let limits = Limits::default();
+    let (mut ward, _) = created("");
+    let mut pharmacy = fork(&mut ward, 2);
+    pharmacy.transition(&transition(Status::Acknowledged), &pharmacist(), T0 + 10, &limits).unwrap();
+    sync(&mut pharmacy, &mut ward);
+    let pick = TransitionRequest { reason: Some("bench 2".into()), ..transition(Status::Picking) };
+    pharmacy.transition(&pick, &pharmacist(), T0 + 20, &limits).unwrap();
+    let mut items = ward.ticket().unwrap().items;
+    items[0].quantity = 40;
+    let edit =
+        TicketEdit { items: Some(items), reason: Some("dose doubled by Dr Berg".into()), ..TicketEdit::default() };
+    ward.edit(&edit, &nurse(), T0 + 30, &limits).unwrap();
+
+    sync(&mut ward, &mut pharmacy);
+    sync(&mut pharmacy, &mut ward);
+    let (on_ward, in_pharmacy) = (ward.ticket().unwrap(), pharmacy.ticket().unwrap());
+    assert_eq!(on_ward, in_pharmacy);
+    assert_eq!((on_ward.status, on_ward.items[0].quantity), (Status::Picking, 40), "kept, not lost");
+    assert_eq!(on_ward.order_conflicts.len(), 1, "{on_ward:?}");
+    let conflict = &on_ward.order_conflicts[0];
+    assert_eq!(
+        (conflict.edit.user.as_str(), conflict.edit.fields.as_slice()),
+        ("n.okafor", &["items".to_string()][..])
+    );
+    assert_eq!(conflict.edit.reason.as_deref(), Some("dose doubled by Dr Berg"));
+    assert_eq!((conflict.progress.to, conflict.progress.reason.as_deref()), (Status::Picking, Some("bench 2")));
+
+    // Settled by accepting the order as it stands; any other outcome, or no reason, is refused.
+    let mut resolve =
+        TransitionRequest { resolves: vec![conflict.edit.change.clone()], ..transition(Status::Dispatched) };
+    resolve.reason = Some("re-picked 40".into());
+    let err = pharmacy.transition(&resolve, &pharmacist(), T0 + 40, &limits).unwrap_err();
+    assert!(err.to_string().contains("picking"), "{err}");
+    resolve.to = Status::Picking;
+    pharmacy.transition(&resolve, &pharmacist(), T0 + 40, &limits).unwrap();
+    sync(&mut pharmacy, &mut ward);
+    let resolved = ward.ticket().unwrap();
+    assert_eq!(resolved, pharmacy.ticket().unwrap());
+    assert_eq!((resolved.status, resolved.order_conflicts.len()), (Status::Picking, 0));
+}
+
+/// An edit the pharmacy had seen before it started picking is no conflict,
+/// and neither is an edit of the notes made while it picks.
+#[test]
+fn order_edits_seen_before_picking_and_notes_during_it_are_no_conflict() {
+    let limits = Limits::default();
+    let (mut ward, _) = created("");
+    let mut items = ward.ticket().unwrap().items;
+    items[0].quantity = 30;
+    ward.edit(&TicketEdit { items: Some(items), ..TicketEdit::default() }, &nurse(), T0 + 5, &limits).unwrap();
+    let mut pharmacy = fork(&mut ward, 2);
+    pharmacy.transition(&transition(Status::Picking), &pharmacist(), T0 + 20, &limits).unwrap();
+    let append = TicketEdit { notes: Some(NotesEdit::Append("on the way up?".into())), ..TicketEdit::default() };
+    ward.edit(&append, &nurse(), T0 + 30, &limits).unwrap();
+    sync(&mut ward, &mut pharmacy);
+    sync(&mut pharmacy, &mut ward);
+    let ticket = ward.ticket().unwrap();
+    assert_eq!((ticket.status, ticket.open_conflicts()), (Status::Picking, 0));
+}
+
 #[test]
 fn rules_are_checked_when_writing() {
     let limits = Limits::default();

@@ -125,13 +125,15 @@ fn run(ops: &[Op], resolutions: bool) -> Vec<TicketDocument> {
             Op::Resolve { .. } if !resolutions => {}
             Op::Resolve { replica, keep_held } => {
                 let ticket = replicas[replica].ticket().unwrap();
-                if let Some(conflict) = ticket.conflicts.first() {
+                let request = if let Some(conflict) = ticket.conflicts.first() {
                     let side = if keep_held { &conflict.held } else { &conflict.overridden };
-                    let request = TransitionRequest {
-                        to: side.to,
-                        reason: Some("resolved".into()),
-                        resolves: vec![conflict.overridden.id.clone()],
-                    };
+                    Some((side.to, conflict.overridden.id.clone()))
+                } else {
+                    // An order conflict is settled by accepting the order as it stands.
+                    ticket.order_conflicts.first().map(|conflict| (ticket.status, conflict.edit.change.clone()))
+                };
+                if let Some((to, id)) = request {
+                    let request = TransitionRequest { to, reason: Some("resolved".into()), resolves: vec![id] };
                     replicas[replica].transition(&request, &actor_for(replica, Role::Admin), now, &limits).unwrap();
                 }
             }
@@ -186,7 +188,7 @@ proptest! {
             deliver(replica, &shuffled);
         }
         let first = replicas[0].ticket().unwrap();
-        for replica in &replicas[1..] {
+        for replica in &mut replicas[1..] {
             prop_assert_eq!(&replica.ticket().unwrap(), &first);
         }
     }

@@ -378,69 +378,149 @@ impl CuttableProxy {
     }
 }
 
+/// A ward and the bridge with a link the test can partition, and one
+/// ticket of the ward that the bridge holds.
+struct Partitioned {
+    proxy: CuttableProxy,
+    edge: EdgeNodeProcess,
+    /// Runs until the test ends; reached through `at_bridge`.
+    _bridge: BridgeProcess,
+    client: reqwest::Client,
+    nurse: String,
+    pharmacist: String,
+    at_edge: String,
+    at_bridge: String,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Partitioned {
+    async fn start() -> Self {
+        let issuer = TestIssuer::new("key-1");
+        let (edge_dir, bridge_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let bridge_port = free_port();
+        let proxy = CuttableProxy::start(bridge_port).await;
+        std::fs::write(edge_dir.path().join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD])).unwrap();
+        let sync = format!(
+            "[sync]\nbridge_url = \"ws://127.0.0.1:{}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 500\n",
+            proxy.port
+        );
+        let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
+        let bridge =
+            BridgeProcess::start_bridge(bridge_dir.path(), &format!("127.0.0.1:{bridge_port}"), &issuer.jwks(), "");
+        let client = reqwest::Client::new();
+        let (nurse, pharmacist) = (issuer.nurse(WARD), issuer.token("p.lindqvist", &["pharmacist"], &[]));
+        let new = json!({
+            "items": [{ "medication_code": "AMOX-500", "quantity": 20, "unit": "capsule" }],
+            "priority": "urgent",
+            "notes": "Bed 4, post-op.",
+        });
+        let response = client.post(edge.url("/api/v1/tickets")).bearer_auth(&nurse).json(&new).send().await.unwrap();
+        assert_eq!(response.status(), 201);
+        let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+        let (at_edge, at_bridge) =
+            (edge.url(&format!("/api/v1/tickets/{id}")), bridge.url(&format!("/api/v1/tickets/{id}")));
+        wait_for("the ticket at the bridge", Duration::from_secs(30), async || {
+            client.get(&at_bridge).bearer_auth(&pharmacist).send().await.unwrap().status() == 200
+        })
+        .await;
+        let _dirs = (edge_dir, bridge_dir);
+        Partitioned { proxy, edge, _bridge: bridge, client, nurse, pharmacist, at_edge, at_bridge, _dirs }
+    }
+
+    async fn partition(&self) {
+        self.proxy.partition();
+        wait_for("the edge to see the link down", Duration::from_secs(10), async || {
+            get_json(&self.client, self.edge.url("/api/v1/sync"), &self.nurse).await["connected"] == false
+        })
+        .await;
+    }
+
+    /// Heals the link and waits until both sides show the same ticket and history.
+    async fn heal(&self) -> Value {
+        self.proxy.heal();
+        wait_for("both sides to agree", Duration::from_secs(30), async || {
+            let at_edge = get_json(&self.client, &self.at_edge, &self.nurse).await;
+            let at_bridge = get_json(&self.client, &self.at_bridge, &self.pharmacist).await;
+            at_edge["ticket"] == at_bridge["ticket"] && at_edge["history"] == at_bridge["history"]
+        })
+        .await;
+        get_json(&self.client, &self.at_edge, &self.nurse).await["ticket"].clone()
+    }
+
+    async fn at_edge(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        let url = format!("{}{path}", self.at_edge);
+        let response = self.client.request(method, url).bearer_auth(&self.nurse).json(&body).send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    async fn at_bridge(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        let url = format!("{}{path}", self.at_bridge);
+        let response = self.client.request(method, url).bearer_auth(&self.pharmacist).json(&body).send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+}
+
 /// The case the notes' character-level merge exists for, over HTTP: during
 /// a partition a nurse appends an allergy at the ward while a pharmacist
 /// appends to the same notes (and takes the ticket) at the bridge; after
 /// the link heals both texts are on both sides and the tickets are equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn penicillin_over_http_both_notes_survive_a_partition() {
-    let issuer = TestIssuer::new("key-1");
-    let (edge_dir, bridge_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let bridge_port = free_port();
-    let proxy = CuttableProxy::start(bridge_port).await;
-    std::fs::write(edge_dir.path().join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD])).unwrap();
-    let sync = format!(
-        "[sync]\nbridge_url = \"ws://127.0.0.1:{}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 500\n",
-        proxy.port
-    );
-    let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
-    let bridge =
-        BridgeProcess::start_bridge(bridge_dir.path(), &format!("127.0.0.1:{bridge_port}"), &issuer.jwks(), "");
-    let client = reqwest::Client::new();
-    let (nurse, pharmacist) = (issuer.nurse(WARD), issuer.token("p.lindqvist", &["pharmacist"], &[]));
-    let new = json!({
-        "items": [{ "medication_code": "AMOX-500", "quantity": 20, "unit": "capsule" }],
-        "priority": "urgent",
-        "notes": "Bed 4, post-op.",
-    });
-    let response = client.post(edge.url("/api/v1/tickets")).bearer_auth(&nurse).json(&new).send().await.unwrap();
-    assert_eq!(response.status(), 201);
-    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-    let at_bridge = bridge.url(&format!("/api/v1/tickets/{id}"));
-    wait_for("the ticket at the bridge", Duration::from_secs(30), async || {
-        client.get(&at_bridge).bearer_auth(&pharmacist).send().await.unwrap().status() == 200
-    })
-    .await;
-
-    proxy.partition();
-    wait_for("the edge to see the link down", Duration::from_secs(10), async || {
-        get_json(&client, edge.url("/api/v1/sync"), &nurse).await["connected"] == false
-    })
-    .await;
-    let at_edge = edge.url(&format!("/api/v1/tickets/{id}"));
-    let ward_edit = json!({ "notes": { "append": "ALLERGY: PENICILLIN" } });
-    let response = client.patch(&at_edge).bearer_auth(&nurse).json(&ward_edit).send().await.unwrap();
-    assert_eq!(response.status(), 200);
+    use reqwest::Method;
+    let site = Partitioned::start().await;
+    site.partition().await;
+    let (status, _) = site.at_edge(Method::PATCH, "", json!({ "notes": { "append": "ALLERGY: PENICILLIN" } })).await;
+    assert_eq!(status, 200);
     let pharmacy_edit =
         json!({ "notes": { "append": "Pharmacy: amoxicillin held, calling the ward." }, "assignee": "p.lindqvist" });
-    let response = client.patch(&at_bridge).bearer_auth(&pharmacist).json(&pharmacy_edit).send().await.unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    let edge_notes = get_json(&client, &at_edge, &nurse).await["ticket"]["notes"].clone();
+    let (status, answer) = site.at_bridge(Method::PATCH, "", pharmacy_edit).await;
+    assert_eq!(status, 200, "{answer}");
+    let edge_notes = get_json(&site.client, &site.at_edge, &site.nurse).await["ticket"]["notes"].clone();
     assert_eq!(edge_notes, "Bed 4, post-op.\nALLERGY: PENICILLIN", "the partition held");
 
-    proxy.heal();
-    wait_for("both sides to hold both notes", Duration::from_secs(30), async || {
-        let (edge_view, bridge_view) =
-            (get_json(&client, &at_edge, &nurse).await, get_json(&client, &at_bridge, &pharmacist).await);
-        edge_view["ticket"] == bridge_view["ticket"] && edge_view["history"] == bridge_view["history"]
-    })
-    .await;
-    let ticket = get_json(&client, &at_edge, &nurse).await["ticket"].clone();
+    let ticket = site.heal().await;
     let notes = ticket["notes"].as_str().unwrap();
     for line in ["Bed 4, post-op.", "ALLERGY: PENICILLIN", "Pharmacy: amoxicillin held, calling the ward."] {
         assert_eq!(notes.matches(line).count(), 1, "{line:?} once in {notes:?}");
     }
     assert_eq!(ticket["assignee"], "p.lindqvist");
+}
+
+/// The ward doubles a quantity while cut off, as the pharmacy starts
+/// picking: after the link heals both sides show one order conflict naming
+/// both, with their reasons; a resolution with a reason clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_offline_order_edit_concurrent_with_picking_is_a_conflict_for_a_person() {
+    use reqwest::Method;
+    let site = Partitioned::start().await;
+    site.partition().await;
+    let edit = json!({
+        "items": [{ "medication_code": "AMOX-500", "quantity": 40, "unit": "capsule" }],
+        "reason": "dose doubled by Dr Berg",
+    });
+    assert_eq!(site.at_edge(Method::PATCH, "", edit).await.0, 200);
+    let pick = json!({ "to": "picking", "reason": "bench 2" });
+    assert_eq!(site.at_bridge(Method::POST, "/transitions", pick).await.0, 200);
+
+    let ticket = site.heal().await;
+    assert_eq!((ticket["status"].as_str(), ticket["items"][0]["quantity"].as_u64()), (Some("picking"), Some(40)));
+    let conflicts = ticket["order_conflicts"].as_array().unwrap();
+    assert_eq!(conflicts.len(), 1, "{ticket}");
+    let (edit, progress) = (&conflicts[0]["edit"], &conflicts[0]["progress"]);
+    assert_eq!((edit["user"].as_str(), edit["reason"].as_str()), (Some("n.okafor"), Some("dose doubled by Dr Berg")));
+    assert_eq!((progress["user"].as_str(), progress["reason"].as_str()), (Some("p.lindqvist"), Some("bench 2")));
+
+    let change = edit["change"].as_str().unwrap();
+    let (status, answer) =
+        site.at_bridge(Method::POST, "/transitions", json!({ "to": "picking", "resolves": [change] })).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("reason_required")), "{answer}");
+    let resolve = json!({ "to": "picking", "resolves": [change], "reason": "re-picking 40" });
+    assert_eq!(site.at_bridge(Method::POST, "/transitions", resolve).await.0, 200);
+    wait_for("the resolution at the ward", Duration::from_secs(30), async || {
+        let at_edge = get_json(&site.client, &site.at_edge, &site.nurse).await;
+        at_edge["ticket"]["order_conflicts"] == json!([])
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,7 +2,7 @@
 //! message (who, in which role, from which device, when, what), and a
 //! change from a peer is decoded once into a [`ReceivedChange`] with it.
 
-use automerge::Change;
+use automerge::{Change, ChangeHash};
 use serde::{Deserialize, Serialize};
 
 use super::DocumentError;
@@ -15,9 +15,19 @@ use crate::ticket::{Actor, LineItem, Priority, Status, Ticket, UnixMillis};
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum AuditAction {
     Create,
-    Edit { fields: Vec<String> },
-    Transition { to: Status },
-    Resolve { to: Status, resolves: Vec<String> },
+    Edit {
+        fields: Vec<String>,
+        /// Absent from edits of releases before reasons were asked for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    Transition {
+        to: Status,
+    },
+    Resolve {
+        to: Status,
+        resolves: Vec<String>,
+    },
 }
 
 /// The commit message of every change: one entry of the audit trail.
@@ -175,7 +185,12 @@ impl ReceivedChange {
 }
 
 pub(super) fn parse_audit(change: &Change) -> Result<ChangeAudit, DocumentError> {
-    let unaudited = |problem: String| DocumentError::Unaudited { hash: change.hash().to_string(), problem };
-    let message = change.message().ok_or_else(|| unaudited("no commit message".into()))?;
+    parse_message(&change.hash(), change.message())
+}
+
+/// The audit record in a change's commit message.
+pub(super) fn parse_message(hash: &ChangeHash, message: Option<&str>) -> Result<ChangeAudit, DocumentError> {
+    let unaudited = |problem: String| DocumentError::Unaudited { hash: hash.to_string(), problem };
+    let message = message.ok_or_else(|| unaudited("no commit message".into()))?;
     serde_json::from_str(message).map_err(|e| unaudited(e.to_string()))
 }

@@ -6,7 +6,7 @@ use super::audit::{AuditAction, ChangeAudit};
 use super::{DocumentError, NotesEdit, TicketEdit};
 use crate::ids::Role;
 use crate::lifecycle::{self, EditKind, Transition};
-use crate::ticket::{self, Actor, Limits, Status, Ticket, TicketError};
+use crate::ticket::{self, Actor, Limits, OrderConflict, Status, Ticket, TicketError};
 
 /// What an edit changes: the fields it touches, and the notes' new text.
 pub(super) struct EditPlan {
@@ -22,6 +22,7 @@ pub(super) fn plan_edit(
     actor: &Actor,
     limits: &Limits,
 ) -> Result<EditPlan, DocumentError> {
+    ticket::check_reason(edit.reason.as_deref(), limits)?;
     let mut fields = Vec::new();
     if let Some(items) = &edit.items {
         lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
@@ -75,6 +76,7 @@ pub(super) fn check_declared_edits(
     before: Option<&Ticket>,
     after: &Ticket,
     audits: &[(String, ChangeAudit)],
+    limits: &Limits,
 ) -> Result<(), DocumentError> {
     let forbidden = |hash: &str, problem: String| DocumentError::Forbidden { hash: hash.to_owned(), problem };
     for (hash, audit) in audits {
@@ -85,7 +87,8 @@ pub(super) fn check_declared_edits(
             AuditAction::Create if !audit.actor.role.works_at_ward() => {
                 return Err(forbidden(hash, format!("a {} may not create tickets", audit.actor.role)));
             }
-            AuditAction::Edit { fields } => {
+            AuditAction::Edit { fields, reason } => {
+                ticket::check_reason(reason.as_deref(), limits).map_err(|e| forbidden(hash, e.to_string()))?;
                 for field in fields {
                     let kind = match field.as_str() {
                         "items" | "priority" => EditKind::Order,
@@ -114,7 +117,7 @@ pub(super) fn check_declared_edits(
     }
     let declared = |field: &str| {
         audits.iter().any(
-            |(_, audit)| matches!(&audit.action, AuditAction::Edit { fields } if fields.iter().any(|f| f == field)),
+            |(_, audit)| matches!(&audit.action, AuditAction::Edit { fields, .. } if fields.iter().any(|f| f == field)),
         )
     };
     let changed = [
@@ -131,19 +134,21 @@ pub(super) fn check_declared_edits(
     Ok(())
 }
 
-/// The checks a transition must pass when it is authored.
+/// The checks a transition must pass when it is authored. `order_conflicts`
+/// are the ticket's order conflicts a resolution may name.
 pub(super) fn check_request(
     to: Status,
     reason: Option<&str>,
     resolves: &[String],
     current: &lifecycle::Resolution,
+    order_conflicts: &[OrderConflict],
     role: Role,
     limits: &Limits,
 ) -> Result<(), TicketError> {
     if resolves.is_empty() {
         lifecycle::check_transition(current.status, to, role)?;
     } else {
-        lifecycle::check_resolution(&current.conflicts, resolves, to, role)?;
+        lifecycle::check_resolution(&current.conflicts, order_conflicts, resolves, to, current.status, role)?;
     }
     if to.needs_reason() && reason.is_none() {
         return Err(TicketError::ReasonRequired { to });
@@ -153,10 +158,13 @@ pub(super) fn check_request(
 
 /// Checks a transition received from another replica against the status its
 /// author saw (the transitions it names in `seen`, and their ancestors), and
-/// that it names the author of a change that arrived with it.
+/// that it names the author of a change that arrived with it. A resolution
+/// may name any order conflict of the document, resolved or not: whether
+/// its author saw that edit is not recorded.
 pub(super) fn check_authored_transition(
     new: &Transition,
     all: &[Transition],
+    order_conflicts: &[OrderConflict],
     audits: &[(String, ChangeAudit)],
     limits: &Limits,
 ) -> Result<(), DocumentError> {
@@ -182,6 +190,6 @@ pub(super) fn check_authored_transition(
         view.push(ancestor.clone());
     }
     let before = lifecycle::resolve(&view);
-    check_request(new.to, new.reason.as_deref(), &new.resolves, &before, new.role, limits)
+    check_request(new.to, new.reason.as_deref(), &new.resolves, &before, order_conflicts, new.role, limits)
         .map_err(|e| forbidden(e.to_string()))
 }

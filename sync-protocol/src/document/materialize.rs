@@ -10,17 +10,19 @@ use crate::ticket::{LineItem, Priority, Status, Ticket, Unit, UnixMillis};
 
 impl TicketDocument {
     /// The ticket as it stands in this replica.
-    pub fn ticket(&self) -> Result<Ticket, DocumentError> {
+    pub fn ticket(&mut self) -> Result<Ticket, DocumentError> {
         match &self.materialized {
             Some(ticket) => Ok(ticket.clone()),
             None => self.materialize(),
         }
     }
 
-    pub(super) fn materialize(&self) -> Result<Ticket, DocumentError> {
+    pub(super) fn materialize(&mut self) -> Result<Ticket, DocumentError> {
         let (id, ward) = self.identity()?;
         let transitions = self.transitions()?;
         let resolution = lifecycle::resolve(&transitions);
+        let mut order_conflicts = self.order_conflicts(&transitions)?;
+        order_conflicts.retain(|c| !transitions.iter().any(|t| t.resolves.contains(&c.edit.change)));
         let items_obj = self.object(&ROOT, "items", ObjType::Map)?;
         let mut items = Vec::new();
         for code in self.doc.keys(&items_obj) {
@@ -69,6 +71,7 @@ impl TicketDocument {
             notes: self.doc.text(&notes)?,
             assignee,
             conflicts: resolution.conflicts,
+            order_conflicts,
         })
     }
 

@@ -22,6 +22,7 @@
 mod audit;
 mod checks;
 mod materialize;
+mod order;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -80,6 +81,10 @@ pub struct TicketEdit {
     /// `Some(None)` clears the assignee.
     #[serde(default, with = "serde_double_option")]
     pub assignee: Option<Option<UserId>>,
+    /// Why (a changed dose, a transfer): kept in the audit record, and shown
+    /// on an order conflict the edit causes.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +221,7 @@ impl TicketDocument {
             notes: new.notes.clone(),
             assignee: None,
             conflicts: Vec::new(),
+            order_conflicts: Vec::new(),
         };
         debug_assert_eq!(Some(&ticket), document.ticket().ok().as_ref(), "materialized from inputs");
         document.materialized = Some(ticket.clone());
@@ -343,15 +349,19 @@ impl TicketDocument {
         }
         candidate.check_schema()?;
         let ticket = candidate.ticket()?;
-        check_declared_edits(before.as_ref(), &ticket, &audits)?;
+        check_declared_edits(before.as_ref(), &ticket, &audits, limits)?;
         ticket::check_items(&ticket.items, limits)?;
         ticket::check_notes(&ticket.notes, limits)?;
         let transitions = candidate.transitions()?;
         if transitions.len() > limits.transitions_per_ticket_max {
             return Err(TicketError::TooManyTransitions { max: limits.transitions_per_ticket_max }.into());
         }
-        for new in transitions.iter().filter(|t| !transitions_before.contains(&t.id)) {
-            check_authored_transition(new, &transitions, &audits, limits)?;
+        let mut fresh = transitions.iter().filter(|t| !transitions_before.contains(&t.id)).peekable();
+        if fresh.peek().is_some() {
+            let order_conflicts = candidate.order_conflicts(&transitions)?;
+            for new in fresh {
+                check_authored_transition(new, &transitions, &order_conflicts, &audits, limits)?;
+            }
         }
         candidate.materialized = Some(ticket);
         *self = candidate;
@@ -426,7 +436,8 @@ impl TicketDocument {
             }
         }
         self.doc.put(ROOT, "updated_at", ScalarValue::Timestamp(now))?;
-        self.commit(actor, now, AuditAction::Edit { fields: fields.into_iter().map(String::from).collect() })
+        let reason = edit.reason.as_deref().map(str::trim).filter(|r| !r.is_empty()).map(str::to_owned);
+        self.commit(actor, now, AuditAction::Edit { fields: fields.into_iter().map(String::from).collect(), reason })
     }
 
     /// Puts the order's lines as `wanted`: removes lines no longer asked
@@ -479,7 +490,8 @@ impl TicketDocument {
         }
         let current = lifecycle::resolve(&transitions);
         let reason = request.reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
-        check_request(request.to, reason, &request.resolves, &current, actor.role, limits)?;
+        let order_conflicts = self.ticket()?.order_conflicts;
+        check_request(request.to, reason, &request.resolves, &current, &order_conflicts, actor.role, limits)?;
         // Checked where a resolution is authored, not where one arrives:
         // documents of releases that did not ask for a reason still merge.
         if !request.resolves.is_empty() && reason.is_none() {

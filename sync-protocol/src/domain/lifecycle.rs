@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NodeId, Role, UserId};
-use crate::ticket::{Conflict, Status, TicketError, TransitionRef, UnixMillis};
+use crate::ticket::{Conflict, OrderConflict, Status, TicketError, TransitionRef, UnixMillis};
 
 /// Whether `role` may move a ticket from `from` to `to`. The single place
 /// where the lifecycle's permissions live.
@@ -305,26 +305,37 @@ fn status_at_rank(rank: u8) -> Status {
 }
 
 /// Checks a resolving transition: it must name open conflicts and choose an
-/// outcome that one side of each of them asked for.
+/// outcome that one side of each of them asked for. An order conflict (named
+/// by its edit's change) is settled by accepting the order as it now stands:
+/// the outcome is the ticket's `status` as it is.
 pub fn check_resolution(
     conflicts: &[Conflict],
+    order_conflicts: &[OrderConflict],
     resolves: &[String],
     to: Status,
+    status: Status,
     role: Role,
 ) -> Result<(), TicketError> {
     if role == Role::EdgeNode {
         return Err(TicketError::Forbidden { role, action: "resolve conflicts" });
     }
     for id in resolves {
-        let conflict = conflicts
-            .iter()
-            .find(|c| &c.held.id == id || &c.overridden.id == id)
-            .ok_or_else(|| TicketError::UnknownConflict(id.clone()))?;
-        if to != conflict.held.to && to != conflict.overridden.to {
-            return Err(TicketError::ResolutionOutcome {
-                allowed: format!("{} or {}", conflict.held.to, conflict.overridden.to),
-                got: to,
-            });
+        if let Some(conflict) = conflicts.iter().find(|c| &c.held.id == id || &c.overridden.id == id) {
+            if to != conflict.held.to && to != conflict.overridden.to {
+                return Err(TicketError::ResolutionOutcome {
+                    allowed: format!("{} or {}", conflict.held.to, conflict.overridden.to),
+                    got: to,
+                });
+            }
+        } else if order_conflicts.iter().any(|c| &c.edit.change == id) {
+            if to != status {
+                return Err(TicketError::ResolutionOutcome {
+                    allowed: format!("{status} (the status as it is)"),
+                    got: to,
+                });
+            }
+        } else {
+            return Err(TicketError::UnknownConflict(id.clone()));
         }
     }
     Ok(())
@@ -449,9 +460,12 @@ mod tests {
             t("cancel", Status::Cancelled, Role::Nurse, &[], 20),
         ];
         let conflicts = vec![Conflict { held: ts[0].to_ref(), overridden: ts[1].to_ref() }];
-        assert!(check_resolution(&conflicts, &["cancel".into()], Status::Cancelled, Role::Pharmacist).is_ok());
-        assert!(check_resolution(&conflicts, &["cancel".into()], Status::Rejected, Role::Pharmacist).is_err());
-        assert!(check_resolution(&conflicts, &["nope".into()], Status::Cancelled, Role::Pharmacist).is_err());
+        let check = |resolves: &str, to| {
+            check_resolution(&conflicts, &[], &[resolves.into()], to, Status::Dispatched, Role::Pharmacist)
+        };
+        assert!(check("cancel", Status::Cancelled).is_ok());
+        assert!(check("cancel", Status::Rejected).is_err());
+        assert!(check("nope", Status::Cancelled).is_err());
     }
 
     #[test]

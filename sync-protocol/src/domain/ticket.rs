@@ -343,6 +343,32 @@ pub struct TransitionRef {
     pub at: UnixMillis,
 }
 
+/// An edit of the order (lines or priority) that the pharmacy had not seen
+/// when it started picking, or a later step: what is on the bench may no
+/// longer match the order. The edit stays applied (nothing a person entered
+/// is dropped) and the conflict stays open until a person resolves it with a
+/// transition that names `edit.change` (and states a reason).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderConflict {
+    pub edit: EditRef,
+    /// The first progress transition (picking or later) made without it.
+    pub progress: TransitionRef,
+}
+
+/// A short reference to an edit in a ticket's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EditRef {
+    /// The change's hash: what a resolution names.
+    pub change: String,
+    /// The fields it changed (`items`, `priority`).
+    pub fields: Vec<String>,
+    pub reason: Option<String>,
+    pub user: UserId,
+    pub role: Role,
+    pub device: NodeId,
+    pub at: UnixMillis,
+}
+
 /// A ticket as read from its document: every field a query or a screen needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
@@ -361,6 +387,16 @@ pub struct Ticket {
     pub notes: String,
     pub assignee: Option<UserId>,
     pub conflicts: Vec<Conflict>,
+    /// Absent from tickets stored before order conflicts were shown.
+    #[serde(default)]
+    pub order_conflicts: Vec<OrderConflict>,
+}
+
+impl Ticket {
+    /// Conflicts a person must settle, of either kind.
+    pub fn open_conflicts(&self) -> usize {
+        self.conflicts.len() + self.order_conflicts.len()
+    }
 }
 
 fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), TicketError> {

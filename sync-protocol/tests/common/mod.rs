@@ -48,7 +48,7 @@ pub fn new_ticket(notes: &str) -> NewTicket {
 /// A ticket created by the ward's nurse on replica 1.
 pub fn created(notes: &str) -> (TicketDocument, Vec<u8>) {
     let ward: WardId = "ward-4b".parse().unwrap();
-    let created = TicketDocument::create(
+    let mut created = TicketDocument::create(
         TicketId::new(T0, [7; 10]),
         &ward,
         &new_ticket(notes),
