@@ -5,7 +5,7 @@
 //! |--------|-----------------------------------|--------------------|------|
 //! | GET    | /api/v1/queue                     | pharmacist, admin  | all wards' tickets, priority then age; `ward`, `status`, `priority` (comma lists), `limit` (1-500) |
 //! | GET    | /api/v1/tickets/{id}              | pharmacist, admin  | one ticket with its history |
-//! | PATCH  | /api/v1/tickets/{id}              | pharmacist, admin  | notes (`{"notes": {"append": ..}}` or `{"replace": ..}`, merged with the ward's character by character), assignee (take a ticket: your own user; assign a colleague; `null` to release); 200 or 202 as for transitions |
+//! | PATCH  | /api/v1/tickets/{id}              | pharmacist, admin  | notes (`{"notes": {"append": ..}}` or `{"replace": ..}`, merged with the ward's character by character), assignee (take a ticket: your own user; assign a colleague; `null` to release), `supply` per line (`[{medication_code, quantity, substitute?: {medication_code, description, reason}, shortfall?: "backorder" \| "closed-short", reason?}]`, while acknowledged, picking or dispatched, and to fill or close a backorder once delivered); 200 or 202 as for transitions |
 //! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle of SupplyRequests |
 //! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict; 200 once reads show it, 202 if stored but not yet shown (distributed backend) |
 //! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
@@ -16,6 +16,8 @@
 //! Every refusal, the framework's own included, is
 //! `{"error": {"code", "message"}}` with the statuses, codes and type-error
 //! rule of the edge node's API (`edge-node/src/api.rs`), and these of its own:
+//! 422 `over_supply`, `shortfall_required`, `not_short`, `invalid_substitute`,
+//! `unknown_line`, `reason_required` for a supply the rules refuse;
 //! 403 `forbidden_role` for a caller who is not pharmacy staff (or, on
 //! `/sync`, not an edge node); 400 `websocket_upgrade_required` for `/sync`
 //! without a valid WebSocket upgrade; 503 `storage_unavailable` while a

@@ -6,7 +6,7 @@
 //! | POST   | /api/v1/tickets                        | nurse, admin        | create a ticket (201) |
 //! | GET    | /api/v1/tickets                        | nurse, admin        | list: `status`, `priority` (comma lists), `limit` (1-200), `page` |
 //! | GET    | /api/v1/tickets/{id}                   | nurse, admin        | one ticket with its history |
-//! | PATCH  | /api/v1/tickets/{id}                   | nurse, admin        | edit items and priority (until picking starts; an offline edit the pharmacy had not seen when it started picking becomes an `order_conflicts` entry), notes (`{"append": ..}` or `{"replace": ..}`); assignee (admin only: assigning is the pharmacy's); an optional `reason`, kept in the trail |
+//! | PATCH  | /api/v1/tickets/{id}                   | nurse, admin        | edit items and priority (until picking starts; an offline edit the pharmacy had not seen when it started picking becomes an `order_conflicts` entry), notes (`{"append": ..}` or `{"replace": ..}`); `receipt` per line once dispatched (`[{medication_code, quantity, discrepancy?: "missing" \| "damaged" \| "wrong-item", note?, lot?, expiry?: "YYYY-MM-DD", gs1?}]`: lot and expiry typed or read from the pack's GS1 string); assignee (admin only: assigning is the pharmacy's); an optional `reason`, kept in the trail |
 //! | POST   | /api/v1/tickets/{id}/transitions       | nurse, admin        | cancel, confirm receipt (`delivered`), resolve a conflict |
 //! | GET    | /api/v1/events                         | nurse, admin        | live ticket changes (Server-Sent Events) |
 //! | GET    | /api/v1/sync                           | nurse, admin        | sync state |
@@ -27,7 +27,7 @@
 //! | 409 | `illegal_transition`, `illegal_edit`, `illegal_resolution`, `unknown_conflict`, `too_many_transitions`, `duplicate_ticket`, `cloud_reachable` | a transition or edit the ticket's state does not allow now; an offline login while the cloud is reachable |
 //! | 413 | `body_too_large` | a body over the limit |
 //! | 415 | `unsupported_media_type` | a body without a JSON content type |
-//! | 422 | `invalid_body`, `empty_items`, `quantity_zero`, `reason_required` (also a conflict's resolution without one), ... | well-formed JSON of the wrong shape or types, or content a rule refuses (`TicketError::code`) |
+//! | 422 | `invalid_body`, `empty_items`, `quantity_zero`, `reason_required` (also a conflict's resolution without one), `over_receipt`, `discrepancy_required`, `note_required`, `lot_and_expiry_required`, `expired_product`, `label_mismatch`, `gs1_malformed`, `gs1_check_digit`, `gs1_bad_date`, `gs1_missing_identifier`, ... | well-formed JSON of the wrong shape or types, or content a rule refuses (`TicketError::code`) |
 //! | 431 | `headers_too_large` | over [`service_kit::http::HEADER_COUNT_MAX`] headers or [`service_kit::http::HEADER_BYTES_MAX`] bytes of them |
 //! | 503 | `overloaded`, `shutting_down` | the write queue is full, the node is stopping |
 //!

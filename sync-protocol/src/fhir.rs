@@ -109,6 +109,8 @@ mod tests {
             assignee: None,
             conflicts: vec![],
             order_conflicts: vec![],
+            supply: vec![],
+            receipt: vec![],
         }
     }
 

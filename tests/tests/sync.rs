@@ -209,11 +209,14 @@ async fn an_offline_backlog_arrives_exactly_once_and_the_pharmacy_reaches_the_wa
 }
 
 /// Speaks the wire protocol directly, as a node of `ward` would.
+/// A sync session opened by hand: the hello sent in a frame of protocol
+/// version `version`, and the bridge's answer.
 async fn raw_session(
     port: u16,
     token: &str,
     node: &str,
     ward: &str,
+    version: u16,
 ) -> (
     futures_util::stream::SplitSink<
         tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
@@ -241,7 +244,8 @@ async fn raw_session(
         database: DatabaseId([7; 16]),
         lease: None,
     };
-    let frame = wire::encode(&Message::Hello(hello), &WireLimits::default()).unwrap();
+    let mut frame = wire::encode(&Message::Hello(hello), &WireLimits::default()).unwrap();
+    frame[2..4].copy_from_slice(&version.to_be_bytes()); // the header: magic, then the version
     sink.send(tokio_tungstenite::tungstenite::Message::Binary(frame.into())).await.unwrap();
     let answer = next_message(&mut stream).await;
     (sink, stream, answer)
@@ -263,17 +267,18 @@ async fn next_message(
 #[tokio::test]
 async fn a_node_cannot_sync_for_another_ward() {
     use futures_util::SinkExt;
-    use sync_protocol::wire::{self, Message, RefusalReason, UpstreamChange, WireLimits};
+    use sync_protocol::wire::{self, Message, PROTOCOL_VERSION, RefusalReason, UpstreamChange, WireLimits};
     let site = Site::new();
     let bridge = site.start_bridge();
     let other = site.issuer.token("edge-icu-2", &["edge-node"], &["icu-2"]);
 
     // Hello for a ward the token does not cover.
-    let (_, _, answer) = raw_session(site.bridge_port, &other, "edge-icu-2", WARD).await;
+    let (_, _, answer) = raw_session(site.bridge_port, &other, "edge-icu-2", WARD, PROTOCOL_VERSION).await;
     assert!(matches!(&answer, Message::Refused(r) if r.reason == RefusalReason::Forbidden), "{answer:?}");
 
     // Its own ward, but a change that creates a ticket of ward-4b.
-    let (mut sink, mut stream, answer) = raw_session(site.bridge_port, &other, "edge-icu-2", "icu-2").await;
+    let (mut sink, mut stream, answer) =
+        raw_session(site.bridge_port, &other, "edge-icu-2", "icu-2", PROTOCOL_VERSION).await;
     assert!(matches!(answer, Message::Welcome(_)), "{answer:?}");
     let actor = sync_protocol::ticket::Actor {
         user: "n.okafor".parse().unwrap(),
@@ -311,6 +316,25 @@ async fn a_node_cannot_sync_for_another_ward() {
     let found =
         client.get(bridge.url(&format!("/api/v1/tickets/{id}"))).bearer_auth(site.pharmacist()).send().await.unwrap();
     assert_eq!(found.status(), 404, "the rejected ticket was not stored");
+}
+
+/// The rule for an edge node left on the previous release while the cloud
+/// is upgraded: the bridge refuses its hello, saying what to upgrade (the
+/// node then retries no faster than its reconnect cap, serves its ward
+/// offline and keeps its outbox: `a_version_mismatch_is_refused_and_not_retried`).
+#[tokio::test]
+async fn an_edge_of_the_previous_protocol_is_told_to_upgrade() {
+    use sync_protocol::wire::{Message, PROTOCOL_VERSION, RefusalReason};
+    let site = Site::new();
+    let _bridge = site.start_bridge();
+    let token = site.issuer.token(NODE, &["edge-node"], &[WARD]);
+    let (_, _, answer) = raw_session(site.bridge_port, &token, NODE, WARD, PROTOCOL_VERSION - 1).await;
+    let Message::Refused(refused) = answer else { panic!("{answer:?}") };
+    assert!(matches!(refused.reason, RefusalReason::VersionMismatch { .. }), "{refused:?}");
+    assert!(
+        refused.detail.contains("upgrade required") && refused.detail.contains("upgrade the edge node"),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
@@ -521,6 +545,76 @@ async fn an_offline_order_edit_concurrent_with_picking_is_a_conflict_for_a_perso
         at_edge["ticket"]["order_conflicts"] == json!([])
     })
     .await;
+}
+
+/// The pharmacy supplies one line as a substitute and part of another (the
+/// rest backordered), dispatches; the ward receives one line short with a
+/// note and the other from a scanned GS1 string, and confirms delivery. Edge
+/// and bridge then show the same ticket, supply, receipt and trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partial_supply_substitute_backorder_and_receipt_cross_the_link() {
+    use reqwest::Method;
+    let site = Partitioned::start().await;
+    let order = json!({ "items": [
+        { "medication_code": "AMOX-500", "quantity": 20, "unit": "capsule" },
+        { "medication_code": "NACL-09", "quantity": 4, "unit": "bag" },
+    ] });
+    assert_eq!(site.at_edge(Method::PATCH, "", order).await.0, 200);
+    wait_for("the order at the bridge", Duration::from_secs(30), async || {
+        get_json(&site.client, &site.at_bridge, &site.pharmacist).await["ticket"]["items"].as_array().map(Vec::len)
+            == Some(2)
+    })
+    .await;
+    assert_eq!(site.at_bridge(Method::POST, "/transitions", json!({ "to": "picking" })).await.0, 200);
+    let supply = json!({ "supply": [
+        { "medication_code": "AMOX-500", "quantity": 20,
+          "substitute": { "medication_code": "CLAR-250", "description": "Clarithromycin 250 mg", "reason": "penicillin allergy" } },
+        { "medication_code": "NACL-09", "quantity": 2, "shortfall": "backorder" },
+    ] });
+    let (status, answer) = site.at_bridge(Method::PATCH, "", supply).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(site.at_bridge(Method::POST, "/transitions", json!({ "to": "dispatched" })).await.0, 200);
+    wait_for("the dispatch at the ward", Duration::from_secs(30), async || {
+        get_json(&site.client, &site.at_edge, &site.nurse).await["ticket"]["status"] == "dispatched"
+    })
+    .await;
+
+    let line = |gs1: &str| json!({ "receipt": [{ "medication_code": "NACL-09", "quantity": 2, "gs1": gs1 }] });
+    let refusals = [
+        (line("(01)09506000134353(17)280131(10)S1"), "gs1_check_digit"),
+        (line("(01)09506000134352(17)240131(10)S1"), "expired_product"),
+        (line("(01)09506000134352(10)S1"), "gs1_missing_identifier"),
+    ];
+    for (body, code) in refusals {
+        let (status, answer) = site.at_edge(Method::PATCH, "", body).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (422, Some(code)), "{answer}");
+    }
+    let receipt = json!({ "receipt": [
+        { "medication_code": "AMOX-500", "quantity": 19, "discrepancy": "damaged", "note": "one blister crushed",
+          "lot": "C-2231", "expiry": "2027-09-30" },
+        { "medication_code": "NACL-09", "quantity": 2, "gs1": "]C1010950600013435217280100\u{1d}10S-0912" },
+    ] });
+    let (status, answer) = site.at_edge(Method::PATCH, "", receipt).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(site.at_edge(Method::POST, "/transitions", json!({ "to": "delivered" })).await.0, 200);
+
+    let ticket = site.heal().await;
+    assert_eq!(ticket["status"], "delivered");
+    assert_eq!(ticket["supply"][0]["substitute"]["medication_code"], "CLAR-250");
+    assert_eq!(ticket["supply"][1]["shortfall"], "backorder", "open until filled or closed");
+    let received = &ticket["receipt"];
+    assert_eq!((received[0]["discrepancy"].as_str(), received[0]["quantity"].as_u64()), (Some("damaged"), Some(19)));
+    assert_eq!((received[1]["lot"].as_str(), received[1]["expiry"].as_str()), (Some("S-0912"), Some("2028-01-31")));
+    assert_eq!(received[1]["gtin"], "09506000134352");
+    let history = get_json(&site.client, &site.at_bridge, &site.pharmacist).await["history"].clone();
+    let fields: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|entry| entry["changes"].as_array().unwrap())
+        .filter_map(|change| change["field"].as_str())
+        .collect();
+    assert_eq!(fields.iter().filter(|f| ["supply", "receipt"].contains(f)).count(), 4, "{fields:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

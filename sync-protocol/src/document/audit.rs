@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::DocumentError;
 use crate::ids::UserId;
 use crate::lifecycle::Transition;
+use crate::supply::{LineReceipt, LineSupply};
 use crate::ticket::{Actor, LineItem, Priority, Status, Ticket, UnixMillis};
 
 /// What a change did, for the audit trail.
@@ -78,6 +79,18 @@ pub enum FieldChange {
         removed: String,
         inserted: String,
     },
+    /// What the pharmacy supplies against one line: added or changed.
+    Supply {
+        medication_code: String,
+        old: Option<LineSupply>,
+        new: LineSupply,
+    },
+    /// What the ward received of one line: added or changed.
+    Receipt {
+        medication_code: String,
+        old: Option<LineReceipt>,
+        new: LineReceipt,
+    },
     /// A status transition the change recorded, with its reason.
     Transition {
         id: String,
@@ -114,6 +127,22 @@ impl FieldChange {
             if was != is {
                 changes.push(FieldChange::Item { medication_code: code.to_owned(), old: was, new: is });
             }
+        }
+        for line in new.supply.iter().filter(|line| !old.supply.contains(line)) {
+            let was = old.supply.iter().find(|o| o.medication_code == line.medication_code).cloned();
+            changes.push(FieldChange::Supply {
+                medication_code: line.medication_code.clone(),
+                old: was,
+                new: line.clone(),
+            });
+        }
+        for line in new.receipt.iter().filter(|line| !old.receipt.contains(line)) {
+            let was = old.receipt.iter().find(|o| o.medication_code == line.medication_code).cloned();
+            changes.push(FieldChange::Receipt {
+                medication_code: line.medication_code.clone(),
+                old: was,
+                new: line.clone(),
+            });
         }
         if old.notes != new.notes {
             let (removed, inserted) = changed_span(&old.notes, &new.notes);

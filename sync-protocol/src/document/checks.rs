@@ -6,12 +6,17 @@ use super::audit::{AuditAction, ChangeAudit};
 use super::{DocumentError, NotesEdit, TicketEdit};
 use crate::ids::Role;
 use crate::lifecycle::{self, EditKind, Transition};
+use crate::supply::{self, LineReceipt, LineSupply};
 use crate::ticket::{self, Actor, Limits, OrderConflict, Status, Ticket, TicketError};
+use time::Date;
 
-/// What an edit changes: the fields it touches, and the notes' new text.
+/// What an edit changes: the fields it touches, the notes' new text, and
+/// the supply and receipt lines that differ from what the ticket holds.
 pub(super) struct EditPlan {
     pub fields: Vec<&'static str>,
     pub notes: Option<String>,
+    pub supply: Vec<LineSupply>,
+    pub receipt: Vec<LineReceipt>,
 }
 
 /// Checks an edit against the ticket as it stands (the lifecycle's rules,
@@ -20,10 +25,18 @@ pub(super) fn plan_edit(
     current: &Ticket,
     edit: &TicketEdit,
     actor: &Actor,
+    today: Date,
     limits: &Limits,
 ) -> Result<EditPlan, DocumentError> {
     ticket::check_reason(edit.reason.as_deref(), limits)?;
     let mut fields = Vec::new();
+    let (supply, receipt) = plan_lines(current, edit, actor.role, today, limits)?;
+    if !supply.is_empty() {
+        fields.push("supply");
+    }
+    if !receipt.is_empty() {
+        fields.push("receipt");
+    }
     if let Some(items) = &edit.items {
         lifecycle::check_edit(EditKind::Order, current.status, actor.role)?;
         ticket::check_items(items, limits)?;
@@ -64,7 +77,44 @@ pub(super) fn plan_edit(
     if fields.is_empty() {
         return Err(TicketError::EmptyEdit.into());
     }
-    Ok(EditPlan { fields, notes })
+    Ok(EditPlan { fields, notes, supply, receipt })
+}
+
+/// The supply and receipt lines an edit writes, each checked, keeping
+/// those that differ from what the ticket holds.
+fn plan_lines(
+    current: &Ticket,
+    edit: &TicketEdit,
+    role: Role,
+    today: Date,
+    limits: &Limits,
+) -> Result<(Vec<LineSupply>, Vec<LineReceipt>), DocumentError> {
+    let mut supply = Vec::new();
+    if let Some(lines) = &edit.supply {
+        lifecycle::check_edit(EditKind::Supply, current.status, role)?;
+        let backordered = |code: &str| current.supply.iter().any(|s| s.medication_code == code && s.is_backordered());
+        if current.status == Status::Delivered && !lines.iter().all(|line| backordered(&line.medication_code)) {
+            let what = "change the supply of a line that is not backordered on";
+            return Err(TicketError::IllegalEdit { what, status: current.status, role }.into());
+        }
+        supply::check_supply(lines, &current.items, limits)?;
+        supply = lines.iter().filter(|line| !current.supply.contains(line)).cloned().collect();
+    }
+    let mut receipt = Vec::new();
+    if let Some(inputs) = &edit.receipt {
+        lifecycle::check_edit(EditKind::Receipt, current.status, role)?;
+        let mut codes = std::collections::BTreeSet::new();
+        for input in inputs {
+            if !codes.insert(input.medication_code.as_str()) {
+                return Err(TicketError::DuplicateMedicationCode { code: input.medication_code.clone() }.into());
+            }
+            let line = supply::receive(input, &current.items, &current.supply, today, limits)?;
+            if !current.receipt.contains(&line) {
+                receipt.push(line);
+            }
+        }
+    }
+    Ok((supply, receipt))
 }
 
 /// Writes only the fields that differ, so a concurrent edit of another field
@@ -94,11 +144,11 @@ pub(super) fn check_declared_edits(
                         "items" | "priority" => EditKind::Order,
                         "notes" => EditKind::Notes,
                         "assignee" => EditKind::Assignee,
+                        "supply" => EditKind::Supply,
+                        "receipt" => EditKind::Receipt,
                         other => return Err(forbidden(hash, format!("unknown field {other:?}"))),
                     };
-                    // The status the author saw is not known for edits;
-                    // check the role with the most permissive status.
-                    let status = if kind == EditKind::Notes { Status::Requested } else { Status::Acknowledged };
+                    let status = kind.most_permissive_status();
                     lifecycle::check_edit(kind, status, audit.actor.role)
                         .map_err(|e| forbidden(hash, e.to_string()))?;
                 }
@@ -125,6 +175,8 @@ pub(super) fn check_declared_edits(
         ("priority", after.priority != before.priority),
         ("notes", after.notes != before.notes),
         ("assignee", after.assignee != before.assignee),
+        ("supply", after.supply != before.supply),
+        ("receipt", after.receipt != before.receipt),
     ];
     for (field, changed) in changed {
         if changed && !declared(field) {

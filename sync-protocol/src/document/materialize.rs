@@ -3,9 +3,15 @@
 
 use automerge::{Change, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 
-use super::{DocumentError, FieldChange, HistoryEntry, SCHEMA_VERSION, TicketDocument, audit::parse_audit};
+use std::collections::BTreeMap;
+
+use super::{
+    DocumentError, FieldChange, HistoryEntry, RECEIPT, SCHEMA_VERSION, SUPPLY, TicketDocument, audit::parse_audit,
+};
+use crate::gs1::Gtin;
 use crate::ids::{TicketId, UserId, WardId};
 use crate::lifecycle::{self, Transition};
+use crate::supply::{DATE_FORMAT, Discrepancy, LineReceipt, LineSupply, Shortfall, Substitute};
 use crate::ticket::{LineItem, Priority, Status, Ticket, Unit, UnixMillis};
 
 impl TicketDocument {
@@ -27,12 +33,7 @@ impl TicketDocument {
         let mut items = Vec::new();
         for code in self.doc.keys(&items_obj) {
             let item = self.object(&items_obj, &code, ObjType::Map)?;
-            let quantity = match self.scalar(&item, "quantity")? {
-                ScalarValue::Uint(q) => {
-                    u32::try_from(q).map_err(|_| DocumentError::malformed("quantity out of range"))?
-                }
-                _ => return Err(DocumentError::malformed("quantity is not an unsigned integer")),
-            };
+            let quantity = self.quantity(&item)?;
             let unit = self.string(&item, "unit")?;
             items.push(LineItem {
                 description: self.string(&item, "description")?,
@@ -72,7 +73,102 @@ impl TicketDocument {
             assignee,
             conflicts: resolution.conflicts,
             order_conflicts,
+            supply: self
+                .line_entries(SUPPLY)?
+                .into_iter()
+                .map(|(code, entry)| self.supply(code, &entry))
+                .collect::<Result<_, _>>()?,
+            receipt: self
+                .line_entries(RECEIPT)?
+                .into_iter()
+                .map(|(code, entry)| self.receipt(code, &entry))
+                .collect::<Result<_, _>>()?,
         })
+    }
+
+    /// The per-line records under `key` (supply, receipt), by code. A
+    /// document of schema 1 gains the map on its first such write; if two
+    /// replicas made it concurrently, the entries of both are read, the
+    /// winning map's first.
+    fn line_entries(&self, key: &str) -> Result<Vec<(String, ObjId)>, DocumentError> {
+        let mut entries: BTreeMap<String, ObjId> = BTreeMap::new();
+        for (value, map) in self.doc.get_all(ROOT, key)?.into_iter().rev() {
+            if !matches!(value, Value::Object(ObjType::Map)) {
+                return Err(DocumentError::malformed(format!("{key} is not a map")));
+            }
+            for code in self.doc.keys(&map) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = entries.entry(code) {
+                    let entry = self.object(&map, slot.key(), ObjType::Map)?;
+                    slot.insert(entry);
+                }
+            }
+        }
+        Ok(entries.into_iter().collect())
+    }
+
+    fn supply(&self, medication_code: String, entry: &ObjId) -> Result<LineSupply, DocumentError> {
+        let substitute = match self.optional_string(entry, "substitute_code")? {
+            Some(code) => Some(Substitute {
+                medication_code: code,
+                description: self.optional_string(entry, "substitute_description")?.unwrap_or_default(),
+                reason: self.optional_string(entry, "substitute_reason")?.unwrap_or_default(),
+            }),
+            None => None,
+        };
+        let shortfall = self.optional_string(entry, "shortfall")?;
+        Ok(LineSupply {
+            quantity: self.quantity(entry)?,
+            substitute,
+            shortfall: match shortfall {
+                Some(s) => {
+                    Some(Shortfall::parse(&s).ok_or_else(|| DocumentError::malformed(format!("shortfall {s:?}")))?)
+                }
+                None => None,
+            },
+            reason: self.optional_string(entry, "reason")?,
+            medication_code,
+        })
+    }
+
+    fn receipt(&self, medication_code: String, entry: &ObjId) -> Result<LineReceipt, DocumentError> {
+        let malformed = |what: &str, value: &str| DocumentError::malformed(format!("{what} {value:?}"));
+        let discrepancy = match self.optional_string(entry, "discrepancy")? {
+            Some(d) => Some(Discrepancy::parse(&d).ok_or_else(|| malformed("discrepancy", &d))?),
+            None => None,
+        };
+        let expiry = match self.optional_string(entry, "expiry")? {
+            Some(e) => Some(time::Date::parse(&e, DATE_FORMAT).map_err(|_| malformed("expiry", &e))?),
+            None => None,
+        };
+        let gtin = match self.optional_string(entry, "gtin")? {
+            Some(g) => Some(Gtin::parse(&g).map_err(|_| malformed("gtin", &g))?),
+            None => None,
+        };
+        Ok(LineReceipt {
+            quantity: self.quantity(entry)?,
+            discrepancy,
+            note: self.optional_string(entry, "note")?,
+            lot: self.optional_string(entry, "lot")?,
+            expiry,
+            gtin,
+            serial: self.optional_string(entry, "serial")?,
+            medication_code,
+        })
+    }
+
+    fn quantity(&self, entry: &ObjId) -> Result<u32, DocumentError> {
+        match self.scalar(entry, "quantity")? {
+            ScalarValue::Uint(q) => u32::try_from(q).map_err(|_| DocumentError::malformed("quantity out of range")),
+            _ => Err(DocumentError::malformed("quantity is not an unsigned integer")),
+        }
+    }
+
+    fn optional_string(&self, parent: &ObjId, key: &str) -> Result<Option<String>, DocumentError> {
+        match self.scalar(parent, key)? {
+            ScalarValue::Str(s) => Ok(Some(s.to_string())),
+            ScalarValue::Null => Ok(None),
+            _ => Err(DocumentError::malformed(format!("{key} is neither a string nor null"))),
+        }
     }
 
     /// Every recorded status transition, in document order.

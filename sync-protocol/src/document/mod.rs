@@ -14,6 +14,11 @@
 //! | `assignee`    | str or null                   | register                                     |
 //! | `updated_at`  | timestamp                     | the latest of all concurrent values          |
 //! | `transitions` | list of maps                  | append-only; status is derived, see [`crate::lifecycle`] |
+//! | `supply`      | map code -> {quantity, substitute_code, substitute_description, substitute_reason, shortfall, reason} | per-line, per-field (schema 2; a schema 1 document gains it on its first supply) |
+//! | `receipt`     | map code -> {quantity, discrepancy, note, lot, expiry, gtin, serial} | per-line, per-field (schema 2, as `supply`) |
+//!
+//! Schema 1 documents (no `supply`, `receipt`) load and merge with schema 2
+//! ones (`tests/upgrade.rs`, against documents saved by that release).
 //!
 //! Every change carries a [`ChangeAudit`] as its commit message (who, in which
 //! role, from which device, when, what): the document's change history is the
@@ -30,15 +35,22 @@ use automerge::transaction::Transactable;
 use automerge::{ActorId, AutoCommit, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value, hydrate};
 use serde::{Deserialize, Serialize};
 
+use crate::gs1::Gtin;
 use crate::ids::{TicketId, UserId, WardId};
 use crate::lifecycle;
+use crate::supply::{Discrepancy, LineReceipt, LineSupply, ReceiptInput, Shortfall};
 use crate::ticket::{self, Actor, Limits, LineItem, NewTicket, Priority, Status, Ticket, TicketError, UnixMillis};
 
 pub use self::audit::{AuditAction, ChangeAudit, FieldChange, HistoryEntry, ReceivedChange};
 use self::checks::{EditPlan, check_authored_transition, check_declared_edits, check_request, plan_edit};
 
-/// The schema this build writes and the newest it can read.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The schema this build writes and the newest it can read. Version 2
+/// adds `supply` and `receipt`; a version 1 document gains them on its
+/// first such write.
+pub const SCHEMA_VERSION: u64 = 2;
+
+const SUPPLY: &str = "supply";
+const RECEIPT: &str = "receipt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
@@ -81,6 +93,13 @@ pub struct TicketEdit {
     /// `Some(None)` clears the assignee.
     #[serde(default, with = "serde_double_option")]
     pub assignee: Option<Option<UserId>>,
+    /// What the pharmacy supplies: the lines given replace those lines'
+    /// supply; others are left alone.
+    #[serde(default)]
+    pub supply: Option<Vec<LineSupply>>,
+    /// What the ward received: the lines given replace those lines' receipt.
+    #[serde(default)]
+    pub receipt: Option<Vec<ReceiptInput>>,
     /// Why (a changed dose, a transfer): kept in the audit record, and shown
     /// on an order conflict the edit causes.
     #[serde(default)]
@@ -199,6 +218,10 @@ impl TicketDocument {
             ("items", hydrate::Map::from(items).into()),
             ("notes", hydrate::Text::new(doc.text_encoding(), &new.notes).into()),
             ("transitions", hydrate::Value::from(Vec::<hydrate::Value>::new())),
+            // Made with the document, so two replicas never create them
+            // concurrently (one of two concurrent maps would hide the other).
+            (SUPPLY, hydrate::Map::default().into()),
+            (RECEIPT, hydrate::Map::default().into()),
         ]);
         doc.init_root_from_hydrate(&hydrate::Map::from(root))?;
         let mut document = TicketDocument { doc, materialized: None };
@@ -222,6 +245,8 @@ impl TicketDocument {
             assignee: None,
             conflicts: Vec::new(),
             order_conflicts: Vec::new(),
+            supply: Vec::new(),
+            receipt: Vec::new(),
         };
         debug_assert_eq!(Some(&ticket), document.ticket().ok().as_ref(), "materialized from inputs");
         document.materialized = Some(ticket.clone());
@@ -417,7 +442,7 @@ impl TicketDocument {
         limits: &Limits,
     ) -> Result<Vec<u8>, DocumentError> {
         let current = self.ticket()?;
-        let EditPlan { fields, notes } = plan_edit(&current, edit, actor, limits)?;
+        let EditPlan { fields, notes, supply, receipt } = plan_edit(&current, edit, actor, utc_date(now), limits)?;
         self.materialized = None;
         if fields.contains(&"items") {
             self.write_items(&current.items, edit.items.iter().flatten())?;
@@ -429,6 +454,8 @@ impl TicketDocument {
             let appended = matches!(edit.notes, Some(NotesEdit::Append(_)));
             self.write_notes(&current.notes, &text, appended)?;
         }
+        self.write_lines(SUPPLY, supply.iter().map(|line| (line.medication_code.as_str(), supply_fields(line))))?;
+        self.write_lines(RECEIPT, receipt.iter().map(|line| (line.medication_code.as_str(), receipt_fields(line))))?;
         if fields.contains(&"assignee") {
             match edit.assignee.as_ref().and_then(Option::as_ref) {
                 Some(user) => self.doc.put(ROOT, "assignee", user.as_str())?,
@@ -459,6 +486,32 @@ impl TicketDocument {
             if current.iter().find(|old| old.medication_code == code) != Some(item) {
                 update_item(&mut self.doc, &items, item)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes per-line records (supply, receipt) under `key`, each field
+    /// only where it differs, so concurrent edits of other fields merge.
+    fn write_lines<'a>(
+        &mut self,
+        key: &str,
+        lines: impl Iterator<Item = (&'a str, Vec<(&'static str, ScalarValue)>)>,
+    ) -> Result<(), DocumentError> {
+        let mut lines = lines.peekable();
+        if lines.peek().is_none() {
+            return Ok(());
+        }
+        let map = match self.doc.get(ROOT, key)? {
+            Some((Value::Object(ObjType::Map), map)) => map,
+            // A document of schema 1: its first such write makes the map.
+            _ => self.doc.put_object(ROOT, key, ObjType::Map)?,
+        };
+        for (code, fields) in lines {
+            let entry = match self.doc.get(&map, code)? {
+                Some((Value::Object(ObjType::Map), entry)) => entry,
+                _ => self.doc.put_object(&map, code, ObjType::Map)?,
+            };
+            put_changed(&mut self.doc, &entry, fields)?;
         }
         Ok(())
     }
@@ -545,21 +598,65 @@ fn update_item(doc: &mut AutoCommit, items: &ObjId, item: &LineItem) -> Result<(
         Some((Value::Object(ObjType::Map), entry)) => entry,
         _ => return put_item(doc, items, item),
     };
-    let differs = |doc: &AutoCommit, key: &str, wanted: &ScalarValue| match doc.get(&entry, key) {
-        Ok(Some((Value::Scalar(value), _))) => value.as_ref() != wanted,
-        _ => true,
-    };
-    let wanted = [
+    let wanted = vec![
         ("description", ScalarValue::Str(item.description.as_str().into())),
         ("quantity", ScalarValue::Uint(u64::from(item.quantity))),
         ("unit", ScalarValue::Str(item.unit.as_str().into())),
     ];
-    for (key, value) in wanted {
-        if differs(doc, key, &value) {
-            doc.put(&entry, key, value)?;
+    put_changed(doc, &entry, wanted)
+}
+
+/// Puts each of `fields` into `entry` where its value differs.
+fn put_changed(
+    doc: &mut AutoCommit,
+    entry: &ObjId,
+    fields: Vec<(&'static str, ScalarValue)>,
+) -> Result<(), DocumentError> {
+    for (key, value) in fields {
+        let differs = match doc.get(entry, key)? {
+            Some((Value::Scalar(current), _)) => current.as_ref() != &value,
+            _ => true,
+        };
+        if differs {
+            doc.put(entry, key, value)?;
         }
     }
     Ok(())
+}
+
+fn optional(text: Option<&str>) -> ScalarValue {
+    text.map_or(ScalarValue::Null, |text| ScalarValue::Str(text.into()))
+}
+
+fn supply_fields(line: &LineSupply) -> Vec<(&'static str, ScalarValue)> {
+    let substitute = line.substitute.as_ref();
+    vec![
+        ("quantity", ScalarValue::Uint(u64::from(line.quantity))),
+        ("substitute_code", optional(substitute.map(|s| s.medication_code.as_str()))),
+        ("substitute_description", optional(substitute.map(|s| s.description.as_str()))),
+        ("substitute_reason", optional(substitute.map(|s| s.reason.as_str()))),
+        ("shortfall", optional(line.shortfall.map(Shortfall::as_str))),
+        ("reason", optional(line.reason.as_deref())),
+    ]
+}
+
+fn receipt_fields(line: &LineReceipt) -> Vec<(&'static str, ScalarValue)> {
+    let expiry = line.expiry.and_then(|date| date.format(crate::supply::DATE_FORMAT).ok());
+    vec![
+        ("quantity", ScalarValue::Uint(u64::from(line.quantity))),
+        ("discrepancy", optional(line.discrepancy.map(Discrepancy::as_str))),
+        ("note", optional(line.note.as_deref())),
+        ("lot", optional(line.lot.as_deref())),
+        ("expiry", optional(expiry.as_deref())),
+        ("gtin", optional(line.gtin.as_ref().map(Gtin::as_str))),
+        ("serial", optional(line.serial.as_deref())),
+    ]
+}
+
+/// The calendar day (UTC) of a time: what "expired" is decided against.
+fn utc_date(now: UnixMillis) -> time::Date {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now) * 1_000_000)
+        .map_or(time::Date::MIN, time::OffsetDateTime::date)
 }
 
 fn put_string_list(doc: &mut AutoCommit, parent: &ObjId, key: &str, values: &[String]) -> Result<(), DocumentError> {

@@ -20,6 +20,9 @@ use time::{Date, Month};
 /// pack holds well under this, and a limit bounds the work of parsing.
 pub const ELEMENT_STRING_CHARS_MAX: usize = 200;
 
+/// The longest lot or serial number (GS1's variable-length fields).
+pub const VARIABLE_FIELD_CHARS_MAX: usize = 20;
+
 const GROUP_SEPARATOR: char = '\u{1d}';
 const SYMBOLOGY_IDENTIFIERS: [&str; 4] = ["]C1", "]d2", "]Q3", "]e0"];
 
@@ -36,13 +39,13 @@ enum Length {
 const KNOWN: [(&str, &str, Length, bool); 8] = [
     ("00", "serial shipping container code", Length::Fixed(18), true),
     ("01", "GTIN", Length::Fixed(14), true),
-    ("10", "lot", Length::Variable(20), false),
+    ("10", "lot", Length::Variable(VARIABLE_FIELD_CHARS_MAX), false),
     ("11", "production date", Length::Fixed(6), true),
     ("15", "best before date", Length::Fixed(6), true),
     ("17", "expiry date", Length::Fixed(6), true),
-    ("21", "serial number", Length::Variable(20), false),
+    ("21", "serial number", Length::Variable(VARIABLE_FIELD_CHARS_MAX), false),
     // The national healthcare reimbursement numbers (Germany's PZN and the like).
-    ("710", "national healthcare reimbursement number", Length::Variable(20), false),
+    ("710", "national healthcare reimbursement number", Length::Variable(VARIABLE_FIELD_CHARS_MAX), false),
 ];
 
 /// Why an element string was refused. Each has a stable [`code`](Self::code).

@@ -55,6 +55,10 @@ pub enum EditKind {
     Order,
     Notes,
     Assignee,
+    /// What the pharmacy supplies per line.
+    Supply,
+    /// What the ward received per line.
+    Receipt,
 }
 
 impl EditKind {
@@ -63,6 +67,19 @@ impl EditKind {
             EditKind::Order => "change the items or priority of",
             EditKind::Notes => "change the notes of",
             EditKind::Assignee => "assign",
+            EditKind::Supply => "record the supply of",
+            EditKind::Receipt => "record the receipt of",
+        }
+    }
+
+    /// The status in which the most roles may make the edit: what a peer's
+    /// edit is checked against, since the status its author saw is not
+    /// recorded for edits.
+    pub fn most_permissive_status(self) -> Status {
+        match self {
+            EditKind::Notes | EditKind::Order => Status::Requested,
+            EditKind::Assignee | EditKind::Supply => Status::Acknowledged,
+            EditKind::Receipt => Status::Dispatched,
         }
     }
 
@@ -71,6 +88,8 @@ impl EditKind {
             EditKind::Order => "change a ticket's items or priority",
             EditKind::Notes => "change a ticket's notes",
             EditKind::Assignee => "assign tickets",
+            EditKind::Supply => "record what the pharmacy supplies",
+            EditKind::Receipt => "record what a ward received",
         }
     }
 }
@@ -83,7 +102,8 @@ pub fn check_edit(kind: EditKind, status: Status, role: Role) -> Result<(), Tick
         // The order is the ward's; who fills it is the pharmacy's to decide.
         EditKind::Order => role.works_at_ward(),
         EditKind::Notes => role != Role::EdgeNode,
-        EditKind::Assignee => role.works_at_pharmacy(),
+        EditKind::Assignee | EditKind::Supply => role.works_at_pharmacy(),
+        EditKind::Receipt => role.works_at_ward(),
     };
     if !role_may {
         return Err(TicketError::Forbidden { role, action: kind.action() });
@@ -94,6 +114,12 @@ pub fn check_edit(kind: EditKind, status: Status, role: Role) -> Result<(), Tick
         EditKind::Order => matches!(status, Status::Requested | Status::Acknowledged),
         EditKind::Notes => status != Status::EnteredInError,
         EditKind::Assignee => !status.is_final(),
+        // While picking and dispatching; once delivered, only to fill or
+        // close a backordered line (checked by the caller, who knows the lines).
+        EditKind::Supply => {
+            matches!(status, Status::Acknowledged | Status::Picking | Status::Dispatched | Status::Delivered)
+        }
+        EditKind::Receipt => matches!(status, Status::Dispatched | Status::Delivered),
     };
     if status_allows { Ok(()) } else { Err(TicketError::IllegalEdit { what: kind.verb(), status, role }) }
 }

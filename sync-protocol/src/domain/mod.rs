@@ -1,5 +1,6 @@
 //! The domain: who and what a ticket is (`ids`, `ticket`), what a pack's
-//! label says (`gs1`), the lifecycle's
+//! label says (`gs1`), what is supplied and received per line (`supply`),
+//! the lifecycle's
 //! rules (`lifecycle`), and the canonical order of a causal graph that the
 //! status fold and the history share (`causal`).
 
@@ -7,4 +8,5 @@ pub(crate) mod causal;
 pub mod gs1;
 pub mod ids;
 pub mod lifecycle;
+pub mod supply;
 pub mod ticket;

@@ -77,6 +77,32 @@ pub enum TicketError {
     TooManyTransitions { max: usize },
     #[error("a {role} may not {action}")]
     Forbidden { role: Role, action: &'static str },
+    #[error("no line of this ticket asks for {code}")]
+    UnknownLine { code: String },
+    #[error("{got} of {code} is more than the {asked} asked for")]
+    OverSupply { code: String, asked: u32, got: u32 },
+    #[error("{code} is supplied short: say whether the rest is backordered or closed short")]
+    ShortfallRequired { code: String },
+    #[error("{code} is supplied in full, so nothing is backordered or closed short")]
+    NotShort { code: String },
+    #[error("closing {code} short needs a reason")]
+    ShortReasonRequired { code: String },
+    #[error("the substitute for {code} is refused: {problem}")]
+    InvalidSubstitute { code: String, problem: String },
+    #[error("{got} of {code} received, but {sent} were sent")]
+    OverReceipt { code: String, sent: u32, got: u32 },
+    #[error("{got} of {code} received of {sent} sent: record the discrepancy (missing, damaged, wrong-item)")]
+    DiscrepancyRequired { code: String, sent: u32, got: u32 },
+    #[error("the discrepancy of {code} needs a note saying what happened")]
+    DiscrepancyNoteRequired { code: String },
+    #[error("{code} received without its lot and expiry: type them or scan the pack")]
+    LotAndExpiryRequired { code: String },
+    #[error("the pack scanned for {code} does not match the {field} typed")]
+    LabelMismatch { code: String, field: &'static str },
+    #[error("the pack of {code}: {error}")]
+    Label { code: String, error: crate::gs1::Gs1Error },
+    #[error("{code} expired on {expiry}: do not use it; return it to the pharmacy")]
+    ExpiredProduct { code: String, expiry: time::Date },
 }
 
 /// How a refusal should be reported: the same at every HTTP edge.
@@ -121,6 +147,19 @@ impl TicketError {
             TicketError::ResolutionOutcome { .. } => "illegal_resolution",
             TicketError::TooManyTransitions { .. } => "too_many_transitions",
             TicketError::Forbidden { .. } => "forbidden_role",
+            TicketError::UnknownLine { .. } => "unknown_line",
+            TicketError::OverSupply { .. } => "over_supply",
+            TicketError::ShortfallRequired { .. } => "shortfall_required",
+            TicketError::NotShort { .. } => "not_short",
+            TicketError::ShortReasonRequired { .. } => "reason_required",
+            TicketError::InvalidSubstitute { .. } => "invalid_substitute",
+            TicketError::OverReceipt { .. } => "over_receipt",
+            TicketError::DiscrepancyRequired { .. } => "discrepancy_required",
+            TicketError::DiscrepancyNoteRequired { .. } => "note_required",
+            TicketError::LotAndExpiryRequired { .. } => "lot_and_expiry_required",
+            TicketError::LabelMismatch { .. } => "label_mismatch",
+            TicketError::Label { error, .. } => error.code(),
+            TicketError::ExpiredProduct { .. } => "expired_product",
         }
     }
 }
@@ -390,6 +429,12 @@ pub struct Ticket {
     /// Absent from tickets stored before order conflicts were shown.
     #[serde(default)]
     pub order_conflicts: Vec<OrderConflict>,
+    /// What the pharmacy supplied, per line asked for (by code).
+    #[serde(default)]
+    pub supply: Vec<crate::supply::LineSupply>,
+    /// What the ward received, per line asked for (by code).
+    #[serde(default)]
+    pub receipt: Vec<crate::supply::LineReceipt>,
 }
 
 impl Ticket {
@@ -397,9 +442,14 @@ impl Ticket {
     pub fn open_conflicts(&self) -> usize {
         self.conflicts.len() + self.order_conflicts.len()
     }
+
+    /// Lines still owed: backordered and not yet supplied in full or closed.
+    pub fn open_backorders(&self) -> impl Iterator<Item = &crate::supply::LineSupply> {
+        self.supply.iter().filter(|line| line.is_backordered())
+    }
 }
 
-fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), TicketError> {
+pub(crate) fn check_text(field: &'static str, text: &str, max: usize) -> Result<(), TicketError> {
     let len = text.chars().count();
     if len > max {
         return Err(TicketError::TextTooLong { field, max, len });
@@ -416,7 +466,7 @@ pub(crate) fn check_notes(notes: &str, limits: &Limits) -> Result<(), TicketErro
     check_text("notes", notes, limits.notes_chars_max)
 }
 
-fn is_medication_code(code: &str) -> bool {
+pub(crate) fn is_medication_code(code: &str) -> bool {
     let bytes = code.as_bytes();
     (2..=32).contains(&bytes.len())
         && bytes[0].is_ascii_alphanumeric()

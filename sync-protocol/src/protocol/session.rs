@@ -59,6 +59,18 @@ pub enum CloseReason {
     PeerError { code: ErrorCode, message: String },
 }
 
+/// The refusal of an edge that speaks protocol version `found`.
+fn version_mismatch(found: u16) -> Refused {
+    let upgrade = if found < PROTOCOL_VERSION { "upgrade the edge node" } else { "upgrade the cloud bridge" };
+    Refused {
+        reason: RefusalReason::VersionMismatch { supported_min: PROTOCOL_VERSION, supported_max: PROTOCOL_VERSION },
+        detail: format!(
+            "upgrade required: the edge speaks protocol version {found}, this bridge {PROTOCOL_VERSION}; {upgrade} \
+             (until then the ward works offline and its outbox is kept)"
+        ),
+    }
+}
+
 impl CloseReason {
     /// Whether reconnecting without a human can help. A version mismatch or a
     /// refused token will not fix itself: retrying in a tight loop would only
@@ -556,15 +568,15 @@ impl BridgeSession {
     }
 
     /// A frame from the edge could not be decoded.
+    ///
+    /// An edge of another protocol version is refused, and told which side
+    /// to upgrade. The rule for an edge left on an older release while the
+    /// cloud is upgraded: it is refused at every connection (and does not
+    /// retry faster than its reconnect cap), keeps serving its ward offline
+    /// and keeps its outbox, and syncs all of it once it is upgraded.
     pub fn on_frame_error(&mut self, error: &WireError) -> Vec<BridgeAction> {
         match error {
-            WireError::Version { found, .. } => self.refuse(Refused {
-                reason: RefusalReason::VersionMismatch {
-                    supported_min: PROTOCOL_VERSION,
-                    supported_max: PROTOCOL_VERSION,
-                },
-                detail: format!("this bridge speaks protocol version {PROTOCOL_VERSION}, the edge sent {found}"),
-            }),
+            WireError::Version { found, .. } => self.refuse(version_mismatch(*found)),
             other => self.violation(ErrorCode::Malformed, other.to_string()),
         }
     }
@@ -575,13 +587,7 @@ impl BridgeSession {
             (BridgePhase::Closed, _) => Vec::new(),
             (BridgePhase::AwaitingHello, Message::Hello(hello)) => {
                 if hello.protocol_version != PROTOCOL_VERSION {
-                    return self.refuse(Refused {
-                        reason: RefusalReason::VersionMismatch {
-                            supported_min: PROTOCOL_VERSION,
-                            supported_max: PROTOCOL_VERSION,
-                        },
-                        detail: format!("protocol version {} is not supported", hello.protocol_version),
-                    });
+                    return self.refuse(version_mismatch(hello.protocol_version));
                 }
                 if hello.limits.changes_per_batch_max == 0 || hello.limits.frame_bytes_max == 0 {
                     return self.violation(ErrorCode::Malformed, "the hello's limits allow no downstream batch".into());

@@ -26,8 +26,10 @@ use crate::ticket::UnixMillis;
 
 /// The protocol version this build speaks. Version 3: acknowledgements
 /// cover only what was sent on the same connection, and the hello names the
-/// edge's database and the lease it holds.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// edge's database and the lease it holds. Version 4: ticket documents of
+/// schema 2 (supply and receipt per line), which a version 3 edge would
+/// refuse as unknown edits; the frames are those of version 3.
+pub const PROTOCOL_VERSION: u16 = 4;
 const MAGIC: [u8; 2] = *b"MR";
 const HEADER_BYTES: usize = 4;
 
