@@ -6,7 +6,7 @@
 //! | GET    | /api/v1/queue                     | pharmacist, admin  | all wards' tickets, priority then age; `ward`, `status`, `priority` (comma lists), `limit` (1-500) |
 //! | GET    | /api/v1/tickets/{id}              | pharmacist, admin  | one ticket with its history |
 //! | PATCH  | /api/v1/tickets/{id}              | pharmacist, admin  | notes (`{"notes": {"append": ..}}` or `{"replace": ..}`, merged with the ward's character by character), assignee (take a ticket: your own user; assign a colleague; `null` to release), `supply` per line (`[{medication_code, quantity, substitute?: {medication_code, description, reason}, shortfall?: "backorder" \| "closed-short", reason?}]`, while acknowledged, picking or dispatched, and to fill or close a backorder once delivered); 200 or 202 as for transitions |
-//! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle of SupplyRequests |
+//! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle: a Task, a SupplyRequest per line, a SupplyDelivery per supplied line |
 //! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict; 200 once reads show it, 202 if stored but not yet shown (distributed backend) |
 //! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
 //! | GET    | /api/v1/events                    | pharmacist, admin  | live ticket changes (Server-Sent Events); `ward` filter |
@@ -125,7 +125,7 @@ async fn fhir(
     TicketPath(id): TicketPath,
 ) -> Result<impl IntoResponse, ApiError> {
     let TicketView { ticket, .. } = state.store.ticket(id).await.map_err(refusal)?;
-    Ok(([(header::CONTENT_TYPE, "application/fhir+json")], Json(sync_protocol::fhir::supply_request_bundle(&ticket))))
+    Ok(([(header::CONTENT_TYPE, "application/fhir+json")], Json(sync_protocol::fhir::ticket_bundle(&ticket))))
 }
 
 async fn edit(

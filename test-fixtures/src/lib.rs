@@ -1,13 +1,14 @@
 //! Fixtures for tests that talk to real processes: a token issuer with real
 //! Ed25519 keys, launchers for the service binaries, the services of the
-//! distributed backend as the environment names them, and a distributed
-//! cloud. A dev-dependency of the services' tests and of `tests/`; the
+//! distributed backend as the environment names them, a distributed
+//! cloud, and FHIR R4 validation. A dev-dependency of the services' tests and of `tests/`; the
 //! developer tools (`tools/`) start processes with it too.
 //!
 //! It must never be a dependency of a service's library or binary.
 
 #[cfg(feature = "cloud")]
 pub mod cloud;
+pub mod fhir;
 pub mod issuer;
 pub mod process;
 pub mod services;

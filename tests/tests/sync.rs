@@ -615,6 +615,19 @@ async fn partial_supply_substitute_backorder_and_receipt_cross_the_link() {
         .filter_map(|change| change["field"].as_str())
         .collect();
     assert_eq!(fields.iter().filter(|f| ["supply", "receipt"].contains(f)).count(), 4, "{fields:?}");
+
+    // The FHIR export: a Task, a SupplyRequest per line, a SupplyDelivery per
+    // supplied line, each valid against HL7's R4 definitions.
+    let bundle = get_json(&site.client, format!("{}/fhir", site.at_bridge), &site.pharmacist).await;
+    let kinds: Vec<&str> =
+        bundle["entry"].as_array().unwrap().iter().filter_map(|e| e["resource"]["resourceType"].as_str()).collect();
+    assert_eq!(kinds, ["Task", "SupplyRequest", "SupplyRequest", "SupplyDelivery", "SupplyDelivery"]);
+    test_fixtures::fhir::validate_r4(&bundle).unwrap_or_else(|issues| panic!("{issues}\n{bundle:#}"));
+    let mut broken = bundle.clone();
+    broken["entry"][0]["resource"].as_object_mut().unwrap().remove("intent"); // 1..1 in R4
+    broken["entry"][3]["resource"]["suppliedItem"]["quantity"]["value"] = json!("twenty");
+    let issues = test_fixtures::fhir::validate_r4(&broken).expect_err("the validator refuses what R4 does not allow");
+    assert!(issues.contains("intent") && issues.contains("quantity"), "{issues}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
