@@ -8,6 +8,8 @@
 //! | PATCH  | /api/v1/tickets/{id}              | pharmacist, admin  | notes (`{"notes": {"append": ..}}` or `{"replace": ..}`, merged with the ward's character by character), assignee (take a ticket: your own user; assign a colleague; `null` to release), `supply` per line (`[{medication_code, quantity, substitute?: {medication_code, description, reason}, shortfall?: "backorder" \| "closed-short", reason?}]`, while acknowledged, picking or dispatched, and to fill or close a backorder once delivered); 200 or 202 as for transitions |
 //! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle: a Task, a SupplyRequest per line, a SupplyDelivery per supplied line |
 //! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict; 200 once reads show it, 202 if stored but not yet shown (distributed backend) |
+//! | GET    | /api/v1/tickets/{id}/audit        | pharmacist, admin  | the ticket's trail: `format` `jsonl` (default) or `csv`; optional `from`, `to` |
+//! | GET    | /api/v1/audit                     | pharmacist, admin  | a ward's trail: `ward`, `from`, `to` (ISO 8601, e.g. `2026-12-01T00:00:00Z`), `format`; at most `cloud_store::TRAIL_TICKETS_MAX` tickets (422 `range_too_large` beyond) |
 //! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
 //! | GET    | /api/v1/events                    | pharmacist, admin  | live ticket changes (Server-Sent Events); `ward` filter |
 //! | GET    | /sync                             | edge nodes         | WebSocket sync |
@@ -33,8 +35,8 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
 use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cloud_store::{NodeDiagnostics, QueueQuery, TicketView};
@@ -48,7 +50,7 @@ use service_kit::clock::now_ms;
 use service_kit::http::{ApiError, ApiJson, TicketPath, live_feed, parse_list};
 use sync_protocol::document::{Mutation, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::ids::{TicketId, WardId};
-use sync_protocol::ticket::{Priority, Status, Ticket};
+use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
@@ -65,6 +67,8 @@ pub fn routes() -> Router<AppState> {
         .route("/tickets/{id}", get(ticket).patch(edit))
         .route("/tickets/{id}/fhir", get(fhir))
         .route("/tickets/{id}/transitions", post(transition))
+        .route("/tickets/{id}/audit", get(ticket_audit))
+        .route("/audit", get(ward_audit))
         .route("/nodes", get(nodes))
         .route("/events", get(live_events))
 }
@@ -157,6 +161,90 @@ async fn write(state: &AppState, id: TicketId, mutation: Mutation) -> Result<(St
     // Stored either way; 202 says the queue and the wards will show it shortly.
     let status = if outcome.visible { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok((status, Json(outcome.ticket)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    ward: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    format: Option<String>,
+}
+
+impl AuditParams {
+    /// The range asked for, in ms; open ends are the whole history.
+    fn range(&self) -> Result<(UnixMillis, UnixMillis), ApiError> {
+        let at = |value: Option<&str>, default: UnixMillis| match value {
+            None => Ok(default),
+            Some(text) => time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as UnixMillis)
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_time",
+                        format!("{text:?} is not an ISO 8601 time with a zone"),
+                    )
+                }),
+        };
+        let (from, to) = (at(self.from.as_deref(), UnixMillis::MIN)?, at(self.to.as_deref(), UnixMillis::MAX)?);
+        if from > to {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_range", "from is after to"));
+        }
+        Ok((from, to))
+    }
+
+    fn export(&self, views: &[TicketView], from: UnixMillis, to: UnixMillis) -> Result<Response, ApiError> {
+        let lines = crate::audit::lines(views, from, to);
+        let (content_type, body) = match self.format.as_deref().unwrap_or("jsonl") {
+            "jsonl" => ("application/x-ndjson", crate::audit::jsonl(&lines).map_err(ApiError::internal)?),
+            "csv" => ("text/csv; charset=utf-8", crate::audit::csv(&lines).map_err(ApiError::internal)?),
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_format",
+                    format!("format {other:?}: jsonl or csv"),
+                ));
+            }
+        };
+        Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    }
+}
+
+/// One ticket's trail, for an auditor.
+async fn ticket_audit(
+    State(state): State<AppState>,
+    _caller: PharmacyCaller,
+    TicketPath(id): TicketPath,
+    params: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params?;
+    if params.ward.is_some() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", "a ticket's trail takes no ward"));
+    }
+    let (from, to) = params.range()?;
+    let view = state.store.ticket(id).await.map_err(refusal)?;
+    params.export(std::slice::from_ref(&view), from, to)
+}
+
+/// A ward's trail over a range, for an auditor.
+async fn ward_audit(
+    State(state): State<AppState>,
+    _caller: PharmacyCaller,
+    params: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params?;
+    let ward: WardId = params
+        .ward
+        .as_deref()
+        .and_then(|w| w.parse().ok())
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_ward", "a ward's trail needs `ward`"))?;
+    if params.from.is_none() || params.to.is_none() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_range", "a ward's trail needs `from` and `to`"));
+    }
+    let (from, to) = params.range()?;
+    let views = state.store.trail(&ward, from, to).await.map_err(refusal)?;
+    params.export(&views, from, to)
 }
 
 #[derive(Debug, Deserialize)]

@@ -22,6 +22,9 @@ pub fn refusal(error: StoreError) -> ApiError {
         StoreError::NotFound(id) => ApiError::new(StatusCode::NOT_FOUND, "ticket_not_found", format!("no ticket {id}")),
         StoreError::Document(DocumentError::Ticket(error)) => error.into(),
         StoreError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", error.to_string()),
+        StoreError::TooMany { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "range_too_large", error.to_string())
+        }
         StoreError::Unavailable(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", "storage is unavailable; retry later")
                 .logged(Severity::Warn, error)

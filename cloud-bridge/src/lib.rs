@@ -7,6 +7,7 @@
 //! `sync-protocol` do) or know how tickets are stored (`cloud-store` does).
 
 pub mod api;
+mod audit;
 pub mod caller;
 pub mod config;
 pub mod sync;

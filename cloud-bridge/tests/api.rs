@@ -154,6 +154,79 @@ async fn a_pharmacist_writes_notes_and_takes_a_ticket() {
     }
 }
 
+/// The raw body of a GET, for exports that are not JSON.
+async fn text(bridge: &Bridge, path: &str, token: &str) -> (StatusCode, String, String) {
+    let request = Request::builder()
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = cloud_bridge::router(bridge.state.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    let content_type =
+        response.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, content_type, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn an_auditor_exports_a_ticket_and_a_ward_as_json_lines_and_csv() {
+    let bridge = Bridge::new().await;
+    let id = bridge.ticket_from_the_ward().await;
+    let pharmacist = bridge.issuer.token("p.lindqvist", &["pharmacist"], &[]);
+    let path = format!("/api/v1/tickets/{id}");
+    bridge.call("POST", &format!("{path}/transitions"), Some(&pharmacist), Some(r#"{"to":"acknowledged"}"#)).await;
+    let note = r#"{"notes": {"append": "call bed 4"}, "assignee": "p.lindqvist"}"#;
+    assert_eq!(bridge.call("PATCH", &path, Some(&pharmacist), Some(note)).await.0, StatusCode::OK);
+
+    let (status, content_type, body) = text(&bridge, &format!("{path}/audit"), &pharmacist).await;
+    assert_eq!((status, content_type.as_str()), (StatusCode::OK, "application/x-ndjson"));
+    let lines: Vec<Value> = body.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{body}");
+    assert_eq!(
+        (lines[0]["ticket"].as_str(), lines[0]["ward"].as_str()),
+        (Some(id.to_string().as_str()), Some("ward-4b"))
+    );
+    assert_eq!(lines[0]["at_utc"], "2025-11-24T16:00:00Z", "ISO 8601 UTC beside the milliseconds");
+    assert_eq!(lines[2]["changes"][1], json!({ "field": "notes", "removed": "", "inserted": "call bed 4" }));
+
+    // The ward over a range that holds only the creation, as CSV.
+    let ward = "/api/v1/audit?ward=ward-4b&from=2025-11-24T00:00:00Z&to=2025-11-24T23:59:59Z&format=csv";
+    let (status, content_type, body) = text(&bridge, ward, &pharmacist).await;
+    assert_eq!((status, content_type.as_str()), (StatusCode::OK, "text/csv; charset=utf-8"), "{body}");
+    let rows: Vec<&str> = body.lines().collect();
+    assert!(rows[0].starts_with("ticket,ward,change,at_utc,at_ms,user,role,device"), "{body}");
+    assert_eq!(rows.len(), 2, "the header and the creation: {body}");
+    assert!(rows[1].contains(",n.okafor,nurse,edge-ward-4b,false,create,"), "{body}");
+    // All of it: one row per value changed (notes, assignee), one per transition.
+    let (_, _, body) = text(
+        &bridge,
+        "/api/v1/audit?ward=ward-4b&from=2025-01-01T00:00:00Z&to=2099-01-01T00:00:00Z&format=csv",
+        &pharmacist,
+    )
+    .await;
+    let fields: Vec<&str> = body.lines().skip(1).map(|row| row.split(',').nth(10).unwrap()).collect();
+    assert_eq!(fields, ["", "status", "assignee", "notes"], "{body}");
+
+    let refusals = [
+        ("/api/v1/audit?ward=ward-4b&from=2025-11-24T00:00:00Z", "invalid_range"),
+        ("/api/v1/audit?ward=ward-4b&from=yesterday&to=2025-11-24T00:00:00Z", "invalid_time"),
+        ("/api/v1/audit?ward=ward-4b&from=2025-11-25T00:00:00Z&to=2025-11-24T00:00:00Z", "invalid_range"),
+        ("/api/v1/audit?from=2025-11-24T00:00:00Z&to=2025-11-25T00:00:00Z", "invalid_ward"),
+        ("/api/v1/audit?ward=ward-4b&from=2025-11-24T00:00:00Z&to=2025-11-25T00:00:00Z&format=xlsx", "invalid_format"),
+    ];
+    for (path, code) in refusals {
+        let (status, answer) = bridge.call("GET", path, Some(&pharmacist), None).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{path}: {answer}"
+        );
+    }
+    let nurse = bridge.issuer.nurse("ward-4b");
+    assert_eq!(bridge.call("GET", &format!("{path}/audit"), Some(&nurse), None).await.0, StatusCode::FORBIDDEN);
+}
+
 /// A refused request: name, method, path, token, body, and the status and code answered.
 type Case<'a> = (&'a str, &'a str, String, Option<&'a str>, Option<&'a str>, StatusCode, &'a str);
 

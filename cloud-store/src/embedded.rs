@@ -28,7 +28,7 @@ use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{Mutation, ReceivedChange, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
-use sync_protocol::ticket::{Limits, Ticket};
+use sync_protocol::ticket::{Limits, Ticket, UnixMillis};
 use sync_protocol::wire::{Cursor, DownstreamChange, TicketHeads, UpstreamChange};
 use tokio::sync::{broadcast, oneshot};
 
@@ -290,8 +290,28 @@ impl EmbeddedStore {
                 .query_row("SELECT document FROM tickets WHERE id = ?1", [id.to_string()], |r| r.get(0))
                 .optional()?
                 .ok_or(StoreError::NotFound(id))?;
-            let mut document = TicketDocument::load(&bytes, replica)?;
-            Ok(TicketView { ticket: document.ticket()?, history: document.history()? })
+            TicketView::read(&bytes, replica)
+        })
+        .await
+    }
+
+    pub async fn trail(
+        &self,
+        ward: &WardId,
+        from: UnixMillis,
+        to: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<TicketView>, StoreError> {
+        let (replica, ward) = (self.replica.clone(), ward.to_string());
+        self.read(move |conn| {
+            let mut statement = conn.prepare(
+                "SELECT document FROM tickets WHERE ward = ?1 AND updated_at >= ?2 AND created_at <= ?3
+                 ORDER BY created_at, id LIMIT ?4",
+            )?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let documents =
+                statement.query_map(rusqlite::params![ward, from, to, limit], |row| row.get::<_, Vec<u8>>(0))?;
+            documents.map(|bytes| TicketView::read(&bytes?, replica.clone())).collect()
         })
         .await
     }

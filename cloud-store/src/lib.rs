@@ -37,6 +37,9 @@ use sync_protocol::wire::{
 use tokio::sync::broadcast;
 
 use crate::config::{Backend, StoreOptions};
+
+/// The most tickets one audit export covers.
+pub const TRAIL_TICKETS_MAX: usize = 5_000;
 pub use distributed::DistributedStore;
 pub use embedded::EmbeddedStore;
 
@@ -72,6 +75,9 @@ pub enum StoreError {
     /// The transaction holding this write failed; nothing of it is stored.
     #[error("the write was not committed: {0}")]
     NotCommitted(String),
+    /// A read would cover more than its limit; a narrower one may not.
+    #[error("more than {max} tickets match: narrow the range")]
+    TooMany { max: usize },
     /// A thread or task of the store could not start or died.
     #[error("a storage task failed: {0}")]
     Task(String),
@@ -128,6 +134,14 @@ pub struct QueuePage {
 pub struct TicketView {
     pub ticket: Ticket,
     pub history: Vec<HistoryEntry>,
+}
+
+impl TicketView {
+    /// The ticket and its trail, from its stored document.
+    pub fn read(document: &[u8], replica: ActorId) -> Result<Self, StoreError> {
+        let mut document = TicketDocument::load(document, replica)?;
+        Ok(TicketView { ticket: document.ticket()?, history: document.history()? })
+    }
 }
 
 /// A pharmacy write, stored.
@@ -417,6 +431,22 @@ impl Store {
             Store::Embedded(store) => store.ticket(id).await,
             Store::Distributed(store) => store.ticket(id).await,
         }
+    }
+
+    /// `ward`'s tickets with changes in `from..=to` (ms), each with its
+    /// trail, oldest first: an audit export. More than `TRAIL_TICKETS_MAX`
+    /// is refused (`TooMany`), not cut short: a partial export would read
+    /// as complete.
+    pub async fn trail(&self, ward: &WardId, from: UnixMillis, to: UnixMillis) -> Result<Vec<TicketView>, StoreError> {
+        let limit = TRAIL_TICKETS_MAX + 1;
+        let views = match self {
+            Store::Embedded(store) => store.trail(ward, from, to, limit).await?,
+            Store::Distributed(store) => store.trail(ward, from, to, limit).await?,
+        };
+        if views.len() > TRAIL_TICKETS_MAX {
+            return Err(StoreError::TooMany { max: TRAIL_TICKETS_MAX });
+        }
+        Ok(views)
     }
 
     pub async fn diagnostics(&self) -> Result<Vec<NodeDiagnostics>, StoreError> {

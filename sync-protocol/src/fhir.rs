@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::supply::{LineReceipt, LineSupply};
-use crate::ticket::{LineItem, Status, Ticket, UnixMillis};
+use crate::ticket::{LineItem, Status, Ticket, utc_iso8601};
 
 /// Identifier systems. URNs, because the hospital's own URLs are
 /// configuration, not code; a deployment may map them at its FHIR gateway.
@@ -52,15 +52,6 @@ pub fn task_status(status: Status) -> &'static str {
         Status::Rejected => "rejected",
         Status::EnteredInError => "entered-in-error",
     }
-}
-
-/// `YYYY-MM-DDThh:mm:ss.sssZ`, as FHIR's `dateTime` wants.
-pub fn date_time(at: UnixMillis) -> String {
-    let nanos = i128::from(at) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
 }
 
 /// The stable `urn:uuid:` of one resource of a ticket's bundle.
@@ -113,7 +104,7 @@ pub fn ticket_bundle(ticket: &Ticket) -> Value {
     json!({
         "resourceType": "Bundle",
         "type": "collection",
-        "timestamp": date_time(ticket.updated_at),
+        "timestamp": utc_iso8601(ticket.updated_at),
         "entry": entries,
     })
 }
@@ -127,7 +118,7 @@ fn supply_request(ticket: &Ticket, item: &LineItem) -> Value {
         "priority": ticket.priority.as_str(),
         "itemCodeableConcept": product(&item.medication_code, &item.description),
         "quantity": { "value": item.quantity, "unit": item.unit.as_str() },
-        "authoredOn": date_time(ticket.created_at),
+        "authoredOn": utc_iso8601(ticket.created_at),
         "requester": user(ticket.requested_by.as_str()),
         "deliverTo": { "identifier": { "system": WARD_SYSTEM, "value": ticket.ward.as_str() } },
     });
@@ -147,8 +138,8 @@ fn task(ticket: &Ticket, requests: &[(String, Value)]) -> Value {
         "businessStatus": { "text": ticket.status.as_str() },
         "intent": "order",
         "priority": ticket.priority.as_str(),
-        "authoredOn": date_time(ticket.created_at),
-        "lastModified": date_time(ticket.updated_at),
+        "authoredOn": utc_iso8601(ticket.created_at),
+        "lastModified": utc_iso8601(ticket.updated_at),
         "requester": user(ticket.requested_by.as_str()),
     });
     if let Some(reason) =

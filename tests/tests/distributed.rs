@@ -151,6 +151,22 @@ async fn changes_through_either_bridge_and_either_projector_reach_every_ward_and
         .await;
     }
 
+    // The auditor's export of a ward reads MongoDB: every icu-2 ticket, and
+    // each change of its trail, from either bridge.
+    let export = client
+        .get(cloud.bridges[1].url("/api/v1/audit?ward=icu-2&from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z"))
+        .bearer_auth(&pharmacist)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = export.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 61, "60 creations and one rejection");
+    assert!(lines.iter().all(|line| line["ward"] == "icu-2"));
+    assert_eq!(lines.iter().filter(|line| line["action"]["kind"] == "transition").count(), 1);
+
     for projector in [&cloud.projector, &second_projector] {
         let records = Cloud::metric(projector, "projector_records_total").await.unwrap_or(0.0);
         assert!(records > 0.0, "each projector of the group projected a share of the records");

@@ -46,7 +46,7 @@ use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{Mutation, TicketDocument};
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
-use sync_protocol::ticket::Limits;
+use sync_protocol::ticket::{Limits, UnixMillis};
 use sync_protocol::wire::{Cursor, DownstreamChange, RefusalReason, TicketHeads, UpstreamChange};
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -465,8 +465,7 @@ impl DistributedStore {
             return Ok(view);
         }
         let stored = self.shared.db.stored_ticket(&id_text).await?.ok_or(StoreError::NotFound(id))?;
-        let mut document = TicketDocument::load(&stored.document, self.shared.replica.clone())?;
-        let view = TicketView { ticket: document.ticket()?, history: document.history()? };
+        let view = TicketView::read(&stored.document, self.shared.replica.clone())?;
         if let (Some(cache), Some(key)) = (cache, &key) {
             let _ = cache
                 .put(key, &serde_json::to_string(&view).unwrap_or_default())
@@ -474,6 +473,23 @@ impl DistributedStore {
                 .inspect_err(|e| cache_failed("ticket write", e));
         }
         Ok(view)
+    }
+
+    pub async fn trail(
+        &self,
+        ward: &WardId,
+        from: UnixMillis,
+        to: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<TicketView>, StoreError> {
+        let documents = self.shared.db.ward_documents(ward.as_str(), from, to, limit).await?;
+        let replica = self.shared.replica.clone();
+        // Replaying every change of every ticket is CPU work: off the runtime.
+        tokio::task::spawn_blocking(move || {
+            documents.iter().map(|bytes| TicketView::read(bytes, replica.clone())).collect()
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("trail task failed: {e}")))?
     }
 
     pub async fn diagnostics(&self) -> Result<Vec<NodeDiagnostics>, StoreError> {

@@ -261,6 +261,7 @@ impl Db {
             .create_indexes([
                 index(doc! { "priority_rank": -1, "created_at": 1, "_id": 1 }, "queue"),
                 index(doc! { "ward": 1, "status": 1 }, "ward_status"),
+                index(doc! { "ward": 1, "updated_at": 1 }, "ward_trail"),
             ])
             .await
             .map_err(mongo_error)?;
@@ -310,6 +311,28 @@ impl Db {
             found.extend(cursor.try_collect::<Vec<_>>().await.map_err(mongo_error)?);
         }
         Ok(found)
+    }
+
+    /// The documents of `ward`'s tickets with changes in `from..=to` (ms),
+    /// oldest first; at most `limit`.
+    pub async fn ward_documents(
+        &self,
+        ward: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let stored = self.tickets.clone_with_type::<StoredTicket>();
+        let filter = doc! { "ward": ward, "updated_at": { "$gte": from }, "created_at": { "$lte": to } };
+        let cursor = stored
+            .find(filter)
+            .projection(doc! { "v": 1, "document": 1, "held": 1 })
+            .sort(doc! { "created_at": 1, "_id": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(mongo_error)?;
+        let found: Vec<StoredTicket> = cursor.try_collect().await.map_err(mongo_error)?;
+        Ok(found.into_iter().map(|ticket| ticket.document).collect())
     }
 
     /// The pharmacy queue (priority, then age) and how many tickets match.

@@ -48,6 +48,8 @@ pub struct HistoryEntry {
     pub change: String,
     #[serde(flatten)]
     pub audit: ChangeAudit,
+    /// `audit.at` as ISO 8601 UTC, for people and exports.
+    pub at_utc: String,
     /// What the change did, read from the document itself (not from what
     /// the audit record claims): each field's value before and after it.
     pub changes: Vec<FieldChange>,

@@ -222,7 +222,8 @@ impl TicketDocument {
                 before.as_ref().map(|(ticket, transitions)| (ticket, transitions.as_slice())),
                 (&after.0, &after.1),
             );
-            history.push(HistoryEntry { change: change.hash().to_string(), audit, changes });
+            let at_utc = crate::ticket::utc_iso8601(audit.at);
+            history.push(HistoryEntry { change: change.hash().to_string(), audit, at_utc, changes });
             before = Some(after);
         }
         Ok(history)

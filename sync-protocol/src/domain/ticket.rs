@@ -10,6 +10,16 @@ use crate::ids::{NodeId, Role, TicketId, UserId, WardId};
 /// Milliseconds since the Unix epoch. Time is always passed in: this crate reads no clock.
 pub type UnixMillis = i64;
 
+/// `YYYY-MM-DDThh:mm:ss.sssZ` (ISO 8601, UTC): how JSON bodies, exports
+/// and FHIR give a time to people and other systems.
+pub fn utc_iso8601(at: UnixMillis) -> String {
+    let nanos = i128::from(at) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+}
+
 /// Bounds on what a ticket may hold. Every one is a hard limit: a write that
 /// exceeds it is refused, never truncated, because a truncated medication
 /// order is worse than a refused one.
