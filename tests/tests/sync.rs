@@ -400,6 +400,17 @@ impl CuttableProxy {
     fn heal(&self) {
         self.down.store(false, Ordering::SeqCst);
     }
+
+    /// The ward's edge node, syncing through this proxy, reconnecting fast;
+    /// `extra` is more configuration after its `[sync]` section.
+    fn edge(&self, dir: &std::path::Path, issuer: &TestIssuer, extra: &str) -> EdgeNodeProcess {
+        std::fs::write(dir.join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD])).unwrap();
+        let sync = format!(
+            "[sync]\nbridge_url = \"ws://127.0.0.1:{}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 500\n{extra}",
+            self.port
+        );
+        EdgeNodeProcess::start(dir, NODE, WARD, &issuer.jwks(), &sync)
+    }
 }
 
 /// A ward and the bridge with a link the test can partition, and one
@@ -423,12 +434,7 @@ impl Partitioned {
         let (edge_dir, bridge_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let bridge_port = free_port();
         let proxy = CuttableProxy::start(bridge_port).await;
-        std::fs::write(edge_dir.path().join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD])).unwrap();
-        let sync = format!(
-            "[sync]\nbridge_url = \"ws://127.0.0.1:{}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 500\n",
-            proxy.port
-        );
-        let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
+        let edge = proxy.edge(edge_dir.path(), &issuer, "");
         let bridge =
             BridgeProcess::start_bridge(bridge_dir.path(), &format!("127.0.0.1:{bridge_port}"), &issuer.jwks(), "");
         let client = reqwest::Client::new();
@@ -636,13 +642,8 @@ async fn cut_links_and_a_killed_bridge_lose_and_duplicate_nothing() {
     let (edge_dir, bridge_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let bridge_port = free_port();
     let proxy = CuttableProxy::start(bridge_port).await;
-    std::fs::write(edge_dir.path().join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD])).unwrap();
     // Small batches, so a cut lands mid-backlog many times.
-    let sync = format!(
-        "[sync]\nbridge_url = \"ws://127.0.0.1:{}/sync\"\nreconnect_base_ms = 50\nreconnect_cap_ms = 500\n[sync.session.limits]\nchanges_per_batch_max = 50\n",
-        proxy.port
-    );
-    let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
+    let edge = proxy.edge(edge_dir.path(), &issuer, "[sync.session.limits]\nchanges_per_batch_max = 50\n");
     // No pooled connections: the bridge is killed and restarted on the same
     // port, and a request on a connection to the dead process would fail.
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
