@@ -4,12 +4,14 @@
 //! | method | path                              | who                | what |
 //! |--------|-----------------------------------|--------------------|------|
 //! | GET    | /api/v1/queue                     | pharmacist, admin  | all wards' tickets, priority then age; `ward`, `status`, `priority` (comma lists), `limit` (1-500) |
-//! | GET    | /api/v1/tickets/{id}              | pharmacist, admin  | one ticket with its history |
+//! | GET    | /api/v1/tickets/{id}              | pharmacist, admin  | one ticket with its history and `formulary_issues`: lines whose code the catalogue lacks or retired, or whose unit differs (a ward may have ordered offline against an older catalogue; none are flagged while the catalogue is empty) |
 //! | PATCH  | /api/v1/tickets/{id}              | pharmacist, admin  | notes (`{"notes": {"append": ..}}` or `{"replace": ..}`, merged with the ward's character by character), assignee (take a ticket: your own user; assign a colleague; `null` to release), `supply` per line (`[{medication_code, quantity, substitute?: {medication_code, description, reason}, shortfall?: "backorder" \| "closed-short", reason?}]`, while acknowledged, picking or dispatched, and to fill or close a backorder once delivered); 200 or 202 as for transitions |
 //! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle: a Task, a SupplyRequest per line, a SupplyDelivery per supplied line |
 //! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict; 200 once reads show it, 202 if stored but not yet shown (distributed backend) |
 //! | GET    | /api/v1/tickets/{id}/audit        | pharmacist, admin  | the ticket's trail: `format` `jsonl` (default) or `csv`; optional `from`, `to` |
 //! | GET    | /api/v1/audit                     | pharmacist, admin  | a ward's trail: `ward`, `from`, `to` (ISO 8601, e.g. `2026-12-01T00:00:00Z`), `format`; at most `cloud_store::TRAIL_TICKETS_MAX` tickets (422 `range_too_large` beyond) |
+//! | GET    | /api/v1/formulary                 | pharmacist, admin  | the medication catalogue, by code |
+//! | PUT    | /api/v1/formulary/{code}          | admin              | add (201) or replace (200) an entry: `{code, name, strength, form, unit, gtins, active}`; retire one with `active: false` |
 //! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
 //! | GET    | /api/v1/events                    | pharmacist, admin  | live ticket changes (Server-Sent Events); `ward` filter |
 //! | GET    | /sync                             | edge nodes         | WebSocket sync |
@@ -33,11 +35,11 @@
 //! `Error { Malformed }` and a close.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use cloud_store::{NodeDiagnostics, QueueQuery, TicketView};
 use std::convert::Infallible;
@@ -49,7 +51,8 @@ use serde_json::value::RawValue;
 use service_kit::clock::now_ms;
 use service_kit::http::{ApiError, ApiJson, TicketPath, live_feed, parse_list};
 use sync_protocol::document::{Mutation, TicketDocument, TicketEdit, TransitionRequest};
-use sync_protocol::ids::{TicketId, WardId};
+use sync_protocol::formulary::{FormularyIssue, Medication};
+use sync_protocol::ids::{Role, TicketId, WardId};
 use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -69,6 +72,8 @@ pub fn routes() -> Router<AppState> {
         .route("/tickets/{id}/transitions", post(transition))
         .route("/tickets/{id}/audit", get(ticket_audit))
         .route("/audit", get(ward_audit))
+        .route("/formulary", get(formulary))
+        .route("/formulary/{code}", put(put_medication))
         .route("/nodes", get(nodes))
         .route("/events", get(live_events))
 }
@@ -115,12 +120,60 @@ async fn queue(
     Ok(Json(QueuePage { tickets, total: page.total }))
 }
 
+/// A ticket as the pharmacy reads it: with its trail, and the lines the
+/// catalogue flags.
+#[derive(Serialize)]
+struct PharmacyTicket {
+    #[serde(flatten)]
+    view: TicketView,
+    formulary_issues: Vec<FormularyIssue>,
+}
+
 async fn ticket(
     State(state): State<AppState>,
     _caller: PharmacyCaller,
     TicketPath(id): TicketPath,
-) -> Result<Json<TicketView>, ApiError> {
-    Ok(Json(state.store.ticket(id).await.map_err(refusal)?))
+) -> Result<Json<PharmacyTicket>, ApiError> {
+    let view = state.store.ticket(id).await.map_err(refusal)?;
+    let codes = view.ticket.items.iter().map(|item| item.medication_code.clone()).collect();
+    let (entries, catalogue_size) = state.store.formulary(Some(codes)).await.map_err(refusal)?;
+    let formulary_issues = if catalogue_size == 0 {
+        Vec::new() // no catalogue loaded yet: nothing to check against
+    } else {
+        sync_protocol::formulary::check_items(&view.ticket.items, |code| entries.iter().find(|e| e.code == code))
+    };
+    Ok(Json(PharmacyTicket { view, formulary_issues }))
+}
+
+async fn formulary(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<Medication>>, ApiError> {
+    Ok(Json(state.store.formulary(None).await.map_err(refusal)?.0))
+}
+
+/// An admin adds or replaces an entry of the catalogue.
+async fn put_medication(
+    State(state): State<AppState>,
+    PharmacyCaller(actor): PharmacyCaller,
+    Path(code): Path<String>,
+    ApiJson(medication): ApiJson<Medication>,
+) -> Result<(StatusCode, Json<Medication>), ApiError> {
+    if actor.role != Role::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_role",
+            "the formulary is kept by a pharmacy admin",
+        ));
+    }
+    if medication.code != code {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "code_mismatch",
+            format!("the path names {code:?}, the body {:?}", medication.code),
+        ));
+    }
+    medication.validate(&state.config.limits)?;
+    let created = state.store.put_medication(medication.clone()).await.map_err(refusal)?;
+    tracing::info!(user = %actor.user, code = %medication.code, active = medication.active, created, "formulary entry written");
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(medication)))
 }
 
 async fn fhir(

@@ -154,6 +154,67 @@ async fn a_pharmacist_writes_notes_and_takes_a_ticket() {
     }
 }
 
+/// A ward that ordered offline against a catalogue it did not have: its
+/// ticket is accepted (a nurse's order is never dropped) and the lines the
+/// catalogue does not know, or counts in another unit, are flagged for the
+/// pharmacy; nothing is flagged before a catalogue is loaded.
+#[tokio::test]
+async fn an_admin_keeps_the_formulary_and_the_pharmacy_sees_lines_it_flags() {
+    let bridge = Bridge::new().await;
+    let id = bridge.ticket_from_the_ward().await; // AMOX-500, 20 capsules
+    let (admin, pharmacist) =
+        (bridge.issuer.token("a.haddad", &["admin"], &[]), bridge.issuer.token("p.lindqvist", &["pharmacist"], &[]));
+    let ticket = format!("/api/v1/tickets/{id}");
+    let (status, view) = bridge.call("GET", &ticket, Some(&pharmacist), None).await;
+    assert_eq!((status, &view["formulary_issues"]), (StatusCode::OK, &json!([])), "no catalogue, no flags");
+
+    let entry = |code: &str, unit: &str, active: bool| {
+        json!({ "code": code, "name": "Amoxicillin", "strength": "500 mg", "form": "capsule", "unit": unit,
+                "gtins": ["09506000134352"], "active": active })
+        .to_string()
+    };
+    let put = |code: &str| format!("/api/v1/formulary/{code}");
+    let (status, _) =
+        bridge.call("PUT", &put("AMOX-500"), Some(&admin), Some(&entry("AMOX-500", "tablet", true))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, view) = bridge.call("GET", &ticket, Some(&pharmacist), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        view["formulary_issues"],
+        json!([{ "code": "wrong_unit", "medication_code": "AMOX-500", "expected": "tablet", "got": "capsule" }])
+    );
+    // Corrected, the line is clean; retired, it is flagged again.
+    let (status, _) =
+        bridge.call("PUT", &put("AMOX-500"), Some(&admin), Some(&entry("AMOX-500", "capsule", true))).await;
+    assert_eq!(status, StatusCode::OK, "replaced");
+    assert_eq!(bridge.call("GET", &ticket, Some(&pharmacist), None).await.1["formulary_issues"], json!([]));
+    bridge.call("PUT", &put("AMOX-500"), Some(&admin), Some(&entry("AMOX-500", "capsule", false))).await;
+    let issues = bridge.call("GET", &ticket, Some(&pharmacist), None).await.1["formulary_issues"].clone();
+    assert_eq!(issues[0]["code"], "inactive_medication");
+    // A code the catalogue lacks.
+    bridge.call("PUT", &put("CLAR-250"), Some(&admin), Some(&entry("CLAR-250", "tablet", true))).await;
+    let (_, list) = bridge.call("GET", "/api/v1/formulary", Some(&pharmacist), None).await;
+    let codes: Vec<&str> = list.as_array().unwrap().iter().map(|m| m["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["AMOX-500", "CLAR-250"]);
+
+    let refusals = [
+        (put("CLAR-250"), &pharmacist, entry("CLAR-250", "tablet", true), StatusCode::FORBIDDEN, "forbidden_role"),
+        (put("CLAR-500"), &admin, entry("CLAR-250", "tablet", true), StatusCode::UNPROCESSABLE_ENTITY, "code_mismatch"),
+        (
+            put("clar"),
+            &admin,
+            entry("clar", "tablet", true),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "malformed_medication_code",
+        ),
+        (put("CLAR-250"), &admin, entry("CLAR-250", "spoon", true), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+    ];
+    for (path, token, body, status, code) in refusals {
+        let (got, answer) = bridge.call("PUT", &path, Some(token), Some(&body)).await;
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{path} {body}: {answer}");
+    }
+}
+
 /// The raw body of a GET, for exports that are not JSON.
 async fn text(bridge: &Bridge, path: &str, token: &str) -> (StatusCode, String, String) {
     let request = Request::builder()

@@ -26,6 +26,7 @@ use service_kit::sqlite::{self, Database, ReadPool};
 use service_kit::writer::GroupWriter;
 use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{Mutation, ReceivedChange, TicketDocument};
+use sync_protocol::formulary::Medication;
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Limits, Ticket, UnixMillis};
@@ -89,6 +90,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE nodes ADD COLUMN own_until INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE nodes ADD COLUMN taken_over_at INTEGER;
 "#,
+    // 3: the medication catalogue (`formulary::Medication`, JSON, by code).
+    r#"
+    CREATE TABLE formulary (
+        code        TEXT PRIMARY KEY,
+        entry       TEXT NOT NULL,
+        updated_at  INTEGER NOT NULL
+    ) STRICT;
+"#,
 ];
 
 const NOTICES_CAPACITY: usize = 1_024;
@@ -125,6 +134,11 @@ enum Job {
         node: NodeId,
         update: LeaseUpdate,
         reply: oneshot::Sender<Result<Option<NodeLease>, StoreError>>,
+    },
+    /// Adds or replaces a catalogue entry; replies whether it was new.
+    PutMedication {
+        medication: Medication,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
     },
 }
 
@@ -320,6 +334,42 @@ impl EmbeddedStore {
         self.read(diagnostics).await
     }
 
+    pub async fn put_medication(&self, medication: Medication) -> Result<bool, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Job::PutMedication { medication, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The catalogue's entries for `codes` (all of it for `None`), by code,
+    /// and how many entries it has.
+    pub async fn formulary(&self, codes: Option<Vec<String>>) -> Result<(Vec<Medication>, u64), StoreError> {
+        self.read(move |conn| {
+            let size: i64 = conn.query_row("SELECT count(*) FROM formulary", [], |row| row.get(0))?;
+            let entries: Vec<String> = match codes {
+                None => conn
+                    .prepare("SELECT entry FROM formulary ORDER BY code")?
+                    .query_map([], |row| row.get(0))?
+                    .collect::<Result<_, _>>()?,
+                Some(codes) => {
+                    let mut statement = conn.prepare_cached("SELECT entry FROM formulary WHERE code = ?1")?;
+                    let mut found = Vec::new();
+                    for code in codes {
+                        found.extend(statement.query_row([code], |row| row.get(0)).optional()?);
+                    }
+                    found
+                }
+            };
+            let entries = entries
+                .iter()
+                .map(|entry| {
+                    serde_json::from_str(entry).map_err(|e| StoreError::Corrupt(format!("formulary entry: {e}")))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok((entries, size as u64))
+        })
+        .await
+    }
+
     pub async fn ready(&self) -> Result<(), StoreError> {
         self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
     }
@@ -401,6 +451,18 @@ impl Pending {
     }
 }
 
+/// Adds or replaces a catalogue entry; whether it was new.
+fn put_medication(tx: &Connection, medication: &Medication) -> Result<bool, StoreError> {
+    let entry = serde_json::to_string(medication).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let existed = tx.prepare_cached("SELECT 1 FROM formulary WHERE code = ?1")?.exists([medication.code.as_str()])?;
+    tx.prepare_cached(
+        "INSERT INTO formulary (code, entry, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (code) DO UPDATE SET entry = ?2, updated_at = ?3",
+    )?
+    .execute(params![medication.code, entry, now_ms()])?;
+    Ok(!existed)
+}
+
 /// Lets an SQLite error abort the whole batch; any other error belongs to its job.
 fn raise<T>(outcome: Result<T, StoreError>) -> Result<Result<T, StoreError>, rusqlite::Error> {
     match outcome {
@@ -439,6 +501,10 @@ impl Writer {
                     }
                     Job::UpdateLease { node, update, reply } => {
                         let outcome = raise(update_lease(&tx, &node, update))?;
+                        replies.push(hold(reply, outcome));
+                    }
+                    Job::PutMedication { medication, reply } => {
+                        let outcome = raise(put_medication(&tx, &medication))?;
                         replies.push(hold(reply, outcome));
                     }
                 }

@@ -28,6 +28,7 @@ use automerge::ActorId;
 use serde::{Deserialize, Serialize};
 use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TicketDocument};
+use sync_protocol::formulary::Medication;
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
@@ -447,6 +448,24 @@ impl Store {
             return Err(StoreError::TooMany { max: TRAIL_TICKETS_MAX });
         }
         Ok(views)
+    }
+
+    /// Adds or replaces an entry of the medication catalogue (checked by
+    /// the caller); whether it was new.
+    pub async fn put_medication(&self, medication: Medication) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(store) => store.put_medication(medication).await,
+            Store::Distributed(store) => store.put_medication(medication).await,
+        }
+    }
+
+    /// The medication catalogue's entries for `codes` (all of them for
+    /// `None`), by code, and how many entries the catalogue has.
+    pub async fn formulary(&self, codes: Option<Vec<String>>) -> Result<(Vec<Medication>, u64), StoreError> {
+        match self {
+            Store::Embedded(store) => store.formulary(codes).await,
+            Store::Distributed(store) => store.formulary(codes).await,
+        }
     }
 
     pub async fn diagnostics(&self) -> Result<Vec<NodeDiagnostics>, StoreError> {

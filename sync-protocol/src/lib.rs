@@ -21,5 +21,5 @@ mod protocol;
 pub mod token;
 
 use domain::causal;
-pub use domain::{gs1, ids, lifecycle, supply, ticket};
+pub use domain::{formulary, gs1, ids, lifecycle, supply, ticket};
 pub use protocol::{admission, session, wire};

@@ -167,6 +167,28 @@ async fn changes_through_either_bridge_and_either_projector_reach_every_ward_and
     assert!(lines.iter().all(|line| line["ward"] == "icu-2"));
     assert_eq!(lines.iter().filter(|line| line["action"]["kind"] == "transition").count(), 1);
 
+    // The formulary lives in MongoDB: kept through one bridge, read and
+    // applied through the other.
+    let admin = cloud.issuer.token("a.haddad", &["admin"], &[]);
+    let first_code = get_json(&client, cloud.bridges[1].url(&format!("/api/v1/tickets/{}", icu_ids[0])), &pharmacist)
+        .await["ticket"]["items"][0]["medication_code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let entry = json!({ "code": first_code, "name": "Saline", "unit": "ampoule", "active": true });
+    let response = client
+        .put(cloud.bridges[0].url(&format!("/api/v1/formulary/{first_code}")))
+        .bearer_auth(&admin)
+        .json(&entry)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let catalogue = get_json(&client, cloud.bridges[1].url("/api/v1/formulary"), &pharmacist).await;
+    assert_eq!(catalogue.as_array().map(Vec::len), Some(1));
+    let view = get_json(&client, cloud.bridges[1].url(&format!("/api/v1/tickets/{}", icu_ids[0])), &pharmacist).await;
+    assert_eq!(view["formulary_issues"][0]["code"], "wrong_unit", "{view}");
+
     for projector in [&cloud.projector, &second_projector] {
         let records = Cloud::metric(projector, "projector_records_total").await.unwrap_or(0.0);
         assert!(records > 0.0, "each projector of the group projected a share of the records");

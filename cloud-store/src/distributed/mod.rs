@@ -44,6 +44,7 @@ use futures_util::StreamExt;
 use serde_bytes::ByteBuf;
 use sync_protocol::admission::{self, Admission, Claim, NodeLease};
 use sync_protocol::document::{Mutation, TicketDocument};
+use sync_protocol::formulary::Medication;
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
 use sync_protocol::ticket::{Limits, UnixMillis};
@@ -490,6 +491,20 @@ impl DistributedStore {
         })
         .await
         .map_err(|e| StoreError::Corrupt(format!("trail task failed: {e}")))?
+    }
+
+    pub async fn put_medication(&self, medication: Medication) -> Result<bool, StoreError> {
+        let entry = serde_json::to_string(&medication).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.shared.db.put_medication(&medication.code, &entry, now_ms()).await
+    }
+
+    pub async fn formulary(&self, codes: Option<Vec<String>>) -> Result<(Vec<Medication>, u64), StoreError> {
+        let (entries, size) = self.shared.db.formulary(codes.as_deref()).await?;
+        let entries = entries
+            .iter()
+            .map(|entry| serde_json::from_str(entry).map_err(|e| StoreError::Corrupt(format!("formulary entry: {e}"))))
+            .collect::<Result<_, _>>()?;
+        Ok((entries, size))
     }
 
     pub async fn diagnostics(&self) -> Result<Vec<NodeDiagnostics>, StoreError> {

@@ -226,6 +226,7 @@ pub struct Db {
     projectors: Collection<Document>,
     rejected: Collection<Document>,
     dead_letters: Collection<Document>,
+    formulary: Collection<Document>,
 }
 
 impl Db {
@@ -244,6 +245,7 @@ impl Db {
             projectors: collection("projectors"),
             rejected: collection("rejected_changes"),
             dead_letters: collection("dead_letters"),
+            formulary: collection("formulary"),
             database,
             write_concern,
         })
@@ -333,6 +335,33 @@ impl Db {
             .map_err(mongo_error)?;
         let found: Vec<StoredTicket> = cursor.try_collect().await.map_err(mongo_error)?;
         Ok(found.into_iter().map(|ticket| ticket.document).collect())
+    }
+
+    /// Adds or replaces a catalogue entry (JSON, by code); whether it was new.
+    pub async fn put_medication(&self, code: &str, entry: &str, now: i64) -> Result<bool, StoreError> {
+        let result = self
+            .formulary
+            .update_one(doc! { "_id": code }, doc! { "$set": { "entry": entry, "updated_at": now } })
+            .upsert(true)
+            .await
+            .map_err(mongo_error)?;
+        Ok(result.upserted_id.is_some())
+    }
+
+    /// The catalogue's entries (JSON) for `codes` (all of it for `None`),
+    /// by code, and how many entries it has.
+    pub async fn formulary(&self, codes: Option<&[String]>) -> Result<(Vec<String>, u64), StoreError> {
+        let size = self.formulary.count_documents(doc! {}).await.map_err(mongo_error)?;
+        let filter = codes.map_or_else(|| doc! {}, |codes| doc! { "_id": { "$in": codes } });
+        let cursor = self.formulary.find(filter).sort(doc! { "_id": 1 }).await.map_err(mongo_error)?;
+        let documents: Vec<Document> = cursor.try_collect().await.map_err(mongo_error)?;
+        documents
+            .iter()
+            .map(|d| {
+                d.get_str("entry").map(str::to_owned).map_err(|e| StoreError::Corrupt(format!("formulary entry: {e}")))
+            })
+            .collect::<Result<_, _>>()
+            .map(|entries| (entries, size))
     }
 
     /// The pharmacy queue (priority, then age) and how many tickets match.

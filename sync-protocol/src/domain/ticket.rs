@@ -113,6 +113,8 @@ pub enum TicketError {
     Label { code: String, error: crate::gs1::Gs1Error },
     #[error("{code} expired on {expiry}: do not use it; return it to the pharmacy")]
     ExpiredProduct { code: String, expiry: time::Date },
+    #[error("formulary entry {code} is refused: {problem}")]
+    InvalidMedication { code: String, problem: &'static str },
 }
 
 /// How a refusal should be reported: the same at every HTTP edge.
@@ -170,6 +172,7 @@ impl TicketError {
             TicketError::LabelMismatch { .. } => "label_mismatch",
             TicketError::Label { error, .. } => error.code(),
             TicketError::ExpiredProduct { .. } => "expired_product",
+            TicketError::InvalidMedication { .. } => "invalid_medication",
         }
     }
 }
