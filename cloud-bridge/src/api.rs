@@ -10,7 +10,7 @@
 //! | POST   | /api/v1/tickets/{id}/transitions  | pharmacist, admin  | acknowledge, picking, dispatched, rejected (with a reason), resolve a conflict; 200 once reads show it, 202 if stored but not yet shown (distributed backend) |
 //! | GET    | /api/v1/tickets/{id}/audit        | pharmacist, admin  | the ticket's trail: `format` `jsonl` (default) or `csv`; optional `from`, `to` |
 //! | GET    | /api/v1/audit                     | pharmacist, admin  | a ward's trail: `ward`, `from`, `to` (ISO 8601, e.g. `2026-12-01T00:00:00Z`), `format`; at most `cloud_store::TRAIL_TICKETS_MAX` tickets (422 `range_too_large` beyond) |
-//! | GET    | /api/v1/formulary                 | pharmacist, admin  | the medication catalogue, by code |
+//! | GET    | /api/v1/formulary                 | pharmacist, admin, edge nodes | the medication catalogue, by code, with an `ETag` (304 to a matching `If-None-Match`): edge nodes keep a copy |
 //! | PUT    | /api/v1/formulary/{code}          | admin              | add (201) or replace (200) an entry: `{code, name, strength, form, unit, gtins, active}`; retire one with `active: false` |
 //! | GET    | /api/v1/nodes                     | pharmacist, admin  | per-node sync diagnostics |
 //! | GET    | /api/v1/events                    | pharmacist, admin  | live ticket changes (Server-Sent Events); `ward` filter |
@@ -36,7 +36,7 @@
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -50,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use service_kit::clock::now_ms;
 use service_kit::http::{ApiError, ApiJson, TicketPath, live_feed, parse_list};
+use sha2::{Digest, Sha256};
 use sync_protocol::document::{Mutation, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::formulary::{FormularyIssue, Medication};
 use sync_protocol::ids::{Role, TicketId, WardId};
@@ -58,7 +59,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::AppState;
-use crate::caller::{PharmacyCaller, PharmacySession, refusal};
+use crate::caller::{CatalogueReader, PharmacyCaller, PharmacySession, refusal};
 
 const QUEUE_LIMIT_DEFAULT: usize = 100;
 const QUEUE_LIMIT_MAX: usize = 500;
@@ -145,8 +146,20 @@ async fn ticket(
     Ok(Json(PharmacyTicket { view, formulary_issues }))
 }
 
-async fn formulary(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<Medication>>, ApiError> {
-    Ok(Json(state.store.formulary(None).await.map_err(refusal)?.0))
+/// The whole catalogue with an ETag (a digest of it): an edge node asking
+/// again with `If-None-Match` gets 304 while it is unchanged.
+async fn formulary(
+    State(state): State<AppState>,
+    _caller: CatalogueReader,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let entries = state.store.formulary(None).await.map_err(refusal)?.0;
+    let body = serde_json::to_vec(&entries).map_err(ApiError::internal)?;
+    let etag = format!("\"{}\"", hex::encode(Sha256::digest(&body)));
+    if headers.get(header::IF_NONE_MATCH).is_some_and(|held| held.as_bytes() == etag.as_bytes()) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json".to_owned()), (header::ETAG, etag)], body).into_response())
 }
 
 /// An admin adds or replaces an entry of the catalogue.

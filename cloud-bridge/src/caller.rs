@@ -72,6 +72,27 @@ impl FromRequestParts<AppState> for PharmacySession {
     }
 }
 
+/// Who may read the medication catalogue: pharmacy staff, and edge nodes,
+/// which keep a copy for their wards.
+#[derive(Debug)]
+pub struct CatalogueReader;
+
+impl FromRequestParts<AppState> for CatalogueReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let principal = bearer_principal(parts, state)?;
+        match principal.acting_role(|role| role.works_at_pharmacy() || role == Role::EdgeNode) {
+            Some(_) => Ok(CatalogueReader),
+            None => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_role",
+                "the catalogue serves the pharmacy and edge nodes",
+            )),
+        }
+    }
+}
+
 /// An edge node, authenticated at the upgrade.
 #[derive(Debug)]
 pub struct EdgeCaller(pub Principal);

@@ -196,6 +196,23 @@ async fn an_admin_keeps_the_formulary_and_the_pharmacy_sees_lines_it_flags() {
     let (_, list) = bridge.call("GET", "/api/v1/formulary", Some(&pharmacist), None).await;
     let codes: Vec<&str> = list.as_array().unwrap().iter().map(|m| m["code"].as_str().unwrap()).collect();
     assert_eq!(codes, ["AMOX-500", "CLAR-250"]);
+    // An edge node keeps a copy: asked again with the ETag it holds, 304 until it changes.
+    let node = bridge.issuer.token("edge-ward-4b", &["edge-node"], &["ward-4b"]);
+    let fetch = async |etag: Option<&str>| {
+        let mut request =
+            Request::builder().uri("/api/v1/formulary").header(header::AUTHORIZATION, format!("Bearer {node}"));
+        if let Some(etag) = etag {
+            request = request.header(header::IF_NONE_MATCH, etag);
+        }
+        let response =
+            cloud_bridge::router(bridge.state.clone()).oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+        (response.status(), response.headers()[header::ETAG].to_str().unwrap().to_owned())
+    };
+    let (status, etag) = fetch(None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(fetch(Some(&etag)).await, (StatusCode::NOT_MODIFIED, etag.clone()));
+    bridge.call("PUT", &put("CLAR-250"), Some(&admin), Some(&entry("CLAR-250", "capsule", true))).await;
+    assert_eq!(fetch(Some(&etag)).await.0, StatusCode::OK, "changed since");
 
     let refusals = [
         (put("CLAR-250"), &pharmacist, entry("CLAR-250", "tablet", true), StatusCode::FORBIDDEN, "forbidden_role"),

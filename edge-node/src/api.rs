@@ -8,6 +8,7 @@
 //! | GET    | /api/v1/tickets/{id}                   | nurse, admin        | one ticket with its history |
 //! | PATCH  | /api/v1/tickets/{id}                   | nurse, admin        | edit items and priority (until picking starts; an offline edit the pharmacy had not seen when it started picking becomes an `order_conflicts` entry), notes (`{"append": ..}` or `{"replace": ..}`); `receipt` per line once dispatched (`[{medication_code, quantity, discrepancy?: "missing" \| "damaged" \| "wrong-item", note?, lot?, expiry?: "YYYY-MM-DD", gs1?}]`: lot and expiry typed or read from the pack's GS1 string); assignee (admin only: assigning is the pharmacy's); an optional `reason`, kept in the trail |
 //! | POST   | /api/v1/tickets/{id}/transitions       | nurse, admin        | cancel, confirm receipt (`delivered`), resolve a conflict |
+//! | GET    | /api/v1/formulary                      | nurse, admin        | look codes up in the node's copy of the medication catalogue: `q` (code prefix or part of the name), `limit` (1-200) |
 //! | GET    | /api/v1/events                         | nurse, admin        | live ticket changes (Server-Sent Events) |
 //! | GET    | /api/v1/sync                           | nurse, admin        | sync state |
 //! | POST   | /api/v1/sync/reconcile                 | admin               | compare every ticket with the cloud and send again what it lacks (202) |
@@ -27,6 +28,7 @@
 //! | 409 | `illegal_transition`, `illegal_edit`, `illegal_resolution`, `unknown_conflict`, `too_many_transitions`, `duplicate_ticket`, `cloud_reachable` | a transition or edit the ticket's state does not allow now; an offline login while the cloud is reachable |
 //! | 413 | `body_too_large` | a body over the limit |
 //! | 415 | `unsupported_media_type` | a body without a JSON content type |
+//! | 422 | `unknown_medication`, `inactive_medication`, `wrong_unit` | a new or edited line the node's copy of the formulary does not list, lists as retired, or counts in another unit (nothing is refused before the node first fetched the catalogue; a line the cloud's newer catalogue flags is shown to the pharmacy) |
 //! | 422 | `invalid_body`, `empty_items`, `quantity_zero`, `reason_required` (also a conflict's resolution without one), `over_receipt`, `discrepancy_required`, `note_required`, `lot_and_expiry_required`, `expired_product`, `label_mismatch`, `gs1_malformed`, `gs1_check_digit`, `gs1_bad_date`, `gs1_missing_identifier`, ... | well-formed JSON of the wrong shape or types, or content a rule refuses (`TicketError::code`) |
 //! | 431 | `headers_too_large` | over [`service_kit::http::HEADER_COUNT_MAX`] headers or [`service_kit::http::HEADER_BYTES_MAX`] bytes of them |
 //! | 503 | `overloaded`, `shutting_down` | the write queue is full, the node is stopping |
@@ -62,8 +64,9 @@ use service_kit::http::{
     ApiError, ApiJson, TicketPath, api_refusals, bearer_token, live_feed, log_refusals, parse_list,
 };
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TicketEdit, TransitionRequest};
+use sync_protocol::formulary::{self, Medication};
 use sync_protocol::ids::{Role, TicketId};
-use sync_protocol::ticket::{Actor, NewTicket, Priority, Status, Ticket};
+use sync_protocol::ticket::{Actor, LineItem, NewTicket, Priority, Status, Ticket, utc_iso8601};
 use sync_protocol::token::Principal;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -144,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tickets/{id}", get(get_ticket).patch(edit_ticket))
         .route("/tickets/{id}/transitions", post(transition_ticket))
         .route("/events", get(live_events))
+        .route("/formulary", get(search_formulary))
         .route("/sync", get(sync_status))
         .route("/sync/reconcile", post(request_reconcile))
         .route("/login", post(offline_login));
@@ -181,6 +185,7 @@ async fn create_ticket(
     Caller(actor): Caller,
     ApiJson(new): ApiJson<NewTicket>,
 ) -> Result<impl IntoResponse, ApiError> {
+    check_formulary(&state, &new.items).await?;
     let now = now_ms();
     let id = TicketId::new(now, rand::random());
     let created = TicketDocument::create(
@@ -199,6 +204,67 @@ async fn create_ticket(
     metrics::counter!("edge_tickets_created_total").increment(1);
     let location = format!("/api/v1/tickets/{id}");
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(ticket)))
+}
+
+/// Refuses lines the node's copy of the catalogue does not list, lists as
+/// retired, or counts in another unit. With no copy yet (the node never
+/// reached the cloud) nothing is refused: the pharmacy sees what its
+/// catalogue flags.
+async fn check_formulary(state: &AppState, items: &[LineItem]) -> Result<(), ApiError> {
+    let codes: Vec<String> = items.iter().map(|item| item.medication_code.clone()).collect();
+    let (entries, size) = state
+        .store
+        .read(move |conn| store::formulary_entries(conn, &codes.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await?;
+    if size == 0 {
+        return Ok(());
+    }
+    match formulary::check_items(items, |code| entries.iter().find(|entry| entry.code == code)).first() {
+        Some(issue) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, issue.code(), issue.to_string())),
+        None => Ok(()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FormularyParams {
+    q: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct FormularyPage {
+    entries: Vec<Medication>,
+    /// When the copy was last fetched from the cloud; `None` if never.
+    synced_at: Option<i64>,
+    synced_at_utc: Option<String>,
+}
+
+async fn search_formulary(
+    State(state): State<AppState>,
+    _caller: Caller,
+    params: Result<Query<FormularyParams>, QueryRejection>,
+) -> Result<Json<FormularyPage>, ApiError> {
+    let Query(params) = params?;
+    let limit = params.limit.unwrap_or(PAGE_SIZE_DEFAULT);
+    if !(1..=PAGE_SIZE_MAX).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            format!("limit must be 1 to {PAGE_SIZE_MAX}"),
+        ));
+    }
+    let query = params.q.unwrap_or_default();
+    let (entries, synced_at) = state
+        .store
+        .read(move |conn| {
+            Ok((
+                store::search_formulary(conn, query.trim(), limit)?,
+                millis(store::sync_state(conn, store::FORMULARY_AT_KEY)?),
+            ))
+        })
+        .await?;
+    Ok(Json(FormularyPage { entries, synced_at, synced_at_utc: synced_at.map(utc_iso8601) }))
 }
 
 fn document_error(error: DocumentError) -> ApiError {
@@ -277,6 +343,9 @@ async fn edit_ticket(
     TicketPath(id): TicketPath,
     ApiJson(edit): ApiJson<TicketEdit>,
 ) -> Result<Json<Ticket>, ApiError> {
+    if let Some(items) = &edit.items {
+        check_formulary(&state, items).await?;
+    }
     let now = now_ms();
     let limits = state.config.limits.clone();
     let mutation = Box::new(move |doc: &mut TicketDocument| doc.edit(&edit, &actor, now, &limits));

@@ -50,9 +50,21 @@ pub struct SyncConfig {
     pub reconnect_base_ms: u64,
     #[serde(default = "default_reconnect_cap_ms")]
     pub reconnect_cap_ms: u64,
+    /// How often the medication catalogue is fetched from the bridge
+    /// while it is reachable (an unchanged one costs one small request).
+    #[serde(default = "default_formulary_refresh_s")]
+    pub formulary_refresh_s: u64,
     #[serde(default)]
     pub session: sync_protocol::session::SessionConfig,
 }
+
+fn default_formulary_refresh_s() -> u64 {
+    300
+}
+
+/// Bounds of `sync.formulary_refresh_s`: not a busy loop, not stale for a day.
+pub const FORMULARY_REFRESH_S_MIN: u64 = 10;
+pub const FORMULARY_REFRESH_S_MAX: u64 = 86_400;
 
 pub fn default_token_file() -> PathBuf {
     PathBuf::from("node-token")
@@ -178,6 +190,11 @@ impl ServiceConfig for Config {
             }
             if sync.reconnect_base_ms == 0 || sync.reconnect_cap_ms < sync.reconnect_base_ms {
                 return invalid("sync.reconnect_base_ms must be positive and at most sync.reconnect_cap_ms".into());
+            }
+            if !(FORMULARY_REFRESH_S_MIN..=FORMULARY_REFRESH_S_MAX).contains(&sync.formulary_refresh_s) {
+                return invalid(format!(
+                    "sync.formulary_refresh_s must be {FORMULARY_REFRESH_S_MIN} to {FORMULARY_REFRESH_S_MAX}"
+                ));
             }
         }
         if self.storage.key_file.as_ref().is_some_and(|path| !path.is_absolute()) {

@@ -10,6 +10,7 @@ pub mod api;
 pub mod backup;
 pub mod cloud_auth;
 pub mod config;
+pub mod formulary;
 pub mod listener;
 pub mod store;
 pub mod sync;
@@ -88,11 +89,13 @@ pub async fn run(
     auth.spawn_refresh(&state.config.node.data_dir, Arc::clone(&state.verifier), state.shutdown.clone());
     let token_file = state.config.sync.as_ref().map_or_else(config::default_token_file, |s| s.token_file.clone());
     state.cloud_auth.spawn_refresh(token_file, Duration::from_secs(auth.refresh_interval_s), state.shutdown.clone());
-    let sync_task = state.config.sync.clone().map(|sync_config| {
-        tokio::spawn(sync::run(state.clone(), sync_config, Arc::clone(&state.link), state.shutdown.clone()))
+    let sync_tasks = state.config.sync.clone().map(|sync_config| {
+        let catalogue = tokio::spawn(formulary::run(state.clone(), sync_config.clone(), state.shutdown.clone()));
+        let link = tokio::spawn(sync::run(state.clone(), sync_config, Arc::clone(&state.link), state.shutdown.clone()));
+        [link, catalogue]
     });
     service_kit::shutdown::serve_until(listener, api::router(state.clone()), state.shutdown.clone(), grace).await?;
-    if let Some(task) = sync_task {
+    for task in sync_tasks.into_iter().flatten() {
         let _ = task.await;
     }
     state.store.close().await;

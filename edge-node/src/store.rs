@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use service_kit::sqlite::{self, Database, ReadPool};
 use service_kit::writer::{GroupWriter, QueueError};
 use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TicketDocument};
+use sync_protocol::formulary::Medication;
 use sync_protocol::ids::{NodeId, TicketId};
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
 use sync_protocol::wire::{Cursor, DatabaseId, HEADS_PER_TICKET_MAX, Lease, TicketHeads};
@@ -61,6 +62,16 @@ const MIGRATIONS: &[&str] = &[
     // 2: the database's own id (see `DATABASE_KEY`), for databases made before it.
     r#"
     INSERT INTO sync_state (key, value) VALUES ('database', randomblob(16)) ON CONFLICT (key) DO NOTHING;
+    "#,
+    // 3: the medication catalogue, as last fetched from the cloud
+    // (`formulary::Medication`, JSON, by code).
+    r#"
+    CREATE TABLE formulary (
+        code   TEXT PRIMARY KEY,
+        name   TEXT NOT NULL,
+        active INTEGER NOT NULL,
+        entry  TEXT NOT NULL
+    ) STRICT;
     "#,
 ];
 
@@ -151,6 +162,9 @@ pub enum Write {
     Resend { missing: Vec<TicketHeads>, node: NodeId },
     /// The reconciliation compared every ticket.
     ReconcileDone,
+    /// The medication catalogue as fetched from the cloud replaces the copy
+    /// held; `etag` names that version, for the next fetch.
+    ReplaceFormulary { entries: Vec<Medication>, etag: String },
 }
 
 impl std::fmt::Debug for Write {
@@ -167,6 +181,9 @@ impl std::fmt::Debug for Write {
             Write::RequestReconcile => f.write_str("RequestReconcile"),
             Write::Resend { missing, .. } => f.debug_struct("Resend").field("tickets", &missing.len()).finish(),
             Write::ReconcileDone => f.write_str("ReconcileDone"),
+            Write::ReplaceFormulary { entries, .. } => {
+                f.debug_struct("ReplaceFormulary").field("entries", &entries.len()).finish_non_exhaustive()
+            }
         }
     }
 }
@@ -402,6 +419,10 @@ impl WriterContext {
                 Ok(Vec::new())
             }
             Write::ApplyRemote { changes, cursor } => self.apply_remote(conn, changes, &cursor, now),
+            Write::ReplaceFormulary { entries, etag } => {
+                replace_formulary(conn, &entries, &etag, now)?;
+                Ok(Vec::new())
+            }
         }
     }
 
@@ -549,6 +570,52 @@ fn set_sync_state(conn: &Connection, key: &str, value: &[u8]) -> Result<(), Stor
 }
 
 /// A value of the sync state (`cursor`, `last_sync_at`).
+/// `sync_state` keys of the catalogue's version (the bridge's ETag) and of
+/// when it was last fetched (ms, big-endian).
+pub const FORMULARY_ETAG_KEY: &str = "formulary_etag";
+pub const FORMULARY_AT_KEY: &str = "formulary_at";
+
+fn replace_formulary(conn: &Connection, entries: &[Medication], etag: &str, now: UnixMillis) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM formulary", [])?;
+    let mut insert =
+        conn.prepare_cached("INSERT INTO formulary (code, name, active, entry) VALUES (?1, ?2, ?3, ?4)")?;
+    for entry in entries {
+        insert.execute(params![entry.code, entry.name, entry.active, serde_json::to_string(entry)?])?;
+    }
+    set_sync_state(conn, FORMULARY_ETAG_KEY, etag.as_bytes())?;
+    set_sync_state(conn, FORMULARY_AT_KEY, &now.to_be_bytes())?;
+    tracing::info!(entries = entries.len(), "medication catalogue updated from the cloud");
+    Ok(())
+}
+
+/// The catalogue's entries for `codes`, and how many entries it holds.
+pub fn formulary_entries(conn: &Connection, codes: &[&str]) -> Result<(Vec<Medication>, u64), StoreError> {
+    let size: i64 = conn.query_row("SELECT count(*) FROM formulary", [], |row| row.get(0))?;
+    let mut select = conn.prepare_cached("SELECT entry FROM formulary WHERE code = ?1")?;
+    let mut found = Vec::new();
+    for code in codes {
+        if let Some(entry) = select.query_row([code], |row| row.get::<_, String>(0)).optional()? {
+            found.push(serde_json::from_str(&entry).map_err(|e| StoreError::Corrupt(format!("formulary entry: {e}")))?);
+        }
+    }
+    Ok((found, size as u64))
+}
+
+/// Catalogue entries whose code starts with, or whose name contains,
+/// `query` (any case), active ones first, then by code.
+pub fn search_formulary(conn: &Connection, query: &str, limit: usize) -> Result<Vec<Medication>, StoreError> {
+    let escaped = query.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+    let mut select = conn.prepare_cached(
+        "SELECT entry FROM formulary
+         WHERE lower(code) LIKE ?1 || '%' ESCAPE '\\' OR lower(name) LIKE '%' || ?1 || '%' ESCAPE '\\'
+         ORDER BY active DESC, code LIMIT ?2",
+    )?;
+    let entries = select.query_map(params![escaped, limit as i64], |row| row.get::<_, String>(0))?;
+    entries
+        .map(|entry| serde_json::from_str(&entry?).map_err(|e| StoreError::Corrupt(format!("formulary entry: {e}"))))
+        .collect()
+}
+
 pub fn sync_state(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(conn.query_row("SELECT value FROM sync_state WHERE key = ?1", [key], |row| row.get(0)).optional()?)
 }

@@ -4,8 +4,10 @@
 //! says so, and is left untouched.
 //!
 //! Each `fixtures/edge-node-schema-N.sqlite3` was written by the edge node
-//! of schema N (three tickets, one cancelled, nothing synced). When a
-//! migration is added, the database of the schema before it is added here.
+//! of schema N (three tickets, one cancelled, nothing synced; their notes
+//! say "schema N fixture ticket"). When a migration is added, the database
+//! of the schema before it is added here. (Schema 2's holds ticket
+//! documents of document schema 1: this build writes schema 2 into them.)
 #![allow(clippy::unwrap_used)] // test code: a failure is the test failing
 
 use std::path::{Path, PathBuf};
@@ -55,7 +57,9 @@ async fn every_released_schema_opens_with_its_tickets_and_outbox() {
             tickets.iter().map(|json| serde_json::from_str(json).unwrap()).collect();
         assert_eq!(tickets.len(), 3, "{}", fixture.display());
         assert_eq!(tickets.iter().filter(|t| t.status == Status::Cancelled).count(), 1);
-        assert!(tickets.iter().all(|t| t.notes.starts_with("schema 1 fixture ticket")));
+        let schema = fixture.file_stem().unwrap().to_string_lossy().trim_start_matches("edge-node-schema-").to_owned();
+        let notes = format!("schema {schema} fixture ticket");
+        assert!(tickets.iter().all(|t| t.notes.starts_with(&notes)), "{}", fixture.display());
         assert_eq!((outbox.pending, outbox.stuck), (4, 0), "three creates and a cancel still to sync");
         let cancelled = tickets.iter().find(|t| t.status == Status::Cancelled).unwrap().id;
         let replica = store.replica().clone();

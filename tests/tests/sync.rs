@@ -337,6 +337,54 @@ async fn an_edge_of_the_previous_protocol_is_told_to_upgrade() {
     );
 }
 
+/// The catalogue a pharmacy admin keeps in the cloud reaches the ward's
+/// edge, where devices look codes up and lines are checked against it with
+/// the cloud out of reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_formulary_reaches_the_ward_and_checks_offline_orders() {
+    let issuer = TestIssuer::new("key-1");
+    let (edge_dir, bridge_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bridge_port = free_port();
+    let mut bridge =
+        BridgeProcess::start_bridge(bridge_dir.path(), &format!("127.0.0.1:{bridge_port}"), &issuer.jwks(), "");
+    let client = reqwest::Client::new();
+    let admin = issuer.token("a.haddad", &["admin"], &[]);
+    for (code, name, unit) in
+        [("AMOX-500", "Amoxicillin 500 mg", "capsule"), ("NACL-09", "Sodium chloride 0.9%", "bag")]
+    {
+        let entry = json!({ "code": code, "name": name, "unit": unit, "active": true });
+        let url = bridge.url(&format!("/api/v1/formulary/{code}"));
+        assert_eq!(client.put(url).bearer_auth(&admin).json(&entry).send().await.unwrap().status(), 201);
+    }
+    std::fs::write(edge_dir.path().join("node-token"), issuer.token(NODE, &["edge-node"], &[WARD])).unwrap();
+    let sync = format!(
+        "[sync]\nbridge_url = \"ws://127.0.0.1:{bridge_port}/sync\"\nreconnect_base_ms = 100\nreconnect_cap_ms = 1000\nformulary_refresh_s = 10\n"
+    );
+    let edge = EdgeNodeProcess::start(edge_dir.path(), NODE, WARD, &issuer.jwks(), &sync);
+    let nurse = issuer.nurse(WARD);
+    wait_for("the catalogue at the edge", Duration::from_secs(30), async || {
+        get_json(&client, edge.url("/api/v1/formulary"), &nurse).await["entries"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+
+    bridge.kill9(); // the cloud is out of reach from here on
+    let found = get_json(&client, edge.url("/api/v1/formulary?q=chloride"), &nurse).await;
+    assert_eq!(found["entries"][0]["code"], "NACL-09", "{found}");
+    assert!(found["synced_at_utc"].as_str().is_some_and(|at| at.ends_with('Z')), "{found}");
+    let order = |code: &str, unit: &str| json!({ "items": [{ "medication_code": code, "quantity": 2, "unit": unit }], "priority": "routine" });
+    let cases = [
+        (order("AMOX-500", "capsule"), 201, None),
+        (order("AMOX-250", "capsule"), 422, Some("unknown_medication")),
+        (order("NACL-09", "vial"), 422, Some("wrong_unit")),
+    ];
+    for (body, status, code) in cases {
+        let response = client.post(edge.url("/api/v1/tickets")).bearer_auth(&nurse).json(&body).send().await.unwrap();
+        let got = response.status().as_u16();
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, code), "{body}: {answer}");
+    }
+}
+
 #[tokio::test]
 async fn a_node_token_cannot_reach_another_ward() {
     let site = Site::new();

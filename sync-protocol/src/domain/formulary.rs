@@ -67,6 +67,33 @@ pub enum FormularyIssue {
     WrongUnit { medication_code: String, expected: Unit, got: Unit },
 }
 
+impl FormularyIssue {
+    /// The stable code an HTTP edge answers with (the same as the JSON tag).
+    pub fn code(&self) -> &'static str {
+        match self {
+            FormularyIssue::UnknownMedication { .. } => "unknown_medication",
+            FormularyIssue::InactiveMedication { .. } => "inactive_medication",
+            FormularyIssue::WrongUnit { .. } => "wrong_unit",
+        }
+    }
+}
+
+impl std::fmt::Display for FormularyIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FormularyIssue::UnknownMedication { medication_code } => {
+                write!(f, "{medication_code} is not in the formulary")
+            }
+            FormularyIssue::InactiveMedication { medication_code } => {
+                write!(f, "{medication_code} is retired from the formulary")
+            }
+            FormularyIssue::WrongUnit { medication_code, expected, got } => {
+                write!(f, "{medication_code} is counted in {}, not {}", expected.as_str(), got.as_str())
+            }
+        }
+    }
+}
+
 /// The issues of `items` against the catalogue, looked up by code: empty
 /// when every line names an active entry in its unit.
 pub fn check_items<'a>(items: &[LineItem], lookup: impl Fn(&str) -> Option<&'a Medication>) -> Vec<FormularyIssue> {
@@ -119,6 +146,8 @@ mod tests {
         let codes: Vec<String> =
             issues.iter().map(|i| serde_json::to_value(i).unwrap()["code"].as_str().unwrap().to_owned()).collect();
         assert_eq!(codes, ["wrong_unit", "inactive_medication", "unknown_medication"]);
+        assert_eq!(issues.iter().map(FormularyIssue::code).collect::<Vec<_>>(), codes, "one name for each");
+        assert_eq!(issues[0].to_string(), "AMOX-500 is counted in capsule, not tablet");
     }
 
     #[test]
