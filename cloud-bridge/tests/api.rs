@@ -232,6 +232,38 @@ async fn an_admin_keeps_the_formulary_and_the_pharmacy_sees_lines_it_flags() {
     }
 }
 
+/// After an upgrade that changed the ticket's JSON, the embedded store
+/// rewrites the tickets it holds in the old shape when it opens, so the
+/// queue shows every ticket alike.
+#[tokio::test]
+async fn the_embedded_store_rewrites_tickets_stored_in_the_previous_shape() {
+    let bridge = Bridge::new().await;
+    let id = bridge.ticket_from_the_ward().await;
+    let old_shape = r#"{"id":"ID","ward":"ward-4b","items":[],"priority":"stat","status":"requested","status_reason":null,"requested_by":"n.okafor","requested_on":"edge-ward-4b","created_at":0,"updated_at":0,"notes":"","assignee":null,"conflicts":[]}"#
+        .replace("ID", &id.to_string());
+    {
+        let conn = rusqlite::Connection::open(bridge.state.config.database_path()).unwrap();
+        conn.execute("UPDATE tickets SET ticket = ?1", [&old_shape]).unwrap();
+        conn.execute("DELETE FROM meta", []).unwrap();
+    }
+    bridge.state.store.close().await;
+    let reopened = open_state((*bridge.state.config).clone()).await.unwrap();
+    let pharmacist = bridge.issuer.token("p.lindqvist", &["pharmacist"], &[]);
+    let request = Request::builder()
+        .uri("/api/v1/queue")
+        .header(header::AUTHORIZATION, format!("Bearer {pharmacist}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = cloud_bridge::router(reopened).oneshot(request).await.unwrap();
+    let queue: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let ticket = &queue["tickets"][0];
+    assert_eq!(
+        (ticket["created_at_utc"].as_str(), ticket["items"][0]["quantity"].as_u64()),
+        (Some("2025-11-24T16:00:00Z"), Some(20)),
+        "{queue}"
+    );
+}
+
 /// The raw body of a GET, for exports that are not JSON.
 async fn text(bridge: &Bridge, path: &str, token: &str) -> (StatusCode, String, String) {
     let request = Request::builder()

@@ -25,7 +25,7 @@ use serde_bytes::ByteBuf;
 use service_kit::sqlite::{self, Database, ReadPool};
 use service_kit::writer::GroupWriter;
 use sync_protocol::admission::{self, Admission, Claim, NodeLease};
-use sync_protocol::document::{Mutation, ReceivedChange, TicketDocument};
+use sync_protocol::document::{Mutation, ReceivedChange, TICKET_JSON_VERSION, TicketDocument};
 use sync_protocol::formulary::Medication;
 use sync_protocol::ids::{NodeId, TicketId, WardId};
 use sync_protocol::session::Rejection;
@@ -97,8 +97,60 @@ const MIGRATIONS: &[&str] = &[
         entry       TEXT NOT NULL,
         updated_at  INTEGER NOT NULL
     ) STRICT;
+    -- The shape the stored ticket JSON was written in (`document::TICKET_JSON_VERSION`).
+    CREATE TABLE meta (
+        key    TEXT PRIMARY KEY,
+        value  INTEGER NOT NULL
+    ) STRICT;
 "#,
 ];
+
+/// Rewrites every stored ticket's JSON and columns from its document when
+/// they are of an older shape, so the queue shows every ticket alike after
+/// an upgrade. Runs at open, before serving.
+fn rematerialize(conn: &mut Connection, replica: &ActorId) -> Result<(), StoreError> {
+    let held: Option<i64> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'ticket_json_version'", [], |row| row.get(0)).optional()?;
+    if held.is_some_and(|held| held >= TICKET_JSON_VERSION as i64) {
+        return Ok(());
+    }
+    let rewritten = sqlite::rewrite_tickets::<StoreError>(
+        conn,
+        |tx, id, document| {
+            let ticket = TicketDocument::load(document, replica.clone())?.ticket()?;
+            let json = serde_json::to_string(&ticket).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.prepare_cached(
+                "UPDATE tickets SET status = ?2, priority = ?3, priority_rank = ?4, updated_at = ?5, conflicts = ?6,
+                 ticket = ?7 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                ticket.status.as_str(),
+                ticket.priority.as_str(),
+                ticket.priority as i64,
+                ticket.updated_at,
+                ticket.open_conflicts() as i64,
+                json
+            ])?;
+            Ok(())
+        },
+        |tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('ticket_json_version', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
+                [TICKET_JSON_VERSION as i64],
+            )?;
+            Ok(())
+        },
+    )?;
+    if rewritten > 0 {
+        tracing::info!(
+            tickets = rewritten,
+            version = TICKET_JSON_VERSION,
+            "stored tickets rewritten in this build's shape"
+        );
+    }
+    Ok(())
+}
 
 const NOTICES_CAPACITY: usize = 1_024;
 /// Writer jobs committed in one transaction (each upstream job is a whole batch).
@@ -180,6 +232,7 @@ impl EmbeddedStore {
         let mut writer = database.open()?;
         sqlite::configure_writer(&writer)?;
         sqlite::migrate(&mut writer, MIGRATIONS)?;
+        rematerialize(&mut writer, &replica)?;
         let readers = ReadPool::open(&database, READERS)?;
         let (notices, _) = broadcast::channel(NOTICES_CAPACITY);
         let stager = Stager::new(limits.clone(), replica.clone())?;

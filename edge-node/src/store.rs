@@ -19,7 +19,7 @@ use automerge::ActorId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use service_kit::sqlite::{self, Database, ReadPool};
 use service_kit::writer::{GroupWriter, QueueError};
-use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TicketDocument};
+use sync_protocol::document::{DocumentError, HistoryEntry, Mutation, TICKET_JSON_VERSION, TicketDocument};
 use sync_protocol::formulary::Medication;
 use sync_protocol::ids::{NodeId, TicketId};
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket, UnixMillis};
@@ -266,6 +266,7 @@ impl Store {
         let mut writer = database.open()?;
         sqlite::configure_writer(&writer)?;
         sqlite::migrate(&mut writer, MIGRATIONS)?;
+        rematerialize(&mut writer, &replica)?;
         let readers = ReadPool::open(database, config.readers)?;
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
         let context = WriterContext { replica: replica.clone(), limits, events: events.clone() };
@@ -559,6 +560,37 @@ fn save_ticket(conn: &Connection, document: &mut TicketDocument) -> Result<(Tick
     let json = ticket_json(&ticket)?;
     write_ticket_row(conn, &ticket, &json, &document.save(), OnConflict::Replace)?;
     Ok((ticket, json))
+}
+
+/// `sync_state` key of the shape the stored ticket JSON was written in
+/// (`document::TICKET_JSON_VERSION`, big-endian).
+const TICKET_JSON_KEY: &str = "ticket_json_version";
+/// Rewrites every stored ticket's JSON and columns from its document when
+/// they are of an older shape, so a list shows every ticket alike after an
+/// upgrade. Runs at open, before serving.
+fn rematerialize(conn: &mut Connection, replica: &ActorId) -> Result<(), StoreError> {
+    let held = sync_state(conn, TICKET_JSON_KEY)?
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes);
+    if held >= TICKET_JSON_VERSION {
+        return Ok(());
+    }
+    let rewritten = sqlite::rewrite_tickets::<StoreError>(
+        conn,
+        |tx, _, document| {
+            let ticket = TicketDocument::load(document, replica.clone())?.ticket()?;
+            write_ticket_row(tx, &ticket, &ticket_json(&ticket)?, document, OnConflict::Replace).map(|_| ())
+        },
+        |tx| set_sync_state(tx, TICKET_JSON_KEY, &TICKET_JSON_VERSION.to_be_bytes()),
+    )?;
+    if rewritten > 0 {
+        tracing::info!(
+            tickets = rewritten,
+            version = TICKET_JSON_VERSION,
+            "stored tickets rewritten in this build's shape"
+        );
+    }
+    Ok(())
 }
 
 fn set_sync_state(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StoreError> {

@@ -53,6 +53,12 @@ async fn every_released_schema_opens_with_its_tickets_and_outbox() {
             })
             .await
             .unwrap();
+        // Lists serve the stored JSON: rewritten at open in this build's shape.
+        for json in &tickets {
+            let raw: serde_json::Value = serde_json::from_str(json).unwrap();
+            assert!(raw["created_at_utc"].as_str().is_some_and(|at| at.ends_with('Z')), "{json}");
+            assert!(raw["supply"].is_array() && raw["order_conflicts"].is_array(), "{json}");
+        }
         let tickets: Vec<sync_protocol::ticket::Ticket> =
             tickets.iter().map(|json| serde_json::from_str(json).unwrap()).collect();
         assert_eq!(tickets.len(), 3, "{}", fixture.display());

@@ -24,6 +24,7 @@
 
 pub mod config;
 mod project;
+mod rewrite;
 
 use std::future::Future;
 use std::sync::Arc;

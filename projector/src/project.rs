@@ -19,7 +19,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::value::RawValue;
-use sync_protocol::document::{ReceivedChange, TicketDocument};
+use sync_protocol::document::{ReceivedChange, TICKET_JSON_VERSION, TicketDocument};
 use sync_protocol::ids::TicketId;
 use sync_protocol::ticket::Ticket;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +71,7 @@ struct Incoming {
 
 /// A decoded record, ready to merge.
 #[derive(Clone)]
-struct Accepted {
+pub(crate) struct Accepted {
     partition: i32,
     offset: i64,
     record: ChangeRecord,
@@ -79,8 +79,8 @@ struct Accepted {
 }
 
 /// What merging one ticket's records produced.
-struct MergedTicket {
-    write: Option<TicketWrite>,
+pub(crate) struct MergedTicket {
+    pub(crate) write: Option<TicketWrite>,
     /// Changes new to the ticket.
     new: Vec<NewChange>,
     notice: Option<ProjectedTicket>,
@@ -131,6 +131,7 @@ pub async fn run(config: &ProjectorConfig, health: Health, stop: CancellationTok
         owes_invalidation: false,
     };
     let presence = tokio::spawn(keep_present(writer.db.clone(), config.projector.id.to_string(), stop.clone()));
+    tokio::spawn(crate::rewrite::rematerialize(writer.db.clone(), writer.cache.clone(), stop.clone()));
     let written = Written::default();
     report_lag(Arc::clone(&consumer), kafka.topic.clone(), Arc::clone(&written), stop.clone());
     tracing::info!(topic = %kafka.topic, group = %kafka.group_id, "projector running");
@@ -623,7 +624,7 @@ fn created_alone(id: TicketId, stored: Option<&StoredTicket>, records: &[Accepte
 }
 
 /// The write, page entries and notice of a ticket merged to `ticket`.
-fn written(
+pub(crate) fn written(
     id: TicketId,
     version: i64,
     ticket: &Ticket,
@@ -666,6 +667,7 @@ fn written(
         ticket: json.to_owned(),
         document,
         held,
+        m: TICKET_JSON_VERSION as i64,
     };
     MergedTicket { write: Some(TicketWrite { expected_v: version, doc }), new, notice, dead: Vec::new() }
 }

@@ -256,6 +256,41 @@ pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), Migrate
     Ok(())
 }
 
+/// Rows of a `tickets` table rewritten per transaction by [`rewrite_tickets`].
+const REWRITE_BATCH_ROWS: usize = 500;
+
+/// Calls `rewrite(tx, id, document)` for every row of the `tickets` table
+/// (its `id` and `document` columns), in id order, a batch of rows per
+/// committed transaction, then `done(tx)` in a last one (to record that
+/// the rewrite is complete: an interrupted run starts over, harmlessly).
+/// Returns the rows rewritten. For rewriting what is derived from each
+/// stored document when its shape changed.
+pub fn rewrite_tickets<E: From<rusqlite::Error>>(
+    conn: &mut Connection,
+    mut rewrite: impl FnMut(&rusqlite::Transaction<'_>, &str, &[u8]) -> Result<(), E>,
+    done: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(), E>,
+) -> Result<usize, E> {
+    let (mut after, mut rewritten) = (String::new(), 0);
+    loop {
+        let tx = conn.transaction()?;
+        let batch: Vec<(String, Vec<u8>)> = tx
+            .prepare_cached("SELECT id, document FROM tickets WHERE id > ?1 ORDER BY id LIMIT ?2")?
+            .query_map(rusqlite::params![after, REWRITE_BATCH_ROWS as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, document) in &batch {
+            rewrite(&tx, id, document)?;
+        }
+        rewritten += batch.len();
+        let Some((last, _)) = batch.last() else {
+            done(&tx)?;
+            tx.commit()?;
+            return Ok(rewritten);
+        };
+        after.clone_from(last);
+        tx.commit()?;
+    }
+}
+
 /// Read-only connections, used from blocking threads.
 #[derive(Debug)]
 pub struct ReadPool {

@@ -228,6 +228,8 @@ mod tests {
             requested_on: "edge-ward-4b".parse().unwrap(),
             created_at: 1_764_000_000_123,
             updated_at: 1_764_000_060_000,
+            created_at_utc: "2025-11-24T16:00:00.123Z".into(),
+            updated_at_utc: "2025-11-24T16:01:00Z".into(),
             notes: String::new(),
             assignee: None,
             conflicts: vec![],

@@ -25,12 +25,17 @@ fn a_schema_1_document_reads_as_its_release_stored_it_and_more() {
     assert_eq!((stored.supply.len(), stored.order_conflicts.len()), (0, 0));
     assert_eq!(stored.conflicts[0].overridden.reason, None, "that release did not show reasons");
     // This build reads the same ticket from the document, and shows more of it.
-    let without_reasons = {
+    let as_that_release_showed_it = {
         let mut t = ticket.clone();
-        t.conflicts.iter_mut().for_each(|c| (c.held.reason, c.overridden.reason) = (None, None));
+        (t.created_at_utc, t.updated_at_utc) = Default::default();
+        for c in &mut t.conflicts {
+            (c.held.reason, c.overridden.reason) = (None, None);
+            (c.held.at_utc, c.overridden.at_utc) = Default::default();
+        }
         t
     };
-    assert_eq!(without_reasons, stored);
+    assert_eq!(as_that_release_showed_it, stored);
+    assert_eq!(ticket.created_at_utc, "2025-11-24T16:00:00Z");
     assert_eq!(ticket.conflicts[0].overridden.reason.as_deref(), Some("patient transferred to ICU"));
     assert_eq!(document.history().unwrap().len(), 7, "every change of the trail, with what it did");
 }

@@ -330,3 +330,42 @@ async fn a_killed_projector_resumes_in_seconds_and_one_that_stops_hands_over_at_
         assert_eq!(at_cloud["ticket"], at_edge["ticket"], "{id} is the same at both sides");
     }
 }
+
+/// An upgrade changed the ticket's JSON: a ticket MongoDB holds in the
+/// shape of the release before (here the document and JSON that release
+/// saved) is rewritten by a projector of this build when it starts, and the
+/// pharmacy's queue serves it in the new shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_projector_rewrites_tickets_stored_in_the_previous_shape() {
+    let cloud = Cloud::start("reshape", 1, 2);
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../sync-protocol/tests/fixtures");
+    let document = std::fs::read(format!("{fixtures}/ticket-schema-1.automerge")).unwrap();
+    let stored_json = std::fs::read_to_string(format!("{fixtures}/ticket-schema-1.json")).unwrap();
+    let old: Value = serde_json::from_str(&stored_json).unwrap();
+    let id = old["id"].as_str().unwrap().to_owned();
+    let tickets = cloud.database().await.collection::<Document>("tickets");
+    let row = doc! {
+        "_id": &id, "v": 1_i64, "ward": "ward-4b", "status": "dispatched", "priority": "urgent", "priority_rank": 1,
+        "created_at": old["created_at"].as_i64().unwrap(), "updated_at": old["updated_at"].as_i64().unwrap(),
+        "conflicts": 1, "ticket": &stored_json,
+        "document": mongodb::bson::Binary { subtype: mongodb::bson::spec::BinarySubtype::Generic, bytes: document },
+        "held": [],
+    };
+    tickets.insert_one(row).await.unwrap();
+
+    // Read once before the upgrade, so the old shape is in the bridge's cache too.
+    let client = reqwest::Client::new();
+    let pharmacist = cloud.pharmacist();
+    let queue = get_json(&client, cloud.bridges[0].url("/api/v1/queue?ward=ward-4b"), &pharmacist).await;
+    assert_eq!(queue["tickets"][0]["created_at_utc"], Value::Null, "stored as that release stored it");
+    let _upgraded = cloud.start_projector("projector-upgraded", None);
+    wait_for("the ticket rewritten in the new shape", Duration::from_secs(60), async || {
+        let queue = get_json(&client, cloud.bridges[0].url("/api/v1/queue?ward=ward-4b"), &pharmacist).await;
+        let ticket = &queue["tickets"][0];
+        ticket["created_at_utc"] == "2025-11-24T16:00:00Z"
+            && ticket["conflicts"][0]["overridden"]["reason"] == "patient transferred to ICU"
+    })
+    .await;
+    let row = tickets.find_one(doc! { "_id": &id }).await.unwrap().unwrap();
+    assert_eq!((row.get_i64("v").unwrap(), row.get_i64("m").unwrap()), (2, 2), "written once, over the version read");
+}

@@ -170,6 +170,13 @@ impl Cache {
         bounded(pipe.query_async::<()>(&mut connection)).await
     }
 
+    /// Retires every cached value, announcing nothing: for tickets
+    /// rewritten outside a projected round (an upgrade's new JSON shape).
+    pub async fn retire_all(&self) -> Result<(), CacheError> {
+        let mut connection = self.connection.clone();
+        bounded(connection.incr::<_, _, ()>(self.epoch_key(), 1)).await
+    }
+
     /// A subscription to the projector's rounds and to lease renewal
     /// requests (its own connection).
     pub async fn subscribe(&self) -> Result<redis::aio::PubSub, CacheError> {

@@ -51,6 +51,10 @@ pub struct TicketDoc {
     /// Accepted changes waiting for changes they depend on.
     #[serde(default)]
     pub held: Vec<serde_bytes::ByteBuf>,
+    /// The shape `ticket` was written in (`document::TICKET_JSON_VERSION`);
+    /// 0 for tickets written before it was recorded.
+    #[serde(default)]
+    pub m: i64,
 }
 
 /// What merging into a ticket needs of it: its version and its documents.
@@ -313,6 +317,20 @@ impl Db {
             found.extend(cursor.try_collect::<Vec<_>>().await.map_err(mongo_error)?);
         }
         Ok(found)
+    }
+
+    /// Up to `limit` tickets whose JSON is of a shape older than `version`,
+    /// as a merge reads them.
+    pub async fn stale_tickets(&self, version: i64, limit: usize) -> Result<Vec<StoredTicket>, StoreError> {
+        let stored = self.tickets.clone_with_type::<StoredTicket>();
+        let filter = doc! { "$or": [{ "m": { "$exists": false } }, { "m": { "$lt": version } }] };
+        let cursor = stored
+            .find(filter)
+            .projection(doc! { "v": 1, "document": 1, "held": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(mongo_error)?;
+        cursor.try_collect().await.map_err(mongo_error)
     }
 
     /// The documents of `ward`'s tickets with changes in `from..=to` (ms),

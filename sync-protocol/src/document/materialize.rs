@@ -12,7 +12,7 @@ use crate::gs1::Gtin;
 use crate::ids::{TicketId, UserId, WardId};
 use crate::lifecycle::{self, Transition};
 use crate::supply::{DATE_FORMAT, Discrepancy, LineReceipt, LineSupply, Shortfall, Substitute};
-use crate::ticket::{LineItem, Priority, Status, Ticket, Unit, UnixMillis};
+use crate::ticket::{LineItem, Priority, Status, Ticket, Unit, UnixMillis, utc_iso8601};
 
 impl TicketDocument {
     /// The ticket as it stands in this replica.
@@ -57,6 +57,7 @@ impl TicketDocument {
             .filter_map(|(value, _)| value.as_i64())
             .max()
             .ok_or_else(|| DocumentError::malformed("updated_at missing"))?;
+        let created_at = self.timestamp(&ROOT, "created_at")?;
         Ok(Ticket {
             id,
             ward,
@@ -67,8 +68,10 @@ impl TicketDocument {
             status_reason: resolution.status_reason,
             requested_by: parse_field("created_by", &self.string(&ROOT, "created_by")?)?,
             requested_on: parse_field("created_on", &self.string(&ROOT, "created_on")?)?,
-            created_at: self.timestamp(&ROOT, "created_at")?,
+            created_at,
             updated_at,
+            created_at_utc: utc_iso8601(created_at),
+            updated_at_utc: utc_iso8601(updated_at),
             notes: self.doc.text(&notes)?,
             assignee,
             conflicts: resolution.conflicts,

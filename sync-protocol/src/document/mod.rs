@@ -49,6 +49,12 @@ use self::checks::{EditPlan, check_authored_transition, check_declared_edits, ch
 /// first such write.
 pub const SCHEMA_VERSION: u64 = 2;
 
+/// The shape of the materialized ticket's JSON (`Ticket`). Stores keep it
+/// beside each document and serve it in lists; one written in an older
+/// shape is rewritten from its document when a store opens. Version 2:
+/// supply, receipt, order conflicts, reasons on conflicts, times in ISO 8601.
+pub const TICKET_JSON_VERSION: u64 = 2;
+
 const SUPPLY: &str = "supply";
 const RECEIPT: &str = "receipt";
 
@@ -241,6 +247,8 @@ impl TicketDocument {
             requested_on: actor.device.clone(),
             created_at: now,
             updated_at: now,
+            created_at_utc: crate::ticket::utc_iso8601(now),
+            updated_at_utc: crate::ticket::utc_iso8601(now),
             notes: new.notes.clone(),
             assignee: None,
             conflicts: Vec::new(),

@@ -65,6 +65,7 @@ impl TicketDocument {
                     role: audit.actor.role,
                     device: audit.actor.device,
                     at: audit.at,
+                    at_utc: crate::ticket::utc_iso8601(audit.at),
                 },
                 progress: transition.to_ref(),
             });

@@ -151,6 +151,7 @@ impl Transition {
             role: self.role,
             device: self.device.clone(),
             at: self.at,
+            at_utc: crate::ticket::utc_iso8601(self.at),
         }
     }
 }

@@ -393,6 +393,9 @@ pub struct TransitionRef {
     pub role: Role,
     pub device: NodeId,
     pub at: UnixMillis,
+    /// `at` as ISO 8601 UTC.
+    #[serde(default)]
+    pub at_utc: String,
 }
 
 /// An edit of the order (lines or priority) that the pharmacy had not seen
@@ -419,6 +422,8 @@ pub struct EditRef {
     pub role: Role,
     pub device: NodeId,
     pub at: UnixMillis,
+    /// `at` as ISO 8601 UTC.
+    pub at_utc: String,
 }
 
 /// A ticket as read from its document: every field a query or a screen needs.
@@ -436,6 +441,12 @@ pub struct Ticket {
     pub requested_on: NodeId,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
+    /// The two times above as ISO 8601 UTC, for people and other systems.
+    /// Absent from tickets stored before they were given.
+    #[serde(default)]
+    pub created_at_utc: String,
+    #[serde(default)]
+    pub updated_at_utc: String,
     pub notes: String,
     pub assignee: Option<UserId>,
     pub conflicts: Vec<Conflict>,
