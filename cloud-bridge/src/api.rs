@@ -54,7 +54,7 @@ use sha2::{Digest, Sha256};
 use sync_protocol::document::{Mutation, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::formulary::{FormularyIssue, Medication};
 use sync_protocol::ids::{Role, TicketId, WardId};
-use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis};
+use sync_protocol::ticket::{Priority, Status, Ticket, UnixMillis, utc_iso8601};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
@@ -344,8 +344,23 @@ async fn live_events(
     Ok(live_feed(events, Arc::clone(&state.verifier), session.principal, state.shutdown.clone()))
 }
 
-async fn nodes(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<NodeDiagnostics>>, ApiError> {
-    Ok(Json(state.store.diagnostics().await.map_err(refusal)?))
+/// A node's diagnostics, with its times also in ISO 8601 UTC.
+#[derive(Serialize)]
+struct NodeView {
+    #[serde(flatten)]
+    node: NodeDiagnostics,
+    last_seen_utc: String,
+    taken_over_at_utc: Option<String>,
+}
+
+async fn nodes(State(state): State<AppState>, _caller: PharmacyCaller) -> Result<Json<Vec<NodeView>>, ApiError> {
+    let nodes = state.store.diagnostics().await.map_err(refusal)?;
+    let view = |node: NodeDiagnostics| NodeView {
+        last_seen_utc: utc_iso8601(node.last_seen),
+        taken_over_at_utc: node.taken_over_at.map(utc_iso8601),
+        node,
+    };
+    Ok(Json(nodes.into_iter().map(view).collect()))
 }
 
 pub(crate) async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {

@@ -115,6 +115,7 @@ async fn the_pharmacy_works_a_ticket_and_exports_it() {
         (status, nodes[0]["node"].as_str(), nodes[0]["acked_up_to"].as_u64()),
         (StatusCode::OK, Some("edge-ward-4b"), Some(1))
     );
+    assert!(nodes[0]["last_seen_utc"].as_str().is_some_and(|at| at.ends_with('Z')), "{nodes}");
 }
 
 #[tokio::test]

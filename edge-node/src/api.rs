@@ -392,11 +392,13 @@ struct SyncStatus {
     link: crate::sync::LinkStatus,
     /// When the bridge last acknowledged or sent changes (ms since the epoch).
     last_sync_at: Option<i64>,
+    last_sync_at_utc: Option<String>,
     outbox: store::OutboxCounts,
     /// Whether every ticket is to be compared with the cloud on the link
     /// (after a restore, or asked for); when that last finished.
     reconcile_requested: bool,
     reconciled_at: Option<i64>,
+    reconciled_at_utc: Option<String>,
 }
 
 fn millis(bytes: Option<Vec<u8>>) -> Option<i64> {
@@ -417,7 +419,16 @@ async fn sync_status(State(state): State<AppState>, _caller: Caller) -> Result<J
         .await?;
     let link = state.link.lock().map(|link| link.clone()).unwrap_or_default();
     let bridge_configured = state.config.sync.is_some();
-    Ok(Json(SyncStatus { bridge_configured, link, last_sync_at, outbox, reconcile_requested, reconciled_at }))
+    Ok(Json(SyncStatus {
+        bridge_configured,
+        link,
+        last_sync_at,
+        last_sync_at_utc: last_sync_at.map(utc_iso8601),
+        outbox,
+        reconcile_requested,
+        reconciled_at,
+        reconciled_at_utc: reconciled_at.map(utc_iso8601),
+    }))
 }
 
 /// An operator asks for every ticket to be compared with the cloud: on the

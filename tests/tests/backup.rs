@@ -176,6 +176,11 @@ async fn a_backup_under_load_restores_and_converges_with_the_cloud_without_dupli
     let status: Value = get_json(&client, restored.url("/api/v1/sync"), &nurse).await;
     assert_eq!(status["outbox"]["pending"], 0, "{status}");
     assert_eq!(status["outbox"]["stuck"], 0, "{status}");
+    let (last_sync, reconciled) = (status["last_sync_at_utc"].as_str(), status["reconciled_at_utc"].as_str());
+    assert!(
+        last_sync.is_some_and(|at| at.ends_with('Z')) && reconciled.is_some_and(|at| at.ends_with('Z')),
+        "{status}"
+    );
     let nodes: Value = get_json(&client, bridge.url("/api/v1/nodes"), &pharmacist).await;
     assert_eq!(nodes[0]["rejected"], 0, "{nodes}");
     eprintln!(
