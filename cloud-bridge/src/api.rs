@@ -3,7 +3,7 @@
 //!
 //! | method | path                              | who                | what |
 //! |--------|-----------------------------------|--------------------|------|
-//! | GET    | /api/v1/queue                     | pharmacist, admin  | all wards' tickets, priority then age; `ward`, `status`, `priority` (comma lists), `limit` (1-500) |
+//! | GET    | /api/v1/queue                     | pharmacist, admin  | all wards' tickets, priority then age; `ward`, `status`, `priority` (comma lists), `backorder=open` (tickets with a line still owed, delivered ones included), `limit` (1-500) |
 //! | GET    | /api/v1/tickets/{id}              | pharmacist, admin  | one ticket with its history and `formulary_issues`: lines whose code the catalogue lacks or retired, or whose unit differs (a ward may have ordered offline against an older catalogue; none are flagged while the catalogue is empty) |
 //! | PATCH  | /api/v1/tickets/{id}              | pharmacist, admin  | notes (`{"notes": {"append": ..}}` or `{"replace": ..}`, merged with the ward's character by character), assignee (take a ticket: your own user; assign a colleague; `null` to release), `supply` per line (`[{medication_code, quantity, substitute?: {medication_code, description, reason}, shortfall?: "backorder" \| "closed-short", reason?}]`, while acknowledged, picking or dispatched, and to fill or close a backorder once delivered); 200 or 202 as for transitions |
 //! | GET    | /api/v1/tickets/{id}/fhir         | pharmacist, admin  | the ticket as a FHIR R4 Bundle: a Task, a SupplyRequest per line, a SupplyDelivery per supplied line |
@@ -85,6 +85,7 @@ struct QueueParams {
     ward: Option<String>,
     status: Option<String>,
     priority: Option<String>,
+    backorder: Option<String>,
     limit: Option<usize>,
 }
 
@@ -113,6 +114,17 @@ async fn queue(
         wards: parse_list(params.ward.as_deref(), |s| s.parse::<WardId>().ok(), "invalid_ward")?,
         statuses: parse_list(params.status.as_deref(), Status::parse, "invalid_status")?,
         priorities: parse_list(params.priority.as_deref(), Priority::parse, "invalid_priority")?,
+        open_backorders: match params.backorder.as_deref() {
+            None => false,
+            Some("open") => true,
+            Some(other) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_backorder",
+                    format!("backorder={other:?}: only open"),
+                ));
+            }
+        },
         limit,
     };
     let page = state.store.queue(query).await.map_err(refusal)?;

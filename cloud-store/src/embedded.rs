@@ -97,6 +97,8 @@ const MIGRATIONS: &[&str] = &[
         entry       TEXT NOT NULL,
         updated_at  INTEGER NOT NULL
     ) STRICT;
+    -- Lines still owed (backordered), for the queue's filter.
+    ALTER TABLE tickets ADD COLUMN backorders INTEGER NOT NULL DEFAULT 0;
     -- The shape the stored ticket JSON was written in (`document::TICKET_JSON_VERSION`).
     CREATE TABLE meta (
         key    TEXT PRIMARY KEY,
@@ -121,7 +123,7 @@ fn rematerialize(conn: &mut Connection, replica: &ActorId) -> Result<(), StoreEr
             let json = serde_json::to_string(&ticket).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             tx.prepare_cached(
                 "UPDATE tickets SET status = ?2, priority = ?3, priority_rank = ?4, updated_at = ?5, conflicts = ?6,
-                 ticket = ?7 WHERE id = ?1",
+                 ticket = ?7, backorders = ?8 WHERE id = ?1",
             )?
             .execute(params![
                 id,
@@ -130,7 +132,8 @@ fn rematerialize(conn: &mut Connection, replica: &ActorId) -> Result<(), StoreEr
                 ticket.priority as i64,
                 ticket.updated_at,
                 ticket.open_conflicts() as i64,
-                json
+                json,
+                ticket.open_backorders().count() as i64
             ])?;
             Ok(())
         },
@@ -472,10 +475,11 @@ impl Pending {
     fn write(&mut self, conn: &Connection, row: TicketRow) -> Result<(), rusqlite::Error> {
         let TicketRow { ticket, json, document } = row;
         conn.prepare_cached(
-            "INSERT INTO tickets (id, ward, status, priority, priority_rank, created_at, updated_at, conflicts, ticket, document)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+            "INSERT INTO tickets (id, ward, status, priority, priority_rank, created_at, updated_at, conflicts, ticket,
+                document, backorders)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (id) DO UPDATE SET status = ?3, priority = ?4, priority_rank = ?5, updated_at = ?7,
-               conflicts = ?8, ticket = ?9, document = ?10",
+               conflicts = ?8, ticket = ?9, document = ?10, backorders = ?11",
         )?
         .execute(params![
             ticket.id.to_string(),
@@ -487,7 +491,8 @@ impl Pending {
             ticket.updated_at,
             ticket.open_conflicts() as i64,
             &*json,
-            document
+            document,
+            ticket.open_backorders().count() as i64
         ])?;
         self.notices.push(WardNotice { ward: ticket.ward, ticket_json: json });
         Ok(())
@@ -793,6 +798,9 @@ fn queue(conn: &Connection, query: &QueueQuery) -> Result<QueuePage, StoreError>
     in_list("ward", query.wards.iter().map(|w| w.as_str().to_owned()).collect());
     in_list("status", query.statuses.iter().map(|s| s.as_str().to_owned()).collect());
     in_list("priority", query.priorities.iter().map(|p| p.as_str().to_owned()).collect());
+    if query.open_backorders {
+        filter.push_str(" AND backorders > 0");
+    }
     let total: i64 =
         conn.query_row(&format!("SELECT count(*) FROM tickets{filter}"), rusqlite::params_from_iter(&args), |r| {
             r.get(0)

@@ -120,6 +120,8 @@ pub struct QueueQuery {
     pub wards: Vec<WardId>,
     pub statuses: Vec<Status>,
     pub priorities: Vec<Priority>,
+    /// Only tickets with a line still owed (backordered).
+    pub open_backorders: bool,
     pub limit: usize,
 }
 

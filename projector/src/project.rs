@@ -667,6 +667,7 @@ pub(crate) fn written(
         ticket: json.to_owned(),
         document,
         held,
+        backorders: i32::try_from(ticket.open_backorders().count()).unwrap_or(i32::MAX),
         m: TICKET_JSON_VERSION as i64,
     };
     MergedTicket { write: Some(TicketWrite { expected_v: version, doc }), new, notice, dead: Vec::new() }

@@ -167,6 +167,23 @@ async fn changes_through_either_bridge_and_either_projector_reach_every_ward_and
     assert!(lines.iter().all(|line| line["ward"] == "icu-2"));
     assert_eq!(lines.iter().filter(|line| line["action"]["kind"] == "transition").count(), 1);
 
+    // A line backordered on a dispatched ticket keeps it in the queue's
+    // backorder view, whichever bridge serves it.
+    let supply = json!({ "supply": [{ "medication_code": "MED-3", "quantity": 1, "shortfall": "backorder" }] });
+    let response = client
+        .patch(cloud.bridges[0].url(&format!("/api/v1/tickets/{}", ward_ids[3])))
+        .bearer_auth(&pharmacist)
+        .json(&supply)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    wait_for("the backorder in the other bridge's queue", Duration::from_secs(20), async || {
+        let page = get_json(&client, cloud.bridges[1].url("/api/v1/queue?backorder=open"), &pharmacist).await;
+        page["total"] == 1 && page["tickets"][0]["id"] == ward_ids[3].as_str()
+    })
+    .await;
+
     // The formulary lives in MongoDB: kept through one bridge, read and
     // applied through the other.
     let admin = cloud.issuer.token("a.haddad", &["admin"], &[]);

@@ -505,6 +505,12 @@ impl Partitioned {
         Partitioned { proxy, edge, _bridge: bridge, client, nurse, pharmacist, at_edge, at_bridge, _dirs }
     }
 
+    /// The bridge's queue URL.
+    fn bridge_queue(&self) -> String {
+        let base = self.at_bridge.split("/api/v1/").next().unwrap_or_default();
+        format!("{base}/api/v1/queue")
+    }
+
     async fn partition(&self) {
         self.proxy.partition();
         wait_for("the edge to see the link down", Duration::from_secs(10), async || {
@@ -654,6 +660,8 @@ async fn partial_supply_substitute_backorder_and_receipt_cross_the_link() {
 
     let ticket = site.heal().await;
     assert_eq!(ticket["status"], "delivered");
+    let backordered = get_json(&site.client, format!("{}?backorder=open", site.bridge_queue()), &site.pharmacist).await;
+    assert_eq!(backordered["total"], 1, "delivered, and still owed a line: {backordered}");
     assert_eq!(ticket["supply"][0]["substitute"]["medication_code"], "CLAR-250");
     assert_eq!(ticket["supply"][1]["shortfall"], "backorder", "open until filled or closed");
     let received = &ticket["receipt"];

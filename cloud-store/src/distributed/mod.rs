@@ -428,8 +428,14 @@ impl DistributedStore {
         let wards = query.wards.iter().map(|w| w.as_str().to_owned()).collect::<Vec<_>>();
         let statuses = query.statuses.iter().map(|s| s.as_str().to_owned()).collect::<Vec<_>>();
         let priorities = query.priorities.iter().map(|p| p.as_str().to_owned()).collect::<Vec<_>>();
-        let name =
-            format!("w={};s={};p={};l={}", wards.join(","), statuses.join(","), priorities.join(","), query.limit);
+        let name = format!(
+            "w={};s={};p={};b={};l={}",
+            wards.join(","),
+            statuses.join(","),
+            priorities.join(","),
+            query.open_backorders,
+            query.limit
+        );
         let cache = self.shared.cache.as_ref();
         let key = match cache {
             Some(cache) => cache.queue_key(&name).await.inspect_err(|e| cache_failed("queue key", e)).ok(),
@@ -441,7 +447,8 @@ impl DistributedStore {
         {
             return Ok(page);
         }
-        let (tickets, total) = self.shared.db.queue(&wards, &statuses, &priorities, query.limit).await?;
+        let (tickets, total) =
+            self.shared.db.queue(&wards, &statuses, &priorities, query.open_backorders, query.limit).await?;
         let page = QueuePage { tickets, total };
         if let (Some(cache), Some(key)) = (cache, &key) {
             let _ = cache

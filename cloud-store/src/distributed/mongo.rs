@@ -51,6 +51,9 @@ pub struct TicketDoc {
     /// Accepted changes waiting for changes they depend on.
     #[serde(default)]
     pub held: Vec<serde_bytes::ByteBuf>,
+    /// Lines still owed (backordered), for the queue's filter.
+    #[serde(default)]
+    pub backorders: i32,
     /// The shape `ticket` was written in (`document::TICKET_JSON_VERSION`);
     /// 0 for tickets written before it was recorded.
     #[serde(default)]
@@ -388,6 +391,7 @@ impl Db {
         wards: &[String],
         statuses: &[String],
         priorities: &[String],
+        open_backorders: bool,
         limit: usize,
     ) -> Result<(Vec<String>, u64), StoreError> {
         let mut filter = Document::new();
@@ -395,6 +399,9 @@ impl Db {
             if !values.is_empty() {
                 filter.insert(field, doc! { "$in": values });
             }
+        }
+        if open_backorders {
+            filter.insert("backorders", doc! { "$gt": 0 });
         }
         let rows: Vec<QueueRow> = self
             .tickets
