@@ -210,7 +210,7 @@ impl TicketDocument {
         };
         let items: HashMap<&str, hydrate::Value> =
             new.items.iter().map(|i| (i.medication_code.as_str(), item(i))).collect();
-        let id = id.to_string();
+        let (ticket_id, id) = (id, id.to_string());
         let root = HashMap::from([
             ("schema", hydrate::Value::from(SCHEMA_VERSION)),
             ("id", hydrate::Value::from(id.as_str())),
@@ -234,28 +234,7 @@ impl TicketDocument {
         let change = document.commit(actor, now, AuditAction::Create)?;
         // Materializing from the inputs saves reading the document back, the
         // largest cost of a create; tests check both ways agree.
-        let mut items = new.items.clone();
-        items.sort_by(|a, b| a.medication_code.cmp(&b.medication_code));
-        let ticket = Ticket {
-            id: id.parse().map_err(|_| DocumentError::malformed("ticket id"))?,
-            ward: ward.clone(),
-            items,
-            priority: new.priority,
-            status: Status::Requested,
-            status_reason: None,
-            requested_by: actor.user.clone(),
-            requested_on: actor.device.clone(),
-            created_at: now,
-            updated_at: now,
-            created_at_utc: crate::ticket::utc_iso8601(now),
-            updated_at_utc: crate::ticket::utc_iso8601(now),
-            notes: new.notes.clone(),
-            assignee: None,
-            conflicts: Vec::new(),
-            order_conflicts: Vec::new(),
-            supply: Vec::new(),
-            receipt: Vec::new(),
-        };
+        let ticket = requested(ticket_id, ward, new, actor, now);
         debug_assert_eq!(Some(&ticket), document.ticket().ok().as_ref(), "materialized from inputs");
         document.materialized = Some(ticket.clone());
         Ok(Created { document, change, ticket })
@@ -590,6 +569,32 @@ impl TicketDocument {
         let change =
             self.doc.get_last_local_change().ok_or_else(|| DocumentError::malformed("commit produced no change"))?;
         Ok(change.raw_bytes().to_vec())
+    }
+}
+
+/// A new ticket as `new` asks for it, before anyone acted on it.
+fn requested(id: TicketId, ward: &WardId, new: &NewTicket, actor: &Actor, now: UnixMillis) -> Ticket {
+    let mut items = new.items.clone();
+    items.sort_by(|a, b| a.medication_code.cmp(&b.medication_code));
+    Ticket {
+        id,
+        ward: ward.clone(),
+        items,
+        priority: new.priority,
+        status: Status::Requested,
+        status_reason: None,
+        requested_by: actor.user.clone(),
+        requested_on: actor.device.clone(),
+        created_at: now,
+        updated_at: now,
+        created_at_utc: crate::ticket::utc_iso8601(now),
+        updated_at_utc: crate::ticket::utc_iso8601(now),
+        notes: new.notes.clone(),
+        assignee: None,
+        conflicts: Vec::new(),
+        order_conflicts: Vec::new(),
+        supply: Vec::new(),
+        receipt: Vec::new(),
     }
 }
 
