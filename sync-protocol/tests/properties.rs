@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use sync_protocol::document::{NotesEdit, TicketDocument, TicketEdit, TransitionRequest};
+use sync_protocol::gs1;
 use sync_protocol::ids::{Role, TicketId};
 use sync_protocol::ticket::{Limits, Priority, Status, Ticket};
 use sync_protocol::wire::{
@@ -260,6 +261,22 @@ proptest! {
         let i = position.index(frame.len());
         frame[i] = byte;
         let _ = wire::decode(&frame, &limits);
+    }
+
+    /// A GS1 string from a scanner or a keyboard is untrusted: any text,
+    /// and any valid label with a character changed, gives a label or an
+    /// error, never a panic; a label read is one the string held.
+    #[test]
+    fn gs1_strings_never_panic(noise in "\\PC{0,80}", position in any::<prop::sample::Index>(), c in any::<char>()) {
+        let today = time::macros::date!(2026 - 12 - 07);
+        let _ = gs1::parse_label(&noise, today);
+        let mut label: Vec<char> = "]d2010950600013435217270600\u{1d}10B42\u{1d}21SN7".chars().collect();
+        let i = position.index(label.len());
+        label[i] = c;
+        let text: String = label.into_iter().collect();
+        if let Ok(read) = gs1::parse_label(&text, today) {
+            prop_assert!(text.contains(&read.lot) && text.contains(read.gtin.as_str()));
+        }
     }
 }
 
