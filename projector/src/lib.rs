@@ -96,8 +96,10 @@ pub async fn run(
     let router = router(health.clone(), service_kit::telemetry::prometheus());
     let grace = Duration::from_millis(config.projector.shutdown_grace_ms);
     let server = tokio::spawn(service_kit::shutdown::serve_until(listener, router, stop.clone(), grace));
+    let rewrite = tokio::spawn(rewrite::rematerialize(config.clone(), stop.clone()));
     let outcome = project::run(&config, health, stop.clone()).await;
     stop.cancel();
+    let _ = rewrite.await;
     let _ = server.await;
     outcome.map_err(ServeError::store)
 }

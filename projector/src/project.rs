@@ -131,7 +131,6 @@ pub async fn run(config: &ProjectorConfig, health: Health, stop: CancellationTok
         owes_invalidation: false,
     };
     let presence = tokio::spawn(keep_present(writer.db.clone(), config.projector.id.to_string(), stop.clone()));
-    tokio::spawn(crate::rewrite::rematerialize(writer.db.clone(), writer.cache.clone(), stop.clone()));
     let written = Written::default();
     report_lag(Arc::clone(&consumer), kafka.topic.clone(), Arc::clone(&written), stop.clone());
     tracing::info!(topic = %kafka.topic, group = %kafka.group_id, "projector running");

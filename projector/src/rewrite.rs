@@ -11,6 +11,7 @@ use cloud_store::distributed::mongo::{Db, StoredTicket, TicketWrite};
 use sync_protocol::document::{TICKET_JSON_VERSION, TicketDocument};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ProjectorConfig;
 use crate::project::written;
 
 /// Tickets read and rewritten per round.
@@ -18,7 +19,20 @@ const REWRITE_BATCH: usize = 200;
 
 /// Rewrites every stale ticket, round by round, until none is left or
 /// `stop`; a failure is logged and ends the run (the next start resumes).
-pub async fn rematerialize(db: Db, cache: Option<Cache>, stop: CancellationToken) {
+/// Its own clients: it runs beside the projection, once.
+pub async fn rematerialize(config: ProjectorConfig, stop: CancellationToken) {
+    let name = format!("projector/{}/rewrite", config.projector.id);
+    let connected = async {
+        let db = Db::connect(&config.mongodb, &name).await?;
+        let cache = config.redis.as_ref().map(Cache::new).transpose().map_err(StoreError::from)?;
+        Ok::<_, StoreError>((db, cache))
+    };
+    let (db, cache) = match connected.await {
+        Ok(clients) => clients,
+        Err(error) => {
+            return tracing::error!(%error, "cannot reach MongoDB to rewrite stored tickets; retried at the next start");
+        }
+    };
     let replica = ActorId::random();
     let mut rewritten = 0usize;
     while !stop.is_cancelled() {
