@@ -49,7 +49,7 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use service_kit::clock::now_ms;
-use service_kit::http::{ApiError, ApiJson, TicketPath, live_feed, parse_list};
+use service_kit::http::{ApiError, ApiJson, TicketPath, live_feed, page_limit, parse_list};
 use sha2::{Digest, Sha256};
 use sync_protocol::document::{Mutation, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::formulary::{FormularyIssue, Medication};
@@ -102,14 +102,7 @@ async fn queue(
     params: Result<Query<QueueParams>, QueryRejection>,
 ) -> Result<Json<QueuePage>, ApiError> {
     let Query(params) = params?;
-    let limit = params.limit.unwrap_or(QUEUE_LIMIT_DEFAULT);
-    if !(1..=QUEUE_LIMIT_MAX).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_limit",
-            format!("limit must be 1 to {QUEUE_LIMIT_MAX}"),
-        ));
-    }
+    let limit = page_limit(params.limit, QUEUE_LIMIT_DEFAULT, QUEUE_LIMIT_MAX)?;
     let query = QueueQuery {
         wards: parse_list(params.ward.as_deref(), |s| s.parse::<WardId>().ok(), "invalid_ward")?,
         statuses: parse_list(params.status.as_deref(), Status::parse, "invalid_status")?,

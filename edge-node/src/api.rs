@@ -61,7 +61,7 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use service_kit::http::{
-    ApiError, ApiJson, TicketPath, api_refusals, bearer_token, live_feed, log_refusals, parse_list,
+    ApiError, ApiJson, TicketPath, api_refusals, bearer_token, live_feed, log_refusals, page_limit, parse_list,
 };
 use sync_protocol::document::{DocumentError, HistoryEntry, TicketDocument, TicketEdit, TransitionRequest};
 use sync_protocol::formulary::{self, Medication};
@@ -246,14 +246,7 @@ async fn search_formulary(
     params: Result<Query<FormularyParams>, QueryRejection>,
 ) -> Result<Json<FormularyPage>, ApiError> {
     let Query(params) = params?;
-    let limit = params.limit.unwrap_or(PAGE_SIZE_DEFAULT);
-    if !(1..=PAGE_SIZE_MAX).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_limit",
-            format!("limit must be 1 to {PAGE_SIZE_MAX}"),
-        ));
-    }
+    let limit = page_limit(params.limit, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)?;
     let query = params.q.unwrap_or_default();
     let (entries, synced_at) = state
         .store
@@ -295,14 +288,7 @@ async fn list_tickets(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<TicketList>, ApiError> {
     let Query(params) = params?;
-    let limit = params.limit.unwrap_or(PAGE_SIZE_DEFAULT);
-    if !(1..=PAGE_SIZE_MAX).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_limit",
-            format!("limit must be 1 to {PAGE_SIZE_MAX}"),
-        ));
-    }
+    let limit = page_limit(params.limit, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX)?;
     let after = match params.page.as_deref() {
         Some(token) => Some(QueuePosition::parse(token).ok_or_else(|| {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_page", "page is not a token from a list response")

@@ -357,6 +357,16 @@ pub fn bearer_token(parts: &Parts) -> Result<&str, AuthError> {
     }
 }
 
+/// A page size from a query: `default` when absent, else 1 to `max`; out
+/// of range is a 400 `invalid_limit` naming the range.
+pub fn page_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_limit", format!("limit must be 1 to {max}")));
+    }
+    Ok(limit)
+}
+
 /// A comma-separated query value parsed item by item; an unknown item is a
 /// 400 with `code`.
 pub fn parse_list<T>(
