@@ -116,8 +116,9 @@ fn rematerialize(conn: &mut Connection, replica: &ActorId) -> Result<(), StoreEr
     if held.is_some_and(|held| held >= TICKET_JSON_VERSION as i64) {
         return Ok(());
     }
-    let rewritten = sqlite::rewrite_tickets::<StoreError>(
+    sqlite::rewrite_tickets::<StoreError>(
         conn,
+        TICKET_JSON_VERSION,
         |tx, id, document| {
             let ticket = TicketDocument::load(document, replica.clone())?.ticket()?;
             let json = serde_json::to_string(&ticket).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -144,15 +145,7 @@ fn rematerialize(conn: &mut Connection, replica: &ActorId) -> Result<(), StoreEr
             )?;
             Ok(())
         },
-    )?;
-    if rewritten > 0 {
-        tracing::info!(
-            tickets = rewritten,
-            version = TICKET_JSON_VERSION,
-            "stored tickets rewritten in this build's shape"
-        );
-    }
-    Ok(())
+    )
 }
 
 const NOTICES_CAPACITY: usize = 1_024;

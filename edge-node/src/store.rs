@@ -575,22 +575,15 @@ fn rematerialize(conn: &mut Connection, replica: &ActorId) -> Result<(), StoreEr
     if held >= TICKET_JSON_VERSION {
         return Ok(());
     }
-    let rewritten = sqlite::rewrite_tickets::<StoreError>(
+    sqlite::rewrite_tickets::<StoreError>(
         conn,
+        TICKET_JSON_VERSION,
         |tx, _, document| {
             let ticket = TicketDocument::load(document, replica.clone())?.ticket()?;
             write_ticket_row(tx, &ticket, &ticket_json(&ticket)?, document, OnConflict::Replace).map(|_| ())
         },
         |tx| set_sync_state(tx, TICKET_JSON_KEY, &TICKET_JSON_VERSION.to_be_bytes()),
-    )?;
-    if rewritten > 0 {
-        tracing::info!(
-            tickets = rewritten,
-            version = TICKET_JSON_VERSION,
-            "stored tickets rewritten in this build's shape"
-        );
-    }
-    Ok(())
+    )
 }
 
 fn set_sync_state(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StoreError> {

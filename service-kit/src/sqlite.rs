@@ -263,13 +263,14 @@ const REWRITE_BATCH_ROWS: usize = 500;
 /// (its `id` and `document` columns), in id order, a batch of rows per
 /// committed transaction, then `done(tx)` in a last one (to record that
 /// the rewrite is complete: an interrupted run starts over, harmlessly).
-/// Returns the rows rewritten. For rewriting what is derived from each
-/// stored document when its shape changed.
+/// For rewriting what is derived from each stored document when its shape
+/// changed, to `version` (logged).
 pub fn rewrite_tickets<E: From<rusqlite::Error>>(
     conn: &mut Connection,
+    version: u64,
     mut rewrite: impl FnMut(&rusqlite::Transaction<'_>, &str, &[u8]) -> Result<(), E>,
     done: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(), E>,
-) -> Result<usize, E> {
+) -> Result<(), E> {
     let (mut after, mut rewritten) = (String::new(), 0);
     loop {
         let tx = conn.transaction()?;
@@ -284,7 +285,10 @@ pub fn rewrite_tickets<E: From<rusqlite::Error>>(
         let Some((last, _)) = batch.last() else {
             done(&tx)?;
             tx.commit()?;
-            return Ok(rewritten);
+            if rewritten > 0 {
+                tracing::info!(tickets = rewritten, version, "stored tickets rewritten in this build's shape");
+            }
+            return Ok(());
         };
         after.clone_from(last);
         tx.commit()?;
