@@ -368,12 +368,15 @@ impl TicketDocument {
         if transitions.len() > limits.transitions_per_ticket_max {
             return Err(TicketError::TooManyTransitions { max: limits.transitions_per_ticket_max }.into());
         }
-        let mut fresh = transitions.iter().filter(|t| !transitions_before.contains(&t.id)).peekable();
-        if fresh.peek().is_some() {
-            let order_conflicts = candidate.order_conflicts(&transitions)?;
-            for new in fresh {
-                check_authored_transition(new, &transitions, &order_conflicts, &audits, limits)?;
-            }
+        let fresh: Vec<&lifecycle::Transition> =
+            transitions.iter().filter(|t| !transitions_before.contains(&t.id)).collect();
+        // As where one is authored: only a resolution may name an order conflict.
+        let order_conflicts = match fresh.iter().any(|t| !t.resolves.is_empty()) {
+            true => candidate.order_conflicts(&transitions)?,
+            false => Vec::new(),
+        };
+        for new in fresh {
+            check_authored_transition(new, &transitions, &order_conflicts, &audits, limits)?;
         }
         candidate.materialized = Some(ticket);
         *self = candidate;
@@ -530,7 +533,9 @@ impl TicketDocument {
         }
         let current = lifecycle::resolve(&transitions);
         let reason = request.reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
-        let order_conflicts = self.ticket()?.order_conflicts;
+        // Only a resolution may name an order conflict: finding them reads
+        // the change graph, so a plain transition does not.
+        let order_conflicts = if request.resolves.is_empty() { Vec::new() } else { self.ticket()?.order_conflicts };
         check_request(request.to, reason, &request.resolves, &current, &order_conflicts, actor.role, limits)?;
         // Checked where a resolution is authored, not where one arrives:
         // documents of releases that did not ask for a reason still merge.
