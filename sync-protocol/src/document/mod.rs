@@ -432,7 +432,8 @@ impl TicketDocument {
         limits: &Limits,
     ) -> Result<Vec<u8>, DocumentError> {
         let current = self.ticket()?;
-        let EditPlan { fields, notes, supply, receipt } = plan_edit(&current, edit, actor, utc_date(now), limits)?;
+        let EditPlan { fields, notes, supply, receipt } =
+            plan_edit(&current, edit, actor, crate::ticket::utc_date(now), limits)?;
         self.materialized = None;
         if fields.contains(&"items") {
             self.write_items(&current.items, edit.items.iter().flatten())?;
@@ -669,12 +670,6 @@ fn receipt_fields(line: &LineReceipt) -> Vec<(&'static str, ScalarValue)> {
         ("gtin", optional(line.gtin.as_ref().map(Gtin::as_str))),
         ("serial", optional(line.serial.as_deref())),
     ]
-}
-
-/// The calendar day (UTC) of a time: what "expired" is decided against.
-fn utc_date(now: UnixMillis) -> time::Date {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now) * 1_000_000)
-        .map_or(time::Date::MIN, time::OffsetDateTime::date)
 }
 
 fn put_string_list(doc: &mut AutoCommit, parent: &ObjId, key: &str, values: &[String]) -> Result<(), DocumentError> {

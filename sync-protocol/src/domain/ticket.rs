@@ -13,11 +13,19 @@ pub type UnixMillis = i64;
 /// `YYYY-MM-DDThh:mm:ss.sssZ` (ISO 8601, UTC): how JSON bodies, exports
 /// and FHIR give a time to people and other systems.
 pub fn utc_iso8601(at: UnixMillis) -> String {
-    let nanos = i128::from(at) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
+    utc(at)
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+}
+
+/// The calendar day (UTC) of a time: what "expired" is decided against.
+pub fn utc_date(at: UnixMillis) -> time::Date {
+    utc(at).map_or(time::Date::MIN, time::OffsetDateTime::date)
+}
+
+/// A time as a UTC date-time; `None` beyond the years `time` represents.
+fn utc(at: UnixMillis) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000).ok()
 }
 
 /// Bounds on what a ticket may hold. Every one is a hard limit: a write that
