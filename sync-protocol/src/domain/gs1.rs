@@ -129,12 +129,6 @@ impl From<Gtin> for String {
     }
 }
 
-impl std::fmt::Display for Gtin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// The GS1 mod-10 check digit of `digits` (ASCII digits, the check digit
 /// excluded): weights 3 and 1 alternate from the rightmost digit.
 fn check_digit(digits: &[u8]) -> u8 {
